@@ -1,0 +1,20 @@
+//! # forkrl-core
+//!
+//! The shared vocabulary of forkrl, the Rust library for reinforcement learning with verifiable rewards (RLVR) on
+//! LLM reasoning:
+//!
+//! - [`BatchLayout`]: the ragged layout of one RLVR batch — prompts → groups of responses → response tokens — with
+//!   `[B, T]` response masks, lengths and group offsets, validated once at construction, plus the per-group and
+//!   per-sequence iteration helpers the other crates use;
+//! - [`Error`] / [`Result`]: one error enum with structured variants (shapes, positions, parameter names);
+//! - [`numeric`]: finiteness and range checks that name what is wrong;
+//! - [`Backend`]: the burn backends (`cpu` = flex, `wgpu`, `cuda`) and their runtime selection.
+
+pub mod backend;
+pub mod batch;
+pub mod error;
+pub mod numeric;
+
+pub use backend::Backend;
+pub use batch::{BatchLayout, Group, Sequence};
+pub use error::{Error, Result};

@@ -1,0 +1,81 @@
+//! Small numeric helpers shared by the host-side code of every crate.
+
+use crate::{Error, Result};
+
+/// Returns an error naming the first non-finite value of a row-major array of shape `shape`.
+///
+/// `shape` gives the dimensions used to turn the flat index into a position (pass `&[values.len()]` for a flat array).
+///
+/// # Errors
+/// [`Error::NonFinite`] with the multi-dimensional position of the first NaN or infinity; [`Error::ShapeMismatch`] when
+/// the product of `shape` differs from `values.len()`.
+pub fn check_finite<T: Copy + Into<f64>>(what: &'static str, values: &[T], shape: &[usize]) -> Result<()> {
+    let expected: usize = shape.iter().product();
+    if expected != values.len() {
+        return Err(Error::ShapeMismatch { op: what, expected: shape.to_vec(), actual: vec![values.len()] });
+    }
+    match values.iter().position(|&v| !v.into().is_finite()) {
+        None => Ok(()),
+        Some(flat) => Err(Error::NonFinite { what, position: unravel(flat, shape), value: values[flat].into() }),
+    }
+}
+
+/// Converts a flat row-major index into a multi-dimensional position.
+pub fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
+    let mut position = vec![0; shape.len()];
+    for (slot, &dim) in position.iter_mut().zip(shape).rev() {
+        if dim > 0 {
+            *slot = flat % dim;
+            flat /= dim;
+        }
+    }
+    position
+}
+
+/// Checks `lo <= value <= hi` (or the open bounds when `open` is true) for a named parameter.
+///
+/// # Errors
+/// [`Error::InvalidParameter`] with the parameter's name, value and the valid range.
+pub fn check_range(name: &'static str, value: f64, lo: f64, hi: f64, open: bool) -> Result<()> {
+    let ok = if open { value > lo && value < hi } else { value >= lo && value <= hi };
+    if ok {
+        Ok(())
+    } else {
+        let range = if open { format!("must lie in ({lo}, {hi})") } else { format!("must lie in [{lo}, {hi}]") };
+        Err(Error::invalid_parameter(name, value, range))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_first_non_finite_with_position() {
+        let v = [0.0f32, 1.0, 2.0, f32::NAN, f32::INFINITY, 0.0];
+        match check_finite("logits", &v, &[2, 3]) {
+            Err(Error::NonFinite { what: "logits", position, value }) => {
+                assert_eq!(position, vec![1, 0]);
+                assert!(value.is_nan());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(check_finite("logits", &[1.0f64, 2.0], &[2]).is_ok());
+        assert!(matches!(check_finite("x", &[1.0f64], &[2]), Err(Error::ShapeMismatch { .. })));
+    }
+
+    #[test]
+    fn unravel_row_major() {
+        assert_eq!(unravel(0, &[2, 3, 4]), vec![0, 0, 0]);
+        assert_eq!(unravel(23, &[2, 3, 4]), vec![1, 2, 3]);
+        assert_eq!(unravel(13, &[2, 3, 4]), vec![1, 0, 1]);
+    }
+
+    #[test]
+    fn ranges() {
+        assert!(check_range("rho", 0.2, 0.0, 1.0, false).is_ok());
+        assert!(check_range("rho", 0.0, 0.0, 1.0, true).is_err());
+        let err = check_range("rho", f64::NAN, 0.0, 1.0, false).expect_err("NaN is out of every range");
+        assert!(err.to_string().contains("rho"));
+    }
+}

@@ -1,0 +1,258 @@
+//! `cargo xtask`: the project's task runner (matklad's cargo-xtask pattern).
+//!
+//! A plain binary that only depends on clap and runs cargo through `std::process`, so it compiles in seconds and never
+//! pulls in burn. Every subcommand prints the commands it runs.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::Instant,
+};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "cargo xtask", about = "forkrl's task runner: test, bench, train", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand, Debug)]
+enum Task {
+    /// Format check, clippy with -D warnings, then the workspace tests on the chosen backends.
+    ///
+    /// `--backend all` (the default) runs the test suite on every backend this machine can run and compile-checks
+    /// the others; the summary at the end says which backend was run and which was only compiled.
+    Test {
+        /// Backend(s) to test on.
+        #[arg(long, value_enum, default_value_t = BackendArg::All)]
+        backend: BackendArg,
+        /// Skip `cargo fmt --check` and clippy (for quick local iterations; CI never skips them).
+        #[arg(long)]
+        no_lints: bool,
+    },
+    /// Criterion benchmarks, then a summary of throughput and ratios against the baselines measured in the same run.
+    ///
+    /// Today: the host entropy/log-prob kernel at [512, 151936] f32 and bf16 against a read floor (a plain sum over
+    /// the same buffer) and the naive materialising formula. Benchmarks of losses, allocation and sampling come with
+    /// their issues.
+    Bench {
+        /// Extra arguments passed to the criterion binary after `--` (e.g. a benchmark name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Train a policy with RLVR (not built yet: the trainer arrives with the forkrl-trainer issues).
+    Train {
+        /// Extra arguments for the trainer once it exists (`--config`, `--model`, `--data`, `--backend`).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum BackendArg {
+    /// burn's flex CPU backend.
+    Cpu,
+    /// burn's wgpu backend (Mesa lavapipe on a CPU-only machine).
+    Wgpu,
+    /// burn's CUDA backend.
+    Cuda,
+    /// Run every backend this machine can run, compile-check the rest.
+    All,
+}
+
+/// What happened to one backend during `cargo xtask test`.
+#[derive(Debug)]
+enum Outcome {
+    Ran,
+    CompileChecked(String),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Test { backend, no_lints } => test(backend, no_lints),
+        Task::Bench { args } => bench(&args),
+        Task::Train { args } => not_built_yet("train", &args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("xtask: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    // xtask/Cargo.toml lives one level below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Runs a command in the workspace root, echoing it, and fails with its exit status.
+fn run(program: &str, args: &[&str], envs: &[(&str, &str)]) -> Result<(), String> {
+    let shown_env: String = envs.iter().map(|(k, v)| format!("{k}={v} ")).collect();
+    println!("\n$ {shown_env}{program} {}", args.join(" "));
+    let start = Instant::now();
+    let status = Command::new(program)
+        .args(args)
+        .envs(envs.iter().copied())
+        .current_dir(workspace_root())
+        .status()
+        .map_err(|e| format!("could not start `{program}`: {e}"))?;
+    println!("  ({:.1} s)", start.elapsed().as_secs_f64());
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{shown_env}{program} {}` failed with {status}", args.join(" ")))
+    }
+}
+
+fn cargo() -> String {
+    env::var("CARGO").unwrap_or_else(|_| "cargo".to_string())
+}
+
+fn test(backend: BackendArg, no_lints: bool) -> Result<(), String> {
+    let cargo = cargo();
+    let start = Instant::now();
+    if !no_lints {
+        run(&cargo, &["fmt", "--all", "--", "--check"], &[])?;
+        // Default features (flex + wgpu): the same feature set as the tests, so burn compiles once for both.
+        run(&cargo, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], &[])?;
+    }
+
+    let wanted: Vec<BackendArg> = match backend {
+        BackendArg::All => vec![BackendArg::Cpu, BackendArg::Wgpu, BackendArg::Cuda],
+        one => vec![one],
+    };
+    let mut summary = Vec::new();
+    for b in wanted {
+        let outcome = match b {
+            BackendArg::Cpu => {
+                run(&cargo, &["test", "--workspace"], &[("FORKRL_BACKEND", "cpu")])?;
+                Outcome::Ran
+            }
+            BackendArg::Wgpu => match vulkan_available() {
+                Ok(()) => {
+                    run(&cargo, &["test", "--workspace"], &[("FORKRL_BACKEND", "wgpu")])?;
+                    Outcome::Ran
+                }
+                Err(why) if backend == BackendArg::All => {
+                    // wgpu is in the default feature set, so the clippy and CPU test builds above compiled it.
+                    run(&cargo, &["check", "--workspace", "--all-targets"], &[])?;
+                    Outcome::CompileChecked(why)
+                }
+                Err(why) => return Err(format!("cannot run the wgpu tests: {why}")),
+            },
+            BackendArg::Cuda => cuda(&cargo, backend == BackendArg::All)?,
+            BackendArg::All => unreachable!("expanded above"),
+        };
+        summary.push((b, outcome));
+    }
+
+    println!("\nbackend summary ({:.0} s in all):", start.elapsed().as_secs_f64());
+    for (b, outcome) in &summary {
+        match outcome {
+            Outcome::Ran => println!("  {:<5} tests RAN", format!("{b:?}").to_lowercase()),
+            Outcome::CompileChecked(why) => {
+                println!("  {:<5} compile-checked only, NOT run: {why}", format!("{b:?}").to_lowercase())
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The CUDA backend: run its tests where a GPU and a full build are possible, otherwise compile-check it.
+fn cuda(cargo: &str, lenient: bool) -> Result<Outcome, String> {
+    let gpu = Command::new("nvidia-smi").arg("-L").output().map(|o| o.status.success()).unwrap_or(false);
+    if gpu {
+        run(cargo, &["test", "--workspace", "--features", "forkrl-trainer/cuda"], &[("FORKRL_BACKEND", "cuda")])?;
+        return Ok(Outcome::Ran);
+    }
+    if !lenient {
+        return Err("no NVIDIA GPU found (`nvidia-smi -L` failed); `--backend all` compile-checks CUDA instead".into());
+    }
+    // cubecl-cuda links cubecl-llvm, whose build script downloads an LLVM archive from GitHub. `DOCS_RS=1` makes that
+    // build script skip the download (and the native link), which is enough for `cargo check`: type-checks every
+    // line of ours against burn's CUDA backend without a CUDA toolkit. See docs/backends.md. The artifacts of this
+    // feature set sit beside the default ones in the same target folder (cargo keys them by feature hash), so the
+    // check reuses the build scripts and proc-macros already built and invalidates nothing.
+    run(cargo, &["check", "--workspace", "--all-targets", "--features", "forkrl-trainer/cuda"], &[("DOCS_RS", "1")])?;
+    Ok(Outcome::CompileChecked("no NVIDIA GPU on this machine".into()))
+}
+
+/// Whether a Vulkan loader and at least one installable client driver (ICD) are present, so that wgpu can find an
+/// adapter. On a CPU-only Debian machine this is `libvulkan1` + `mesa-vulkan-drivers` (lavapipe).
+fn vulkan_available() -> Result<(), String> {
+    if cfg!(target_os = "macos") {
+        return Ok(()); // wgpu uses Metal there.
+    }
+    let loader =
+        ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"]
+            .iter()
+            .any(|dir| Path::new(dir).join("libvulkan.so.1").exists());
+    if !loader {
+        return Err(
+            "no Vulkan loader (libvulkan.so.1); on Debian: apt-get install libvulkan1 mesa-vulkan-drivers".into()
+        );
+    }
+    let icd_dirs = ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d", "/usr/local/share/vulkan/icd.d"];
+    let has_icd = env::var_os("VK_ICD_FILENAMES").is_some()
+        || env::var_os("VK_DRIVER_FILES").is_some()
+        || icd_dirs.iter().any(|d| std::fs::read_dir(d).map(|mut it| it.next().is_some()).unwrap_or(false));
+    if !has_icd {
+        return Err("no Vulkan driver (ICD); on a CPU-only Debian machine: apt-get install mesa-vulkan-drivers".into());
+    }
+    Ok(())
+}
+
+fn not_built_yet(task: &str, args: &[String]) -> Result<(), String> {
+    let what = match task {
+        "train" => {
+            "the RLVR trainer (policy model, sampler, tasks, loop) comes with the forkrl-trainer issues; \
+             what exists today is the backend smoke check, run by `cargo xtask test`"
+        }
+        _ => "no such task",
+    };
+    let extra = if args.is_empty() { String::new() } else { format!(" (arguments given: {})", args.join(" ")) };
+    Err(format!("`cargo xtask {task}` is not built yet: {what}{extra}"))
+}
+
+/// Runs the criterion benches and prints GB/s and the ratio of each fast path to the read floor of the same run.
+fn bench(args: &[String]) -> Result<(), String> {
+    let cargo = cargo();
+    let mut cmd: Vec<&str> = vec!["bench", "-p", "forkrl-benches", "--bench", "entropy_kernel"];
+    if !args.is_empty() {
+        cmd.push("--");
+        cmd.extend(args.iter().map(String::as_str));
+    }
+    run(&cargo, &cmd, &[])?;
+    let target = env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace_root().join("target"));
+    println!("\nentropy kernel, [512, 151936] (criterion mean of this run):");
+    println!("| input | path | ms | GB/s | ratio to read floor |");
+    println!("|---|---|---|---|---|");
+    for (group, bytes) in
+        [("entropy_kernel_f32", 512.0 * 151_936.0 * 4.0), ("entropy_kernel_bf16", 512.0 * 151_936.0 * 2.0)]
+    {
+        let Some(floor) = criterion_mean_ns(&target, group, "read_floor") else { continue };
+        for name in ["read_floor", "forkrl", "naive_materialising"] {
+            if let Some(ns) = criterion_mean_ns(&target, group, name) {
+                let input = group.trim_start_matches("entropy_kernel_");
+                println!("| {input} | {name} | {:.1} | {:.2} | {:.3} |", ns / 1e6, bytes / ns, floor / ns);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The mean point estimate (ns) criterion stored for `group/name` in this run, read without a JSON dependency.
+fn criterion_mean_ns(target: &Path, group: &str, name: &str) -> Option<f64> {
+    let path = target.join("criterion").join(group).join(name).join("new").join("estimates.json");
+    let text = std::fs::read_to_string(path).ok()?;
+    let after = &text[text.find("\"mean\"")?..];
+    let after = &after[after.find("\"point_estimate\":")? + "\"point_estimate\":".len()..];
+    let end = after.find([',', '}'])?;
+    after[..end].trim().parse().ok()
+}
