@@ -162,7 +162,7 @@ impl BatchLayout {
     /// # Errors
     /// As [`BatchLayout::new`]; also [`Error::ShapeMismatch`] when the mask length is not a multiple of `max_len`.
     pub fn from_mask(group_sizes: &[usize], max_len: usize, response_mask: Vec<bool>) -> Result<Self> {
-        if max_len == 0 || response_mask.len() % max_len != 0 {
+        if max_len == 0 || !response_mask.len().is_multiple_of(max_len) {
             let batch: usize = group_sizes.iter().sum();
             return Err(Error::ShapeMismatch {
                 op: "BatchLayout::from_mask response_mask [B, T]",

@@ -8,13 +8,16 @@
 //!   per-sequence iteration helpers the other crates use;
 //! - [`Error`] / [`Result`]: one error enum with structured variants (shapes, positions, parameter names);
 //! - [`numeric`]: finiteness and range checks that name what is wrong;
-//! - [`Backend`]: the burn backends (`cpu` = flex, `wgpu`, `cuda`) and their runtime selection.
+//! - `Backend` (cargo feature `burn`, on by default): the burn backends (`cpu` = flex, `wgpu`, `cuda`) and their
+//!   runtime selection.
 
+#[cfg(feature = "burn")]
 pub mod backend;
 pub mod batch;
 pub mod error;
 pub mod numeric;
 
+#[cfg(feature = "burn")]
 pub use backend::Backend;
 pub use batch::{BatchLayout, Group, Sequence};
 pub use error::{Error, Result};

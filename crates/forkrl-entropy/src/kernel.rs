@@ -106,7 +106,7 @@ pub fn token_stats<E: LogitElement>(
     if !(t.is_finite() && t > 0.0) {
         return Err(Error::invalid_parameter("temperature", t, "must be finite and > 0"));
     }
-    if logits.len() % vocab != 0 {
+    if !logits.len().is_multiple_of(vocab) {
         return Err(Error::ShapeMismatch {
             op: "token_stats logits [N, vocab]",
             expected: vec![logits.len() / vocab, vocab],

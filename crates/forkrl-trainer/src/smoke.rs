@@ -66,7 +66,7 @@ impl TinyLmConfig {
         if self.vocab_size == 0 || self.d_model == 0 || self.d_ff == 0 || self.n_heads == 0 {
             return Err(TrainerError::Config(format!("TinyLmConfig has a zero size: {self:?}")));
         }
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(TrainerError::Config(format!(
                 "TinyLmConfig: n_heads = {} does not divide d_model = {}",
                 self.n_heads, self.d_model
