@@ -151,7 +151,8 @@ pub fn token_stats<E: LogitElement>(
             let rows_here = h_out.len();
             let block = &logits[first_row * vocab..(first_row + rows_here) * vocab];
             let tgt = targets.map(|tg| &tg[first_row..first_row + rows_here]);
-            handles.push(scope.spawn(move || worker(block, vocab, inv_t, tgt, h_out, l_out, lp_out, first_row)));
+            let work = select_worker::<E>();
+            handles.push(scope.spawn(move || work(block, vocab, inv_t, tgt, h_out, l_out, lp_out, first_row)));
         }
         failures = handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Some(worker_panicked()))).collect();
     });
@@ -165,7 +166,71 @@ fn worker_panicked() -> Error {
     Error::invalid_parameter("token_stats", "worker", "a worker thread panicked")
 }
 
+/// The signature of a row worker (one per instruction set).
+type Worker<E> =
+    fn(&[E], usize, f32, Option<&[u32]>, &mut [f32], &mut [f32], Option<&mut [f32]>, usize) -> Option<Error>;
+
+/// Picks the widest instruction set this CPU supports: AVX-512, then AVX2 + FMA, then the baseline build (SSE2 on
+/// x86-64). All paths run the same code on the same 16 explicit lanes in the same order, so their results are
+/// bit-identical; only the vector width the compiler may use differs.
+fn select_worker<E: LogitElement>() -> Worker<E> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return simd::worker_avx512::<E>;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return simd::worker_avx2::<E>;
+        }
+    }
+    worker::<E>
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code, clippy::too_many_arguments)]
+mod simd {
+    use super::{Error, LogitElement, worker};
+
+    macro_rules! dispatch {
+        ($name:ident, $features:literal) => {
+            pub(super) fn $name<E: LogitElement>(
+                logits: &[E],
+                vocab: usize,
+                inv_t: f32,
+                targets: Option<&[u32]>,
+                h_out: &mut [f32],
+                l_out: &mut [f32],
+                lp_out: Option<&mut [f32]>,
+                first_row: usize,
+            ) -> Option<Error> {
+                #[target_feature(enable = $features)]
+                fn inner<E: LogitElement>(
+                    logits: &[E],
+                    vocab: usize,
+                    inv_t: f32,
+                    targets: Option<&[u32]>,
+                    h_out: &mut [f32],
+                    l_out: &mut [f32],
+                    lp_out: Option<&mut [f32]>,
+                    first_row: usize,
+                ) -> Option<Error> {
+                    // `worker` and everything below it are `#[inline(always)]`, so they are compiled here with the
+                    // enabled features.
+                    worker(logits, vocab, inv_t, targets, h_out, l_out, lp_out, first_row)
+                }
+                // SAFETY: `select_worker` returns this function only after `is_x86_feature_detected!` confirmed every
+                // feature in `$features` on the running CPU; it is not reachable any other way (private module).
+                unsafe { inner(logits, vocab, inv_t, targets, h_out, l_out, lp_out, first_row) }
+            }
+        };
+    }
+
+    dispatch!(worker_avx512, "avx512f,avx2,fma");
+    dispatch!(worker_avx2, "avx2,fma");
+}
+
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn worker<E: LogitElement>(
     logits: &[E],
     vocab: usize,
@@ -219,7 +284,7 @@ fn add_compensated(sum: &mut f64, comp: &mut f64, x: f64) {
 }
 
 /// The one-pass reduction of a row (scaled by `inv_t`).
-#[inline]
+#[inline(always)]
 fn row_stats<E: LogitElement>(row: &[E], inv_t: f32) -> RowAcc {
     let mut acc = RowAcc { m: f32::NEG_INFINITY, s: 0.0, w: 0.0, s_c: 0.0, w_c: 0.0, finite: true };
     let mut buf = [0.0f32; BLOCK];
@@ -266,17 +331,24 @@ fn row_stats<E: LogitElement>(row: &[E], inv_t: f32) -> RowAcc {
             acc.m = block_max;
         }
         let m = acc.m;
+        // Terms at the running maximum (e = 1 exactly) are counted apart from the others: in one f32 lane, a 1.0
+        // would swallow the tiny terms of a near-deterministic row (1 + 1e-8 == 1 in f32) and bias its entropy.
         let mut lane_s = [0.0f32; LANES];
         let mut lane_w = [0.0f32; LANES];
+        let mut lane_ones = [0.0f32; LANES];
         for lanes in buf.chunks_exact(LANES) {
             for l in 0..LANES {
                 let x = lanes[l] - m; // <= 0, or -inf for padding
                 let x = x.max(EXP_MIN_ARG);
+                let at_max = x == 0.0;
                 let e = exp_nonpositive(x);
-                lane_s[l] += e;
+                lane_s[l] += if at_max { 0.0 } else { e };
+                lane_ones[l] += if at_max { 1.0 } else { 0.0 };
                 lane_w[l] += e * x;
             }
         }
+        let ones: f32 = lane_ones.iter().sum(); // small exact integers
+        add_compensated(&mut acc.s, &mut acc.s_c, f64::from(ones));
         for l in 0..LANES {
             add_compensated(&mut acc.s, &mut acc.s_c, f64::from(lane_s[l]));
             add_compensated(&mut acc.w, &mut acc.w_c, f64::from(lane_w[l]));
@@ -306,7 +378,8 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
-    let t = x.mul_add(LOG2E, MAGIC);
+    // Plain multiply-add, not `mul_add`: without an FMA target feature `mul_add` is a libm call per element.
+    let t = x * LOG2E + MAGIC;
     let n = t - MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO;
     let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
@@ -409,6 +482,20 @@ mod tests {
     }
 
     #[test]
+    fn tiny_terms_sharing_a_lane_with_the_maximum_are_kept() {
+        // Regression (found by the f64-reference property test): z_0 = 24, zeros elsewhere. In f32, lane 0 held
+        // 1 + 15 terms of e^-24 = 3.8e-11 and dropped them, biasing H by 0.2 %. Exact: s = 1 + ε, ε = 255·e^-24,
+        // H = ln(1 + ε) + 24ε/(1 + ε).
+        let mut row = vec![0.0f32; BLOCK];
+        row[0] = 24.0;
+        let out = token_stats(&row, BLOCK, None, opts(1.0)).expect("valid");
+        let eps = 255.0 * (-24f64).exp();
+        let exact = eps.ln_1p() + 24.0 * eps / (1.0 + eps);
+        let rel = (f64::from(out.entropy[0]) - exact).abs() / exact;
+        assert!(rel < 1e-5, "{} vs {exact} (relative error {rel})", out.entropy[0]);
+    }
+
+    #[test]
     fn bad_input_is_a_typed_error() {
         let mut z = vec![0.0f32; 3 * 300];
         z[2 * 300 + 257] = f32::NAN;
@@ -427,6 +514,19 @@ mod tests {
         assert!(matches!(token_stats(&[0.0f32; 4], 2, Some(&[0]), opts(1.0)), Err(Error::ShapeMismatch { .. })));
         let err = token_stats(&[0.0f32; 4], 2, Some(&[0, 2]), opts(1.0)).expect_err("id 2 >= vocab 2");
         assert!(err.to_string().contains("row 1"), "{err}");
+    }
+
+    #[test]
+    fn simd_paths_are_bit_identical_to_the_baseline() {
+        let vocab = 3 * BLOCK + 5;
+        let logits: Vec<f32> = (0..4 * vocab).map(|i| ((i * 2654435761usize) % 10007) as f32 / 300.0 - 15.0).collect();
+        let targets = [0u32, 1, 2, 3];
+        let run = |work: Worker<f32>| {
+            let (mut h, mut l, mut lp) = (vec![0.0; 4], vec![0.0; 4], vec![0.0; 4]);
+            assert!(work(&logits, vocab, 0.8, Some(&targets), &mut h, &mut l, Some(&mut lp), 0).is_none());
+            (h, l, lp)
+        };
+        assert_eq!(run(select_worker::<f32>()), run(worker::<f32>));
     }
 
     #[test]
