@@ -6,14 +6,28 @@
 //!   f16), temperature-scaled, in one read of each row, threaded, never allocating `[N, V]`.
 //! - [`forking_mask`]: the batch-global top-ρ entropy mask (official exact top-k and TRL's quantile rule), its
 //!   "bottom 1 − ρ" complement and a per-sequence variant.
+//! - [`entropy_stats`]: percentiles, fractions below thresholds, log-spaced histograms, per token-id aggregates,
+//!   top-ρ overlap between two models and entropy change by base percentile.
 //!
-//! Still to come in this crate (forkrl-entropy issue): the differentiable burn tensor path, entropy statistics and
-//! dynamics, and the credit analyses.
+//! - [`polarity_entropy`]: EAPO's polarity × entropy quadrants (PHR, PLR, NHR, NLR) and the Clip-Cov / KL-Cov
+//!   per-token covariance.
+//!
+//! Still to come in this crate (forkrl-entropy issue): the differentiable burn tensor path, OPEFO entropy flow,
+//! cancellation analysis and rock tokens.
 
+pub mod entropy_stats;
 pub mod forking_mask;
 pub mod kernel;
+pub mod polarity_entropy;
 
+pub use entropy_stats::{
+    EntropyChangeBin, EntropySummary, LogHistogram, SummaryOptions, TokenEntropy, entropy_change_by_base_percentile,
+    summarize, token_entropy_table, top_entropy_overlap, top_high_entropy_tokens,
+};
 pub use forking_mask::{
     ForkingMask, SelectionRule, bottom_entropy_mask, per_sequence_top_entropy_mask, top_entropy_mask, top_k_count,
 };
 pub use kernel::{KernelOptions, LogitElement, TokenStats, token_stats};
+pub use polarity_entropy::{
+    EntropyCut, PolarityEntropyQuadrants, QuadrantStats, polarity_entropy_quadrants, token_covariance,
+};
