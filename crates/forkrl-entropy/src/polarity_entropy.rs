@@ -197,7 +197,8 @@ mod tests {
         // A = [1, -1, 1], log π = [-1, -2, -3] (padding at index 3): means 1/3 and -2.
         let cov = token_covariance(&[1.0, -1.0, 1.0, 7.0], &[-1.0, -2.0, -3.0, 5.0], &[true, true, true, false])
             .expect("valid");
-        let expected = [(2.0 / 3.0) * 1.0, (-4.0 / 3.0) * 0.0, (2.0 / 3.0) * -1.0, 0.0];
+        // (A − 1/3)·(log π + 2) = [2/3 · 1, −4/3 · 0, 2/3 · −1, padding]
+        let expected = [2.0 / 3.0, 0.0, -2.0 / 3.0, 0.0];
         for (c, e) in cov.iter().zip(expected) {
             assert!((f64::from(*c) - e).abs() < 1e-6, "{cov:?}");
         }
