@@ -12,14 +12,18 @@
 //! - [`polarity_entropy`]: EAPO's polarity × entropy quadrants (PHR, PLR, NHR, NLR) and the Clip-Cov / KL-Cov
 //!   per-token covariance.
 //!
-//! Still to come in this crate (forkrl-entropy issue): the differentiable burn tensor path, OPEFO entropy flow,
-//! cancellation analysis and rock tokens.
+//! - [`cancellation`]: how much token credit cancels within groups, per token id.
+//!
+//! Still to come in this crate (forkrl-entropy issue): the differentiable burn tensor path, OPEFO entropy flow and
+//! rock tokens.
 
+pub mod cancellation;
 pub mod entropy_stats;
 pub mod forking_mask;
 pub mod kernel;
 pub mod polarity_entropy;
 
+pub use cancellation::{CancellationReport, TokenCredit, cancellation_analysis};
 pub use entropy_stats::{
     EntropyChangeBin, EntropySummary, LogHistogram, SummaryOptions, TokenEntropy, entropy_change_by_base_percentile,
     summarize, token_entropy_table, top_entropy_overlap, top_high_entropy_tokens,

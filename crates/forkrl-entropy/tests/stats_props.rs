@@ -79,3 +79,37 @@ mod quadrants {
         }
     }
 }
+
+mod cancellation {
+    use forkrl_core::BatchLayout;
+    use forkrl_entropy::cancellation_analysis;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn cancelled_fraction_is_a_fraction_and_zero_for_one_sign(
+            sizes in prop::collection::vec(1usize..4, 1..5),
+            seed in any::<u64>(),
+            one_sign in any::<bool>(),
+        ) {
+            let b: usize = sizes.iter().sum();
+            let t = 6;
+            let mut s = seed | 1;
+            let mut next = || { s ^= s << 13; s ^= s >> 7; s ^= s << 17; s };
+            let lengths: Vec<usize> = (0..b).map(|_| (next() % (t as u64 + 1)) as usize).collect();
+            let layout = BatchLayout::from_lengths(&sizes, &lengths, t).expect("valid");
+            let ids: Vec<u32> = (0..b * t).map(|_| (next() % 4) as u32).collect();
+            let seq_adv: Vec<f32> = (0..b)
+                .map(|_| { let a = (next() % 5) as f32 - 2.0; if one_sign { a.abs() } else { a } })
+                .collect();
+            let adv = layout.broadcast_to_tokens(&seq_adv, 0.0).expect("B entries");
+            let r = cancellation_analysis(&layout, &ids, &adv, 3).expect("valid");
+            prop_assert!((0.0..=1.0 + 1e-12).contains(&r.cancelled_fraction));
+            if one_sign {
+                prop_assert!(r.cancelled_fraction.abs() < 1e-12);
+            }
+            let occ: u64 = r.per_token.iter().map(|e| e.occurrences).sum();
+            prop_assert_eq!(occ as usize, layout.num_tokens());
+        }
+    }
+}
