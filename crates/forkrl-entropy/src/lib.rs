@@ -14,16 +14,19 @@
 //!
 //! - [`cancellation`]: how much token credit cancels within groups, per token id.
 //!
-//! Still to come in this crate (forkrl-entropy issue): the differentiable burn tensor path, OPEFO entropy flow and
-//! rock tokens.
+//! - [`entropy_flow`]: OPEFO's per-token entropy change, flows `F+`/`F−`, `λ*` and weights (a reconstruction).
+//!
+//! Still to come in this crate (forkrl-entropy issue): the differentiable burn tensor path and rock tokens.
 
 pub mod cancellation;
+pub mod entropy_flow;
 pub mod entropy_stats;
 pub mod forking_mask;
 pub mod kernel;
 pub mod polarity_entropy;
 
 pub use cancellation::{CancellationReport, TokenCredit, cancellation_analysis};
+pub use entropy_flow::{EntropyFlow, entropy_flow};
 pub use entropy_stats::{
     EntropyChangeBin, EntropySummary, LogHistogram, SummaryOptions, TokenEntropy, entropy_change_by_base_percentile,
     summarize, token_entropy_table, top_entropy_overlap, top_high_entropy_tokens,
