@@ -16,7 +16,9 @@
 //!
 //! - [`entropy_flow`]: OPEFO's per-token entropy change, flows `F+`/`F−`, `λ*` and weights (a reconstruction).
 //!
-//! Still to come in this crate (forkrl-entropy issue): the differentiable burn tensor path and rock tokens.
+//! - [`rock_tokens`]: rock-token detection (freq × mean reverse KL), persistence, and TokenFreezeKD bypass weights.
+//!
+//! Still to come in this crate (forkrl-entropy issue): the differentiable burn tensor path.
 
 pub mod cancellation;
 pub mod entropy_flow;
@@ -24,6 +26,7 @@ pub mod entropy_stats;
 pub mod forking_mask;
 pub mod kernel;
 pub mod polarity_entropy;
+pub mod rock_tokens;
 
 pub use cancellation::{CancellationReport, TokenCredit, cancellation_analysis};
 pub use entropy_flow::{EntropyFlow, entropy_flow};
@@ -37,4 +40,7 @@ pub use forking_mask::{
 pub use kernel::{KernelOptions, LogitElement, TokenStats, token_stats};
 pub use polarity_entropy::{
     EntropyCut, PolarityEntropyQuadrants, QuadrantStats, polarity_entropy_quadrants, token_covariance,
+};
+pub use rock_tokens::{
+    RockConfig, RockReport, RockStat, detect_rock_tokens, rock_bypass_mean, rock_bypass_weights, rock_persistence,
 };
