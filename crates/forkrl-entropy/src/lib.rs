@@ -18,7 +18,8 @@
 //!
 //! - [`rock_tokens`]: rock-token detection (freq × mean reverse KL), persistence, and TokenFreezeKD bypass weights.
 //!
-//! Still to come in this crate (forkrl-entropy issue): the differentiable burn tensor path.
+//! - [`tensor`] (cargo feature `burn`, on by default): entropy and target log-probs on burn tensors, chunked,
+//!   differentiable, any backend.
 
 pub mod cancellation;
 pub mod entropy_flow;
@@ -27,6 +28,8 @@ pub mod forking_mask;
 pub mod kernel;
 pub mod polarity_entropy;
 pub mod rock_tokens;
+#[cfg(feature = "burn")]
+pub mod tensor;
 
 pub use cancellation::{CancellationReport, TokenCredit, cancellation_analysis};
 pub use entropy_flow::{EntropyFlow, entropy_flow};
