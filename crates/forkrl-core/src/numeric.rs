@@ -20,6 +20,18 @@ pub fn check_finite<T: Copy + Into<f64>>(what: &'static str, values: &[T], shape
     }
 }
 
+/// Checks that an array has the length the operation needs.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] naming `op`, with both lengths.
+pub fn check_len(op: &'static str, actual: usize, expected: usize) -> Result<()> {
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(Error::ShapeMismatch { op, expected: vec![expected], actual: vec![actual] })
+    }
+}
+
 /// Converts a flat row-major index into a multi-dimensional position.
 pub fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
     let mut position = vec![0; shape.len()];

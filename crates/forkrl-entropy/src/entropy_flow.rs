@@ -15,7 +15,7 @@
 //! probable than typical lowers entropy, on a rare token raises it. The paper reports λ* in about 0.00025–0.00175,
 //! which is small for a ratio of flows; log `F+`, `F−` and `λ*` (this struct is serialisable) rather than trust it.
 
-use forkrl_core::{Error, Result};
+use forkrl_core::{Error, Result, numeric::check_len};
 use serde::{Deserialize, Serialize};
 
 /// The entropy flow of a batch.
@@ -69,13 +69,7 @@ pub fn entropy_flow(
         return Err(Error::invalid_parameter("eta", eta, "must be finite and > 0"));
     }
     for (what, v) in [("advantages", advantages), ("logprobs", logprobs), ("entropy", entropy)] {
-        if v.len() != response_mask.len() {
-            return Err(Error::ShapeMismatch {
-                op: "entropy_flow: input vs response_mask",
-                expected: vec![response_mask.len()],
-                actual: vec![v.len()],
-            });
-        }
+        check_len("entropy_flow: input vs response_mask", v.len(), response_mask.len())?;
         if let Some(i) = v.iter().zip(response_mask).position(|(x, &m)| m && !x.is_finite()) {
             return Err(Error::NonFinite { what, position: vec![i], value: f64::from(v[i]) });
         }

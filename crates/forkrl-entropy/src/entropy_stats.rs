@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 
-use forkrl_core::{Error, Result};
+use forkrl_core::{Error, Result, numeric::check_len};
 use serde::{Deserialize, Serialize};
 
 use crate::{SelectionRule, top_entropy_mask};
@@ -74,13 +74,7 @@ impl Default for SummaryOptions {
 
 /// The entropies of the loss tokens, validated finite.
 fn masked_values(entropy: &[f32], response_mask: &[bool]) -> Result<Vec<f64>> {
-    if entropy.len() != response_mask.len() {
-        return Err(Error::ShapeMismatch {
-            op: "entropy statistics: entropy vs response_mask",
-            expected: vec![response_mask.len()],
-            actual: vec![entropy.len()],
-        });
-    }
+    check_len("entropy statistics: entropy vs response_mask", entropy.len(), response_mask.len())?;
     let mut out = Vec::with_capacity(entropy.len());
     for (i, (&h, &m)) in entropy.iter().zip(response_mask).enumerate() {
         if m {
@@ -166,13 +160,7 @@ pub struct TokenEntropy {
 /// # Errors
 /// As [`summarize`], plus [`Error::ShapeMismatch`] when `token_ids` differs in length.
 pub fn token_entropy_table(token_ids: &[u32], entropy: &[f32], response_mask: &[bool]) -> Result<Vec<TokenEntropy>> {
-    if token_ids.len() != entropy.len() {
-        return Err(Error::ShapeMismatch {
-            op: "token_entropy_table: token_ids vs entropy",
-            expected: vec![entropy.len()],
-            actual: vec![token_ids.len()],
-        });
-    }
+    check_len("token_entropy_table: token_ids vs entropy", token_ids.len(), entropy.len())?;
     masked_values(entropy, response_mask)?; // validation
     let mut acc: HashMap<u32, (u64, f64)> = HashMap::new();
     for ((&id, &h), &m) in token_ids.iter().zip(entropy).zip(response_mask) {
@@ -210,13 +198,7 @@ pub fn top_high_entropy_tokens(
 /// # Errors
 /// As [`top_entropy_mask`]; [`Error::ShapeMismatch`] when the two entropy arrays differ in length.
 pub fn top_entropy_overlap(entropy_a: &[f32], entropy_b: &[f32], response_mask: &[bool], rho: f64) -> Result<f64> {
-    if entropy_a.len() != entropy_b.len() {
-        return Err(Error::ShapeMismatch {
-            op: "top_entropy_overlap: entropy_a vs entropy_b",
-            expected: vec![entropy_a.len()],
-            actual: vec![entropy_b.len()],
-        });
-    }
+    check_len("top_entropy_overlap: entropy_b vs entropy_a", entropy_b.len(), entropy_a.len())?;
     let a = top_entropy_mask(entropy_a, response_mask, rho, SelectionRule::TopK)?;
     let b = top_entropy_mask(entropy_b, response_mask, rho, SelectionRule::TopK)?;
     if a.num_selected == 0 {
@@ -257,13 +239,7 @@ pub fn entropy_change_by_base_percentile(
     }
     let b = masked_values(base, response_mask)?;
     let t = masked_values(trained, response_mask)?;
-    if base.len() != trained.len() {
-        return Err(Error::ShapeMismatch {
-            op: "entropy_change_by_base_percentile: base vs trained",
-            expected: vec![base.len()],
-            actual: vec![trained.len()],
-        });
-    }
+    check_len("entropy_change_by_base_percentile: trained vs base", trained.len(), base.len())?;
     let mut order: Vec<usize> = (0..b.len()).collect();
     order.sort_by(|&i, &j| b[i].total_cmp(&b[j]).then(i.cmp(&j)));
     let n = order.len();

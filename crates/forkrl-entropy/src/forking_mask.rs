@@ -18,7 +18,7 @@
 //! Also here: the complementary "bottom 1 − ρ" mask of the paper's ablation (Fig. 7) and a per-sequence top-ρ (used by
 //! HTPO's split).
 
-use forkrl_core::{BatchLayout, Error, Result};
+use forkrl_core::{BatchLayout, Error, Result, numeric::check_len};
 use serde::{Deserialize, Serialize};
 
 /// How the top-ρ set is chosen.
@@ -71,13 +71,7 @@ fn check_inputs(entropy: &[f32], response_mask: &[bool], rho: f64) -> Result<()>
     if !(rho > 0.0 && rho <= 1.0) {
         return Err(Error::invalid_parameter("top_entropy_ratio", rho, "must lie in (0, 1]"));
     }
-    if entropy.len() != response_mask.len() {
-        return Err(Error::ShapeMismatch {
-            op: "forking mask: entropy vs response_mask",
-            expected: vec![response_mask.len()],
-            actual: vec![entropy.len()],
-        });
-    }
+    check_len("forking mask: entropy vs response_mask", entropy.len(), response_mask.len())?;
     if let Some(i) = entropy.iter().zip(response_mask).position(|(h, &m)| m && !h.is_finite()) {
         return Err(Error::NonFinite { what: "entropy", position: vec![i], value: f64::from(entropy[i]) });
     }

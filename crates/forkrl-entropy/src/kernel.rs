@@ -152,7 +152,8 @@ pub fn token_stats<E: LogitElement>(
             let block = &logits[first_row * vocab..(first_row + rows_here) * vocab];
             let tgt = targets.map(|tg| &tg[first_row..first_row + rows_here]);
             let work = select_worker::<E>();
-            handles.push(scope.spawn(move || work(block, vocab, inv_t, tgt, h_out, l_out, lp_out, first_row)));
+            let job = Job { logits: block, vocab, inv_t, targets: tgt, h_out, l_out, lp_out, first_row };
+            handles.push(scope.spawn(move || work(job)));
         }
         failures = handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Some(worker_panicked()))).collect();
     });
@@ -166,9 +167,21 @@ fn worker_panicked() -> Error {
     Error::invalid_parameter("token_stats", "worker", "a worker thread panicked")
 }
 
-/// The signature of a row worker (one per instruction set).
-type Worker<E> =
-    fn(&[E], usize, f32, Option<&[u32]>, &mut [f32], &mut [f32], Option<&mut [f32]>, usize) -> Option<Error>;
+/// One worker's share of the rows: its input slice and the output slices it fills.
+struct Job<'a, E> {
+    logits: &'a [E],
+    vocab: usize,
+    inv_t: f32,
+    targets: Option<&'a [u32]>,
+    h_out: &'a mut [f32],
+    l_out: &'a mut [f32],
+    lp_out: Option<&'a mut [f32]>,
+    /// Index of the job's first row in the whole batch (for error positions).
+    first_row: usize,
+}
+
+/// A row worker (one per instruction set).
+type Worker<E> = fn(Job<'_, E>) -> Option<Error>;
 
 /// Picks the widest instruction set this CPU supports: AVX-512, then AVX2 + FMA, then the baseline build (SSE2 on
 /// x86-64). All paths run the same code on the same 16 explicit lanes in the same order, so their results are
@@ -187,40 +200,22 @@ fn select_worker<E: LogitElement>() -> Worker<E> {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code, clippy::too_many_arguments)]
+#[allow(unsafe_code)]
 mod simd {
-    use super::{Error, LogitElement, worker};
+    use super::{Error, Job, LogitElement, worker};
 
     macro_rules! dispatch {
         ($name:ident, $features:literal) => {
-            pub(super) fn $name<E: LogitElement>(
-                logits: &[E],
-                vocab: usize,
-                inv_t: f32,
-                targets: Option<&[u32]>,
-                h_out: &mut [f32],
-                l_out: &mut [f32],
-                lp_out: Option<&mut [f32]>,
-                first_row: usize,
-            ) -> Option<Error> {
+            pub(super) fn $name<E: LogitElement>(job: Job<'_, E>) -> Option<Error> {
                 #[target_feature(enable = $features)]
-                fn inner<E: LogitElement>(
-                    logits: &[E],
-                    vocab: usize,
-                    inv_t: f32,
-                    targets: Option<&[u32]>,
-                    h_out: &mut [f32],
-                    l_out: &mut [f32],
-                    lp_out: Option<&mut [f32]>,
-                    first_row: usize,
-                ) -> Option<Error> {
+                fn inner<E: LogitElement>(job: Job<'_, E>) -> Option<Error> {
                     // `worker` and everything below it are `#[inline(always)]`, so they are compiled here with the
                     // enabled features.
-                    worker(logits, vocab, inv_t, targets, h_out, l_out, lp_out, first_row)
+                    worker(job)
                 }
                 // SAFETY: `select_worker` returns this function only after `is_x86_feature_detected!` confirmed every
                 // feature in `$features` on the running CPU; it is not reachable any other way (private module).
-                unsafe { inner(logits, vocab, inv_t, targets, h_out, l_out, lp_out, first_row) }
+                unsafe { inner(job) }
             }
         };
     }
@@ -229,18 +224,9 @@ mod simd {
     dispatch!(worker_avx2, "avx2,fma");
 }
 
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn worker<E: LogitElement>(
-    logits: &[E],
-    vocab: usize,
-    inv_t: f32,
-    targets: Option<&[u32]>,
-    h_out: &mut [f32],
-    l_out: &mut [f32],
-    mut lp_out: Option<&mut [f32]>,
-    first_row: usize,
-) -> Option<Error> {
+fn worker<E: LogitElement>(job: Job<'_, E>) -> Option<Error> {
+    let Job { logits, vocab, inv_t, targets, h_out, l_out, mut lp_out, first_row } = job;
     for (i, row) in logits.chunks_exact(vocab).enumerate() {
         let stats = row_stats(row, inv_t);
         if !stats.finite {
@@ -523,7 +509,17 @@ mod tests {
         let targets = [0u32, 1, 2, 3];
         let run = |work: Worker<f32>| {
             let (mut h, mut l, mut lp) = (vec![0.0; 4], vec![0.0; 4], vec![0.0; 4]);
-            assert!(work(&logits, vocab, 0.8, Some(&targets), &mut h, &mut l, Some(&mut lp), 0).is_none());
+            let job = Job {
+                logits: &logits,
+                vocab,
+                inv_t: 0.8,
+                targets: Some(&targets),
+                h_out: &mut h,
+                l_out: &mut l,
+                lp_out: Some(&mut lp),
+                first_row: 0,
+            };
+            assert!(work(job).is_none());
             (h, l, lp)
         };
         assert_eq!(run(select_worker::<f32>()), run(worker::<f32>));

@@ -19,7 +19,7 @@
 //!
 //! The paper computes it group-wise with a length-normalised log-prob; verl (and this function) over the batch.
 
-use forkrl_core::{Error, Result};
+use forkrl_core::{Error, Result, numeric::check_len};
 use serde::{Deserialize, Serialize};
 
 use crate::{SelectionRule, top_entropy_mask};
@@ -70,10 +70,6 @@ pub struct PolarityEntropyQuadrants {
     pub threshold: Option<f32>,
 }
 
-fn check_same_len(op: &'static str, a: usize, b: usize) -> Result<()> {
-    if a == b { Ok(()) } else { Err(Error::ShapeMismatch { op, expected: vec![b], actual: vec![a] }) }
-}
-
 fn check_finite_on_mask(what: &'static str, values: &[f32], mask: &[bool]) -> Result<()> {
     match values.iter().zip(mask).position(|(v, &m)| m && !v.is_finite()) {
         None => Ok(()),
@@ -94,8 +90,8 @@ pub fn polarity_entropy_quadrants(
     response_mask: &[bool],
     cut: EntropyCut,
 ) -> Result<PolarityEntropyQuadrants> {
-    check_same_len("polarity_entropy_quadrants: entropy vs response_mask", entropy.len(), response_mask.len())?;
-    check_same_len("polarity_entropy_quadrants: advantages vs response_mask", advantages.len(), response_mask.len())?;
+    check_len("polarity_entropy_quadrants: entropy vs response_mask", entropy.len(), response_mask.len())?;
+    check_len("polarity_entropy_quadrants: advantages vs response_mask", advantages.len(), response_mask.len())?;
     check_finite_on_mask("advantages", advantages, response_mask)?;
     let (high, threshold) = match cut {
         EntropyCut::TopRatio(rho) => {
@@ -151,8 +147,8 @@ pub fn polarity_entropy_quadrants(
 /// [`Error::ShapeMismatch`] when the arrays differ in length; [`Error::NonFinite`] for a non-finite advantage or
 /// log-prob on a loss token.
 pub fn token_covariance(advantages: &[f32], logprobs: &[f32], response_mask: &[bool]) -> Result<Vec<f32>> {
-    check_same_len("token_covariance: advantages vs response_mask", advantages.len(), response_mask.len())?;
-    check_same_len("token_covariance: logprobs vs response_mask", logprobs.len(), response_mask.len())?;
+    check_len("token_covariance: advantages vs response_mask", advantages.len(), response_mask.len())?;
+    check_len("token_covariance: logprobs vs response_mask", logprobs.len(), response_mask.len())?;
     check_finite_on_mask("advantages", advantages, response_mask)?;
     check_finite_on_mask("logprobs", logprobs, response_mask)?;
     let n = response_mask.iter().filter(|&&m| m).count();

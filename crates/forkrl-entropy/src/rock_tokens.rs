@@ -17,7 +17,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use forkrl_core::{Error, Result};
+use forkrl_core::{Error, Result, numeric::check_len};
 use serde::{Deserialize, Serialize};
 
 /// Detection settings; defaults are the official code's.
@@ -71,13 +71,8 @@ pub struct RockReport {
 }
 
 fn check(token_ids: &[u32], values: &[f32], mask: &[bool], what: &'static str) -> Result<()> {
-    for (len, op) in
-        [(token_ids.len(), "rock tokens: token_ids vs mask"), (values.len(), "rock tokens: values vs mask")]
-    {
-        if len != mask.len() {
-            return Err(Error::ShapeMismatch { op, expected: vec![mask.len()], actual: vec![len] });
-        }
-    }
+    check_len("rock tokens: token_ids vs mask", token_ids.len(), mask.len())?;
+    check_len("rock tokens: values vs mask", values.len(), mask.len())?;
     match values.iter().zip(mask).position(|(v, &m)| m && !v.is_finite()) {
         None => Ok(()),
         Some(i) => Err(Error::NonFinite { what, position: vec![i], value: f64::from(values[i]) }),
@@ -149,13 +144,7 @@ pub fn rock_bypass_weights(token_ids: &[u32], mask: &[bool], rocks: &[u32], free
     if !(0.0..=1.0).contains(&freeze_weight) {
         return Err(Error::invalid_parameter("freeze_weight", freeze_weight, "must lie in [0, 1]"));
     }
-    if token_ids.len() != mask.len() {
-        return Err(Error::ShapeMismatch {
-            op: "rock_bypass_weights: token_ids vs mask",
-            expected: vec![mask.len()],
-            actual: vec![token_ids.len()],
-        });
-    }
+    check_len("rock_bypass_weights: token_ids vs mask", token_ids.len(), mask.len())?;
     let set: HashSet<u32> = rocks.iter().copied().collect();
     Ok(token_ids
         .iter()
@@ -173,13 +162,8 @@ pub fn rock_bypass_weights(token_ids: &[u32], mask: &[bool], rocks: &[u32], free
 /// # Errors
 /// As [`detect_rock_tokens`] for the shapes and values; weights must be finite and ≥ 0.
 pub fn rock_bypass_mean(kl: &[f32], weights: &[f32], mask: &[bool]) -> Result<f64> {
-    if kl.len() != mask.len() || weights.len() != mask.len() {
-        return Err(Error::ShapeMismatch {
-            op: "rock_bypass_mean: kl and weights vs mask",
-            expected: vec![mask.len()],
-            actual: vec![kl.len(), weights.len()],
-        });
-    }
+    check_len("rock_bypass_mean: kl vs mask", kl.len(), mask.len())?;
+    check_len("rock_bypass_mean: weights vs mask", weights.len(), mask.len())?;
     if let Some(i) = kl.iter().zip(mask).position(|(v, &m)| m && !v.is_finite()) {
         return Err(Error::NonFinite { what: "reverse KL", position: vec![i], value: f64::from(kl[i]) });
     }

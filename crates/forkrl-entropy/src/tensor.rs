@@ -62,13 +62,7 @@ pub fn entropy_and_logprobs(
 ) -> Result<(Tensor<2>, Tensor<2>)> {
     check(temperature, chunk_rows)?;
     let [b, t, v] = logits.dims();
-    if targets.dims() != [b, t] {
-        return Err(Error::ShapeMismatch {
-            op: "entropy_and_logprobs targets [B, T]",
-            expected: vec![b, t],
-            actual: targets.dims().to_vec(),
-        });
-    }
+    check_targets("entropy_and_logprobs targets [B, T]", &targets, [b, t])?;
     let device = logits.device();
     let flat = logits.reshape([b * t, v]);
     let ids = targets.reshape([b * t, 1]);
@@ -93,13 +87,7 @@ pub fn entropy_and_logprobs_reference(
 ) -> Result<(Tensor<2>, Tensor<2>)> {
     check(temperature, 1)?;
     let [b, t, _] = logits.dims();
-    if targets.dims() != [b, t] {
-        return Err(Error::ShapeMismatch {
-            op: "entropy_and_logprobs_reference targets [B, T]",
-            expected: vec![b, t],
-            actual: targets.dims().to_vec(),
-        });
-    }
+    check_targets("entropy_and_logprobs_reference targets [B, T]", &targets, [b, t])?;
     let lsm = activation::log_softmax(logits.div_scalar(temperature), 2); // [B, T, V]
     let h = (lsm.clone().exp() * lsm.clone()).sum_dim(2).neg().reshape([b, t]);
     let lp = lsm.gather(2, targets.reshape([b, t, 1])).reshape([b, t]);
@@ -135,6 +123,14 @@ fn centred(z: Tensor<2>) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
     let log_s = s.clone().log();
     let h = log_s.clone() - (e * shifted.clone()).sum_dim(1) / s; // [n, 1]
     (h, shifted, log_s)
+}
+
+fn check_targets(op: &'static str, targets: &Tensor<2, Int>, expected: [usize; 2]) -> Result<()> {
+    if targets.dims() == expected {
+        Ok(())
+    } else {
+        Err(Error::ShapeMismatch { op, expected: expected.to_vec(), actual: targets.dims().to_vec() })
+    }
 }
 
 fn split_rows(x: Tensor<2>, chunk_rows: usize) -> Vec<Tensor<2>> {
