@@ -75,7 +75,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Task::Test { backend, no_lints } => test(backend, no_lints),
         Task::Bench { args } => bench(&args),
-        Task::Train { args } => not_built_yet("train", &args),
+        Task::Train { args } => train_not_built_yet(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -208,16 +208,12 @@ fn vulkan_available() -> Result<(), String> {
     Ok(())
 }
 
-fn not_built_yet(task: &str, args: &[String]) -> Result<(), String> {
-    let what = match task {
-        "train" => {
-            "the RLVR trainer (policy model, sampler, tasks, loop) comes with the forkrl-trainer issues; \
-             what exists today is the backend smoke check, run by `cargo xtask test`"
-        }
-        _ => "no such task",
-    };
+fn train_not_built_yet(args: &[String]) -> Result<(), String> {
     let extra = if args.is_empty() { String::new() } else { format!(" (arguments given: {})", args.join(" ")) };
-    Err(format!("`cargo xtask {task}` is not built yet: {what}{extra}"))
+    Err(format!(
+        "`cargo xtask train` is not built yet: the RLVR trainer (policy model, sampler, tasks, loop) comes with the \
+         forkrl-trainer issues; what exists today is the backend smoke check, run by `cargo xtask test`{extra}"
+    ))
 }
 
 /// Runs the criterion benches and prints GB/s and the ratio of each fast path to the read floor of the same run.

@@ -32,6 +32,20 @@ pub fn check_len(op: &'static str, actual: usize, expected: usize) -> Result<()>
     }
 }
 
+/// Checks that a per-token array matches the mask's length and is finite on every masked (loss) position; values on
+/// padding are ignored, whatever they hold.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] naming `what` when the lengths differ; [`Error::NonFinite`] with the flat position of the
+/// first NaN or infinity on a masked position.
+pub fn check_finite_masked(what: &'static str, values: &[f32], mask: &[bool]) -> Result<()> {
+    check_len(what, values.len(), mask.len())?;
+    match values.iter().zip(mask).position(|(v, &m)| m && !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::NonFinite { what, position: vec![i], value: f64::from(values[i]) }),
+    }
+}
+
 /// Converts a flat row-major index into a multi-dimensional position.
 pub fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
     let mut position = vec![0; shape.len()];
@@ -74,6 +88,16 @@ mod tests {
         }
         assert!(check_finite("logits", &[1.0f64, 2.0], &[2]).is_ok());
         assert!(matches!(check_finite("x", &[1.0f64], &[2]), Err(Error::ShapeMismatch { .. })));
+    }
+
+    #[test]
+    fn masked_finiteness_ignores_padding() {
+        assert!(check_finite_masked("h", &[1.0, f32::NAN], &[true, false]).is_ok());
+        assert!(matches!(
+            check_finite_masked("h", &[1.0, f32::INFINITY], &[true, true]),
+            Err(Error::NonFinite { what: "h", ref position, .. }) if position == &vec![1]
+        ));
+        assert!(matches!(check_finite_masked("h", &[1.0], &[true, true]), Err(Error::ShapeMismatch { .. })));
     }
 
     #[test]

@@ -15,7 +15,10 @@
 //! probable than typical lowers entropy, on a rare token raises it. The paper reports λ* in about 0.00025–0.00175,
 //! which is small for a ratio of flows; log `F+`, `F−` and `λ*` (this struct is serialisable) rather than trust it.
 
-use forkrl_core::{Error, Result, numeric::check_len};
+use forkrl_core::{
+    Error, Result,
+    numeric::{check_finite_masked, check_len},
+};
 use serde::{Deserialize, Serialize};
 
 /// The entropy flow of a batch.
@@ -70,9 +73,7 @@ pub fn entropy_flow(
     }
     for (what, v) in [("advantages", advantages), ("logprobs", logprobs), ("entropy", entropy)] {
         check_len("entropy_flow: input vs response_mask", v.len(), response_mask.len())?;
-        if let Some(i) = v.iter().zip(response_mask).position(|(x, &m)| m && !x.is_finite()) {
-            return Err(Error::NonFinite { what, position: vec![i], value: f64::from(v[i]) });
-        }
+        check_finite_masked(what, v, response_mask)?;
     }
     if let Some(i) = logprobs.iter().zip(response_mask).position(|(&l, &m)| m && l > 0.0) {
         return Err(Error::invalid_parameter(

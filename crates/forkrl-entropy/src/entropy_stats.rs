@@ -15,7 +15,10 @@
 
 use std::collections::HashMap;
 
-use forkrl_core::{Error, Result, numeric::check_len};
+use forkrl_core::{
+    Error, Result,
+    numeric::{check_finite_masked, check_len},
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{SelectionRule, top_entropy_mask};
@@ -75,16 +78,8 @@ impl Default for SummaryOptions {
 /// The entropies of the loss tokens, validated finite.
 fn masked_values(entropy: &[f32], response_mask: &[bool]) -> Result<Vec<f64>> {
     check_len("entropy statistics: entropy vs response_mask", entropy.len(), response_mask.len())?;
-    let mut out = Vec::with_capacity(entropy.len());
-    for (i, (&h, &m)) in entropy.iter().zip(response_mask).enumerate() {
-        if m {
-            if !h.is_finite() {
-                return Err(Error::NonFinite { what: "entropy", position: vec![i], value: f64::from(h) });
-            }
-            out.push(f64::from(h));
-        }
-    }
-    Ok(out)
+    check_finite_masked("entropy", entropy, response_mask)?;
+    Ok(entropy.iter().zip(response_mask).filter(|(_, m)| **m).map(|(&h, _)| f64::from(h)).collect())
 }
 
 /// Percentile `q ∈ [0, 100]` of sorted values with linear interpolation (numpy's default).
@@ -161,7 +156,7 @@ pub struct TokenEntropy {
 /// As [`summarize`], plus [`Error::ShapeMismatch`] when `token_ids` differs in length.
 pub fn token_entropy_table(token_ids: &[u32], entropy: &[f32], response_mask: &[bool]) -> Result<Vec<TokenEntropy>> {
     check_len("token_entropy_table: token_ids vs entropy", token_ids.len(), entropy.len())?;
-    masked_values(entropy, response_mask)?; // validation
+    check_finite_masked("entropy", entropy, response_mask)?;
     let mut acc: HashMap<u32, (u64, f64)> = HashMap::new();
     for ((&id, &h), &m) in token_ids.iter().zip(entropy).zip(response_mask) {
         if m {

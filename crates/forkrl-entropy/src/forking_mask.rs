@@ -18,7 +18,10 @@
 //! Also here: the complementary "bottom 1 − ρ" mask of the paper's ablation (Fig. 7) and a per-sequence top-ρ (used by
 //! HTPO's split).
 
-use forkrl_core::{BatchLayout, Error, Result, numeric::check_len};
+use forkrl_core::{
+    BatchLayout, Error, Result,
+    numeric::{check_finite_masked, check_len},
+};
 use serde::{Deserialize, Serialize};
 
 /// How the top-ρ set is chosen.
@@ -72,10 +75,7 @@ fn check_inputs(entropy: &[f32], response_mask: &[bool], rho: f64) -> Result<()>
         return Err(Error::invalid_parameter("top_entropy_ratio", rho, "must lie in (0, 1]"));
     }
     check_len("forking mask: entropy vs response_mask", entropy.len(), response_mask.len())?;
-    if let Some(i) = entropy.iter().zip(response_mask).position(|(h, &m)| m && !h.is_finite()) {
-        return Err(Error::NonFinite { what: "entropy", position: vec![i], value: f64::from(entropy[i]) });
-    }
-    Ok(())
+    check_finite_masked("entropy", entropy, response_mask)
 }
 
 /// The batch-global top-ρ entropy mask over the response tokens of a flat (`[B, T]` row-major) batch.

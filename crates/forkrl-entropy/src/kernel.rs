@@ -140,6 +140,7 @@ pub fn token_stats<E: LogitElement>(
 
     // The first error of each worker, by row; the lowest row wins so that the report does not depend on threading.
     let mut failures: Vec<Option<Error>> = Vec::new();
+    let work = select_worker::<E>();
     std::thread::scope(|scope| {
         let mut handles = Vec::new();
         let mut lp_chunks = logprob.as_mut().map(|lp| lp.chunks_mut(rows_per_thread));
@@ -151,7 +152,6 @@ pub fn token_stats<E: LogitElement>(
             let rows_here = h_out.len();
             let block = &logits[first_row * vocab..(first_row + rows_here) * vocab];
             let tgt = targets.map(|tg| &tg[first_row..first_row + rows_here]);
-            let work = select_worker::<E>();
             let job = Job { logits: block, vocab, inv_t, targets: tgt, h_out, l_out, lp_out, first_row };
             handles.push(scope.spawn(move || work(job)));
         }

@@ -19,7 +19,10 @@
 //!
 //! The paper computes it group-wise with a length-normalised log-prob; verl (and this function) over the batch.
 
-use forkrl_core::{Error, Result, numeric::check_len};
+use forkrl_core::{
+    Error, Result,
+    numeric::{check_finite_masked, check_len},
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{SelectionRule, top_entropy_mask};
@@ -70,13 +73,6 @@ pub struct PolarityEntropyQuadrants {
     pub threshold: Option<f32>,
 }
 
-fn check_finite_on_mask(what: &'static str, values: &[f32], mask: &[bool]) -> Result<()> {
-    match values.iter().zip(mask).position(|(v, &m)| m && !v.is_finite()) {
-        None => Ok(()),
-        Some(i) => Err(Error::NonFinite { what, position: vec![i], value: f64::from(values[i]) }),
-    }
-}
-
 /// Splits the loss tokens of a flat `[B, T]` batch into the PHR / PLR / NHR / NLR quadrants.
 ///
 /// `advantages` are per token (broadcast sequence advantages with `BatchLayout::broadcast_to_tokens`).
@@ -92,7 +88,7 @@ pub fn polarity_entropy_quadrants(
 ) -> Result<PolarityEntropyQuadrants> {
     check_len("polarity_entropy_quadrants: entropy vs response_mask", entropy.len(), response_mask.len())?;
     check_len("polarity_entropy_quadrants: advantages vs response_mask", advantages.len(), response_mask.len())?;
-    check_finite_on_mask("advantages", advantages, response_mask)?;
+    check_finite_masked("advantages", advantages, response_mask)?;
     let (high, threshold) = match cut {
         EntropyCut::TopRatio(rho) => {
             let mask = top_entropy_mask(entropy, response_mask, rho, SelectionRule::TopK)?;
@@ -102,7 +98,7 @@ pub fn polarity_entropy_quadrants(
             if !t.is_finite() {
                 return Err(Error::invalid_parameter("entropy threshold", t, "must be finite"));
             }
-            check_finite_on_mask("entropy", entropy, response_mask)?;
+            check_finite_masked("entropy", entropy, response_mask)?;
             let any = response_mask.iter().any(|&m| m);
             (entropy.iter().zip(response_mask).map(|(&h, &m)| m && h >= t).collect(), any.then_some(t))
         }
@@ -149,8 +145,8 @@ pub fn polarity_entropy_quadrants(
 pub fn token_covariance(advantages: &[f32], logprobs: &[f32], response_mask: &[bool]) -> Result<Vec<f32>> {
     check_len("token_covariance: advantages vs response_mask", advantages.len(), response_mask.len())?;
     check_len("token_covariance: logprobs vs response_mask", logprobs.len(), response_mask.len())?;
-    check_finite_on_mask("advantages", advantages, response_mask)?;
-    check_finite_on_mask("logprobs", logprobs, response_mask)?;
+    check_finite_masked("advantages", advantages, response_mask)?;
+    check_finite_masked("logprobs", logprobs, response_mask)?;
     let n = response_mask.iter().filter(|&&m| m).count();
     if n == 0 {
         return Ok(vec![0.0; response_mask.len()]);

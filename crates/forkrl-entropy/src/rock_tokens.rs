@@ -17,7 +17,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use forkrl_core::{Error, Result, numeric::check_len};
+use forkrl_core::{
+    Error, Result,
+    numeric::{check_finite_masked, check_len},
+};
 use serde::{Deserialize, Serialize};
 
 /// Detection settings; defaults are the official code's.
@@ -73,10 +76,7 @@ pub struct RockReport {
 fn check(token_ids: &[u32], values: &[f32], mask: &[bool], what: &'static str) -> Result<()> {
     check_len("rock tokens: token_ids vs mask", token_ids.len(), mask.len())?;
     check_len("rock tokens: values vs mask", values.len(), mask.len())?;
-    match values.iter().zip(mask).position(|(v, &m)| m && !v.is_finite()) {
-        None => Ok(()),
-        Some(i) => Err(Error::NonFinite { what, position: vec![i], value: f64::from(values[i]) }),
-    }
+    check_finite_masked(what, values, mask)
 }
 
 /// Ranks vocabulary ids by total reverse-KL mass and picks the rock tokens and controls.
@@ -164,9 +164,7 @@ pub fn rock_bypass_weights(token_ids: &[u32], mask: &[bool], rocks: &[u32], free
 pub fn rock_bypass_mean(kl: &[f32], weights: &[f32], mask: &[bool]) -> Result<f64> {
     check_len("rock_bypass_mean: kl vs mask", kl.len(), mask.len())?;
     check_len("rock_bypass_mean: weights vs mask", weights.len(), mask.len())?;
-    if let Some(i) = kl.iter().zip(mask).position(|(v, &m)| m && !v.is_finite()) {
-        return Err(Error::NonFinite { what: "reverse KL", position: vec![i], value: f64::from(kl[i]) });
-    }
+    check_finite_masked("reverse KL", kl, mask)?;
     if let Some(i) = weights.iter().zip(mask).position(|(w, &m)| m && !(w.is_finite() && *w >= 0.0)) {
         return Err(Error::invalid_parameter("weights", weights[i], format!("position {i}: must be finite and ≥ 0")));
     }
