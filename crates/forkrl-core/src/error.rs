@@ -86,6 +86,15 @@ pub enum Error {
         /// Why it cannot be used (unknown name, missing cargo feature, ...).
         reason: String,
     },
+
+    /// Reading a tensor back from the device failed (e.g. an unexpected element type).
+    #[error("could not read {what} back from the device: {reason}")]
+    DeviceReadback {
+        /// What was being read.
+        what: &'static str,
+        /// The backend's message.
+        reason: String,
+    },
 }
 
 /// `Result` with forkrl's [`Error`].
