@@ -8,6 +8,9 @@
 //! | policy losses (burn) | PPO clip / clip-higher / dual clip, GSPO, CISPO, GMPO, Clip-Cov, KL-Cov, HölderPO | [`ppo_clip`], [`gspo`], [`cispo`], [`gmpo`], [`clip_cov`], [`kl_cov`], [`holder`] |
 //! | aggregation | verl's five modes with explicit global denominators | [`aggregation`] |
 //! | KL | k1, k2, k3, abs and straight-through `+` variants, KL in reward or loss | [`kl`] |
+//! | forking tokens | the 80/20 mask folded into the loss, selected- or all-token denominator | [`forking`] |
+//! | token weighting | EAPO, OPEFO, HTPO, SHEAR, GRPO-VPS, rock-token bypass | [`eapo`], [`opefo`], [`htpo`], [`shear`], [`vps`], [`rock_bypass_weights`] |
+//! | cancellation batching | query-preserved mini-batches, reward-balanced (buffered and per-query) | [`batching`] |
 //!
 //! Losses are minimised (verl's convention). Host functions work on `&[f32]` slices and need no burn; the tensor
 //! functions (cargo feature `burn`, on by default) work on any burn backend and are differentiable. Each method's
@@ -15,40 +18,56 @@
 //! `../shared/methods/policy-losses.md`, `aggregation-and-holder.md`, `token-credit.md`.
 
 pub mod aggregation;
+pub mod batching;
 pub mod cispo;
 pub mod clip_cov;
+pub mod eapo;
+pub mod forking;
 pub mod gmpo;
 pub mod group_advantage;
 pub mod gspo;
 pub mod holder;
+pub mod htpo;
 pub mod kl;
 pub mod kl_cov;
+pub mod opefo;
 #[cfg(feature = "burn")]
 pub mod policy_loss;
 pub mod ppo_clip;
+pub mod shear;
+pub mod vps;
 
 pub use aggregation::{AggMode, GlobalDenominators, aggregate_host, aggregate_host_with_counts};
 #[cfg(feature = "burn")]
 pub use aggregation::{aggregate, aggregate_sequences, aggregate_with_counts};
+pub use batching::{BalanceConfig, BalancedBuffer, BalancedExtraction, balance_per_query, query_preserved_minibatches};
 pub use cispo::CispoConfig;
 pub use clip_cov::ClipCovConfig;
+pub use eapo::{EapoConfig, eapo_advantages};
+pub use forking::{ForkingDenominator, ForkingLossMask, forking_loss_mask};
+/// Rock-token bypass weights (TokenFreezeKD) live with the rock-token detection in `forkrl-entropy`.
+pub use forkrl_entropy::{rock_bypass_mean, rock_bypass_weights};
 pub use gmpo::GmpoConfig;
 pub use group_advantage::{
     AdvantageConfig, AdvantageEstimator, GroupAdvantages, SingletonPolicy, StdMode, group_advantages,
 };
 pub use gspo::GspoConfig;
 pub use holder::{HolderConfig, HolderVariant, PSchedule, ScheduleKind, holder_log_mean, holder_weights};
+pub use htpo::{HtpoConfig, HtpoLowerBranch, HtpoTokenGroups, htpo_token_groups};
 pub use kl::{AdaptiveKlController, KlEstimator, KlLossConfig, KlPenalty};
 pub use kl_cov::KlCovConfig;
+pub use opefo::opefo_advantages;
 #[cfg(feature = "burn")]
 pub use policy_loss::{
     AggregatedLoss, LOG_RATIO_CLAMP, PolicyInputs, PolicyLoss, PolicyMetrics, SequenceLoss, TokenLoss,
 };
 pub use ppo_clip::PpoClipConfig;
+pub use shear::{ShearConfig, SinkhornConfig, shear_spans, shear_weights, sinkhorn_w1};
+pub use vps::{VpsConfig, vps_advantages, vps_segments};
 #[cfg(feature = "burn")]
 pub use {
-    cispo::cispo_loss, clip_cov::clip_cov_loss, gmpo::gmpo_loss, gspo::gspo_loss, holder::holder_loss, kl::kl_penalty,
-    kl_cov::kl_cov_loss, ppo_clip::ppo_clip_loss,
+    cispo::cispo_loss, clip_cov::clip_cov_loss, gmpo::gmpo_loss, gspo::gspo_loss, holder::holder_loss, htpo::htpo_loss,
+    kl::kl_penalty, kl_cov::kl_cov_loss, ppo_clip::ppo_clip_loss,
 };
 
 /// Token log-ratios are clamped to `[−LOG_RATIO_CLAMP, LOG_RATIO_CLAMP]` before `exp` (verl).

@@ -34,7 +34,13 @@ impl Case {
     fn shifted(&self, i: usize, h: f64) -> Case {
         let mut lp = self.lp.clone();
         lp[i] += h;
-        Case { lp, frozen_lp: self.frozen_lp.clone(), old: self.old.clone(), adv: self.adv.clone(), mask: self.mask.clone() }
+        Case {
+            lp,
+            frozen_lp: self.frozen_lp.clone(),
+            old: self.old.clone(),
+            adv: self.adv.clone(),
+            mask: self.mask.clone(),
+        }
     }
 }
 
