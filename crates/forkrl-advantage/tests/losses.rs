@@ -311,3 +311,44 @@ fn shape_mismatch_is_a_typed_error() {
         assert!(matches!(r, Err(Error::ShapeMismatch { .. })), "{}", loss.name());
     }
 }
+
+#[test]
+fn test_vector_2n_htpo_branches_through_autodiff() {
+    use forkrl_advantage::{HtpoConfig, HtpoLowerBranch, HtpoTokenGroups, htpo_loss};
+    // Rows: hard-correct high (r = 1.5, r = 0.5, A = +1), hard-wrong high (r = 0.5, A = −1), standard (r = 1.5, A = 1).
+    let device = device().autodiff();
+    let r = [1.5f32, 0.5, 0.5, 1.5];
+    let a = [1.0f32, 1.0, -1.0, 1.0];
+    let n = r.len();
+    let t = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [n, 1]), &device);
+    let groups = HtpoTokenGroups {
+        hard_correct_high: vec![true, true, false, false],
+        wrong_high: vec![false, false, true, false],
+        dropped: vec![false; n],
+        hard: vec![true, true, true, false],
+    };
+    for (branch, expected) in [
+        (HtpoLowerBranch::AsReleased, [(1.28f32, 1.28f32), (2.0, 2.0), (-0.8, -0.8), (-1.28, 0.0)]),
+        (HtpoLowerBranch::Standard, [(1.28, 1.28), (-0.5, -0.5), (-0.8, -0.8), (-1.28, 0.0)]),
+    ] {
+        let x = t(vec![-1.0; n]).require_grad();
+        let inputs = PolicyInputs {
+            log_prob: x.clone(),
+            old_log_prob: t(r.iter().map(|r| -1.0 - r.ln()).collect()),
+            advantages: t(a.to_vec()),
+            mask: Tensor::from_data(TensorData::new(vec![true; n], [n, 1]), &device),
+        };
+        let cfg = HtpoConfig { hard_correct_lower_branch: branch, ..HtpoConfig::default() };
+        let out = htpo_loss(&inputs, &groups, &cfg).expect("valid");
+        let values = out.loss.clone().into_data().try_into_vec_as::<f32>().expect("f32");
+        let g = x.grad(&out.loss.sum().backward()).expect("grad").into_data().try_into_vec_as::<f32>().expect("f32");
+        for (i, (v, d)) in expected.iter().enumerate() {
+            assert!(
+                (values[i] - v).abs() < 1e-5 && (g[i] - d).abs() < 1e-5,
+                "{branch:?} row {i}: {} / {}",
+                values[i],
+                g[i]
+            );
+        }
+    }
+}
