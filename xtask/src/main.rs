@@ -219,12 +219,19 @@ fn train_not_built_yet(args: &[String]) -> Result<(), String> {
 /// Runs the criterion benches and prints GB/s and the ratio of each fast path to the read floor of the same run.
 fn bench(args: &[String]) -> Result<(), String> {
     let cargo = cargo();
-    let mut cmd: Vec<&str> = vec!["bench", "-p", "forkrl-benches", "--bench", "entropy_kernel"];
-    if !args.is_empty() {
-        cmd.push("--");
-        cmd.extend(args.iter().map(String::as_str));
+    let extra: Vec<&str> =
+        if args.is_empty() { vec![] } else { ["--"].into_iter().chain(args.iter().map(String::as_str)).collect() };
+    // Host benches: release profile, no burn.
+    for bench in ["entropy_kernel", "advantage_host"] {
+        let mut cmd = vec!["bench", "-p", "forkrl-benches", "--bench", bench];
+        cmd.extend(&extra);
+        run(&cargo, &cmd, &[])?;
     }
+    // Tensor benches: the dev profile, whose burn is already compiled at opt-level 3 for the tests.
+    let mut cmd = vec!["bench", "--workspace", "--profile", "dev", "--bench", "losses"];
+    cmd.extend(&extra);
     run(&cargo, &cmd, &[])?;
+
     let target = env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace_root().join("target"));
     println!("\nentropy kernel, [512, 151936] (criterion mean of this run):");
     println!("| input | path | ms | GB/s | ratio to read floor |");
@@ -237,6 +244,34 @@ fn bench(args: &[String]) -> Result<(), String> {
             if let Some(ns) = criterion_mean_ns(&target, group, name) {
                 let input = group.trim_start_matches("entropy_kernel_");
                 println!("| {input} | {name} | {:.1} | {:.2} | {:.3} |", ns / 1e6, bytes / ns, floor / ns);
+            }
+        }
+    }
+    let tables: [(&str, &str, &[&str]); 3] = [
+        ("advantage_host_100k_groups", "read_floor", &["read_floor", "grpo", "dr_grpo", "rloo"]),
+        ("aggregate_host_512x4096", "token-mean", &["token-mean", "seq-mean-token-mean"]),
+        (
+            "policy_loss_512x4096",
+            "baseline_exp_sum_fwd_bwd",
+            &[
+                "baseline_exp_sum_fwd_bwd",
+                "vanilla_token-mean_fwd",
+                "vanilla_token-mean_fwd_bwd",
+                "cispo_token-mean_fwd",
+                "cispo_token-mean_fwd_bwd",
+                "holder_token-mean_fwd",
+                "holder_token-mean_fwd_bwd",
+            ],
+        ),
+    ];
+    for (group, base, names) in tables {
+        let Some(base_ns) = criterion_mean_ns(&target, group, base) else { continue };
+        println!("\n{group} (criterion mean of this run; ratio = time / {base}):");
+        println!("| path | ms | ratio |");
+        println!("|---|---|---|");
+        for name in names {
+            if let Some(ns) = criterion_mean_ns(&target, group, name) {
+                println!("| {name} | {:.2} | {:.2} |", ns / 1e6, ns / base_ns);
             }
         }
     }

@@ -151,7 +151,7 @@ fn rows_of(len: usize, width: usize) -> Result<usize> {
     if width == 0 {
         return if len == 0 { Ok(0) } else { Err(Error::invalid_parameter("width", 0, "must be > 0")) };
     }
-    if len % width != 0 {
+    if !len.is_multiple_of(width) {
         return Err(Error::ShapeMismatch {
             op: "aggregate: mask [B, T]",
             expected: vec![len / width, width],

@@ -46,7 +46,7 @@ pub fn query_preserved_minibatches(
     let mut size = mini_batch_size;
     if let Some(&g) = group_sizes.first()
         && group_sizes.iter().all(|&s| s == g)
-        && size % g != 0
+        && !size.is_multiple_of(g)
     {
         if !round_up_to_group {
             return Err(Error::invalid_parameter(
@@ -217,7 +217,7 @@ impl<T> BalancedBuffer<T> {
             (&mut self.negatives, &mut self.positives)
         };
         if minority.is_empty() {
-            let items: Vec<T> = majority.drain(..).collect();
+            let items: Vec<T> = std::mem::take(majority);
             let majority_take = items.len();
             return BalancedExtraction { items, minority_positive, minority_take: 0, majority_take };
         }

@@ -52,7 +52,7 @@ impl ClipCovConfig {
         }
         .validate()?;
         forkrl_core::numeric::check_range("clip_cov_ratio", self.clip_cov_ratio, 0.0, 1.0, false)?;
-        if !(self.clip_cov_lb < self.clip_cov_ub) {
+        if self.clip_cov_lb.partial_cmp(&self.clip_cov_ub) != Some(std::cmp::Ordering::Less) {
             return Err(Error::invalid_parameter("clip_cov_ub", self.clip_cov_ub, "must exceed clip_cov_lb"));
         }
         Ok(())

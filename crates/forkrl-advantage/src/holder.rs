@@ -373,12 +373,13 @@ mod tests {
 
     #[test]
     fn test_vector_2g_schedules() {
+        use std::f64::consts::SQRT_2; // the test vector's ±1.414214
         let steps = [0u64, 125, 250, 375, 500, 600];
         let table = [
             (ScheduleKind::Linear, [-2.0, -1.0, 0.0, 1.0, 2.0, 2.0]),
             (ScheduleKind::LinearDec, [2.0, 1.0, 0.0, -1.0, -2.0, -2.0]),
-            (ScheduleKind::Sin, [-2.0, -1.414214, 0.0, 1.414214, 2.0, 2.0]),
-            (ScheduleKind::Cos, [2.0, 1.414214, 0.0, -1.414214, -2.0, -2.0]),
+            (ScheduleKind::Sin, [-2.0, -SQRT_2, 0.0, SQRT_2, 2.0, 2.0]),
+            (ScheduleKind::Cos, [2.0, SQRT_2, 0.0, -SQRT_2, -2.0, -2.0]),
             (ScheduleKind::Quad, [-2.0, -1.75, -1.0, 0.25, 2.0, 2.0]),
             (ScheduleKind::QuadDec, [2.0, 1.75, 1.0, -0.25, -2.0, -2.0]),
             (ScheduleKind::Cubic, [-2.0, -0.25, 0.0, 0.25, 2.0, 2.0]),

@@ -84,7 +84,7 @@ fn log_sum_exp(values: impl Iterator<Item = f64> + Clone) -> f64 {
 /// [`Error::ShapeMismatch`] when a buffer is not a multiple of `dim`; [`Error::InvalidParameter`] for an empty set or
 /// bad Sinkhorn settings.
 pub fn sinkhorn_w1(x: &[f32], y: &[f32], dim: usize, config: &SinkhornConfig) -> Result<f64> {
-    if dim == 0 || x.len() % dim != 0 || y.len() % dim != 0 {
+    if dim == 0 || !x.len().is_multiple_of(dim) || !y.len().is_multiple_of(dim) {
         return Err(Error::ShapeMismatch {
             op: "sinkhorn_w1: [n, dim] buffers",
             expected: vec![dim],

@@ -87,6 +87,20 @@ pub enum Error {
         reason: String,
     },
 
+    /// Dynamic sampling gave up: after `attempts` generation batches fewer groups than needed had non-zero variance.
+    #[error(
+        "dynamic sampling kept {kept} of {needed} groups after {attempts} generation batches (max_num_gen_batches); \
+         the data may be too easy or too hard for the policy"
+    )]
+    SamplingExhausted {
+        /// Generation batches drawn.
+        attempts: usize,
+        /// Groups kept so far.
+        kept: usize,
+        /// Groups needed.
+        needed: usize,
+    },
+
     /// Reading a tensor back from the device failed (e.g. an unexpected element type).
     #[error("could not read {what} back from the device: {reason}")]
     DeviceReadback {
