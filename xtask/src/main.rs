@@ -222,7 +222,7 @@ fn bench(args: &[String]) -> Result<(), String> {
     let extra: Vec<&str> =
         if args.is_empty() { vec![] } else { ["--"].into_iter().chain(args.iter().map(String::as_str)).collect() };
     // Host benches: release profile, no burn.
-    for bench in ["entropy_kernel", "advantage_host"] {
+    for bench in ["entropy_kernel", "advantage_host", "rollout"] {
         let mut cmd = vec!["bench", "-p", "forkrl-benches", "--bench", bench];
         cmd.extend(&extra);
         run(&cargo, &cmd, &[])?;
@@ -247,7 +247,13 @@ fn bench(args: &[String]) -> Result<(), String> {
             }
         }
     }
-    let tables: [(&str, &str, &[&str]); 3] = [
+    let tables: [(&str, &str, &[&str]); 5] = [
+        ("hora_1m_rollouts_100k_prompts", "uniform", &["uniform", "hora"]),
+        (
+            "decode_row_151936",
+            "read_floor",
+            &["read_floor", "greedy", "temperature", "top_k_50", "top_p_0.95", "two_temperature", "cuts"],
+        ),
         ("advantage_host_100k_groups", "read_floor", &["read_floor", "grpo", "dr_grpo", "rloo"]),
         ("aggregate_host_512x4096", "token-mean", &["token-mean", "seq-mean-token-mean"]),
         (

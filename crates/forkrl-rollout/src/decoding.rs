@@ -297,18 +297,26 @@ pub fn decode<R: Rng + ?Sized>(
     })
 }
 
-/// Decodes one token per row of a row-major `[N, V]` buffer in parallel: row `r` uses operator `ops[r]`, response
-/// position `positions[r]`, and the stream `token_rng(seed, row_ids[r], positions[r])`, so the result does not depend
-/// on `threads`.
+/// What to decode for one row of a batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowRequest {
+    /// The operator.
+    pub op: Decoding,
+    /// Response position of the token being drawn (CUTS warm-up, RNG stream).
+    pub position: usize,
+    /// Stable id of the sequence (RNG stream), e.g. its index in the rollout batch.
+    pub row_id: u64,
+}
+
+/// Decodes one token per row of a row-major `[N, V]` buffer in parallel: row `r` follows `rows[r]` and draws from the
+/// stream `token_rng(seed, row_id, position)`, so the result does not depend on `threads`.
 ///
 /// # Errors
 /// [`Error::ShapeMismatch`] for inconsistent lengths; the errors of [`decode`] (the first failing row).
 pub fn decode_rows(
     logits: &[f32],
     vocab: usize,
-    ops: &[Decoding],
-    positions: &[usize],
-    row_ids: &[u64],
+    rows: &[RowRequest],
     eos: Option<u32>,
     seed: u64,
     threads: usize,
@@ -321,16 +329,11 @@ pub fn decode_rows(
         });
     }
     let n = logits.len() / vocab;
-    for (what, len) in [
-        ("decode_rows: ops", ops.len()),
-        ("decode_rows: positions", positions.len()),
-        ("decode_rows: row_ids", row_ids.len()),
-    ] {
-        forkrl_core::numeric::check_len(what, len, n)?;
-    }
+    forkrl_core::numeric::check_len("decode_rows: rows", rows.len(), n)?;
     let one = |r: usize| {
-        let mut rng = token_rng(seed, row_ids[r], positions[r] as u64);
-        decode(&logits[r * vocab..(r + 1) * vocab], &ops[r], positions[r], eos, &mut rng)
+        let req = rows[r];
+        let mut rng = token_rng(seed, req.row_id, req.position as u64);
+        decode(&logits[r * vocab..(r + 1) * vocab], &req.op, req.position, eos, &mut rng)
     };
     let threads = threads.clamp(1, n.max(1));
     if threads == 1 {
@@ -342,10 +345,7 @@ pub fn decode_rows(
             .step_by(chunk)
             .map(|start| s.spawn(move || (start..(start + chunk).min(n)).map(one).collect()))
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(Error::EmptyBatch { op: "decode_rows worker panicked" })))
-            .collect()
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
     });
     let mut out = Vec::with_capacity(n);
     for p in parts {
@@ -506,16 +506,18 @@ mod tests {
     fn parallel_rows_are_reproducible() {
         let (n, v) = (37, 50);
         let logits: Vec<f32> = (0..n * v).map(|i| ((i * 7919) % 101) as f32 / 17.0).collect();
-        let ops: Vec<Decoding> = (0..n)
-            .map(|r| if r % 2 == 0 { Decoding::default() } else { Decoding::Cuts(CutsConfig::default()) })
+        let rows: Vec<RowRequest> = (0..n)
+            .map(|r| RowRequest {
+                op: if r % 2 == 0 { Decoding::default() } else { Decoding::Cuts(CutsConfig::default()) },
+                position: r % 9,
+                row_id: r as u64,
+            })
             .collect();
-        let pos: Vec<usize> = (0..n).map(|r| r % 9).collect();
-        let ids: Vec<u64> = (0..n as u64).collect();
-        let one = decode_rows(&logits, v, &ops, &pos, &ids, None, 5, 1).expect("valid");
+        let one = decode_rows(&logits, v, &rows, None, 5, 1).expect("valid");
         for threads in [2, 3, 8] {
-            assert_eq!(decode_rows(&logits, v, &ops, &pos, &ids, None, 5, threads).expect("valid"), one);
+            assert_eq!(decode_rows(&logits, v, &rows, None, 5, threads).expect("valid"), one);
         }
-        assert_ne!(decode_rows(&logits, v, &ops, &pos, &ids, None, 6, 2).expect("valid"), one);
-        assert!(decode_rows(&logits[1..], v, &ops, &pos, &ids, None, 5, 1).is_err());
+        assert_ne!(decode_rows(&logits, v, &rows, None, 6, 2).expect("valid"), one);
+        assert!(decode_rows(&logits[1..], v, &rows, None, 5, 1).is_err());
     }
 }

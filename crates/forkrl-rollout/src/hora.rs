@@ -271,7 +271,10 @@ mod tests {
         assert!((big.hit_utility(1) - (3e6 + 1.0) / (1e7 + 2.0)).abs() < 1e-12);
         let p = post(2.0, 5.0);
         let product: f64 = (0..65).map(|j| (6.0 + j as f64) / (9.0 + j as f64)).product();
-        assert!((p.log_fail_all(65) - product.ln()).abs() < 1e-12 && (p.log_fail_all(64) - (product * 73.0 / 70.0).ln()).abs() < 1e-12);
+        assert!(
+            (p.log_fail_all(65) - product.ln()).abs() < 1e-12
+                && (p.log_fail_all(64) - (product * 73.0 / 70.0).ln()).abs() < 1e-12
+        );
     }
 
     #[test]

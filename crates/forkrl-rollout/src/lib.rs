@@ -19,7 +19,9 @@ pub mod overlong;
 pub mod pass_at_k;
 pub mod stats_store;
 
-pub use decoding::{CutsConfig, Decoding, MixedCuts, Sampled, decode, decode_rows, mixed_group_variance, token_rng};
+pub use decoding::{
+    CutsConfig, Decoding, MixedCuts, RowRequest, Sampled, decode, decode_rows, mixed_group_variance, token_rng,
+};
 pub use dynamic_sampling::{DynamicSampler, DynamicSamplingConfig, keep_groups};
 pub use hora::{
     Allocation, BetaPosterior, HoraConfig, PosteriorSource, hora_allocate, hora_allocate_after_probe,

@@ -9,7 +9,13 @@ use proptest::prelude::*;
 fn best_by_brute_force(p: &[BetaPosterior], budget: usize, min: usize, max: usize) -> f64 {
     fn rec(p: &[BetaPosterior], left: usize, min: usize, max: usize) -> f64 {
         match p.split_first() {
-            None => if left == 0 { 0.0 } else { f64::NEG_INFINITY },
+            None => {
+                if left == 0 {
+                    0.0
+                } else {
+                    f64::NEG_INFINITY
+                }
+            }
             Some((first, rest)) => (min..=max.min(left))
                 .map(|m| first.hit_utility(m) + rec(rest, left - m, min, max))
                 .fold(f64::NEG_INFINITY, f64::max),
