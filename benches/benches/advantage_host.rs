@@ -10,7 +10,7 @@ const GROUPS: usize = 100_000;
 const G: usize = 8;
 
 fn bench(c: &mut Criterion) {
-    let rewards: Vec<f32> = (0..GROUPS * G).map(|i| ((i * 2_654_435_761) >> 7 & 1) as f32).collect();
+    let rewards: Vec<f32> = (0..GROUPS * G).map(|i| (((i * 2_654_435_761) >> 7) & 1) as f32).collect();
     let sizes = vec![G; GROUPS];
     let mut group = c.benchmark_group("advantage_host_100k_groups");
     group.sample_size(20).throughput(Throughput::Elements((GROUPS * G) as u64));

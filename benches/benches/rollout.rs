@@ -17,7 +17,7 @@ fn bench(c: &mut Criterion) {
     let posteriors: Vec<BetaPosterior> = (0..PROMPTS)
         .map(|i| {
             let n = (i * 7) % 17;
-            let s = (i * 2_654_435_761 >> 5) % (n + 1);
+            let s = ((i * 2_654_435_761) >> 5) % (n + 1);
             BetaPosterior::from_counts(s as f64, (n - s) as f64, 1.0, 1.0).expect("valid counts")
         })
         .collect();
