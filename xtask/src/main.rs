@@ -13,7 +13,7 @@ use std::{
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(name = "cargo xtask", about = "forkrl's task runner: test, bench, train", long_about = None)]
+#[command(name = "cargo xtask", about = "forkrl's task runner: test, bench, simulate, train", long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Task,
@@ -35,12 +35,21 @@ enum Task {
     },
     /// Criterion benchmarks, then a summary of throughput and ratios against the baselines measured in the same run.
     ///
-    /// Today: the host entropy/log-prob kernel at [512, 151936] f32 and bf16 against a read floor (a plain sum over
-    /// the same buffer) and the naive materialising formula. Benchmarks of losses, allocation and sampling come with
-    /// their issues.
+    /// The host entropy/log-prob kernel at [512, 151936] f32 and bf16 (against a read floor and the naive
+    /// materialising formula); host advantage estimators on 100k groups and host aggregation; the burn policy losses
+    /// with aggregation on [512, 4096] tokens (dev profile, CPU backend unless FORKRL_BACKEND says otherwise); HORA
+    /// allocation of 1M rollouts over 100k prompts; the decoding operators on a 151,936-wide row.
     Bench {
         /// Extra arguments passed to the criterion binary after `--` (e.g. a benchmark name filter).
         #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Rollout-allocation simulator: uniform vs HORA vs dynamic sampling at equal budget, Mixed-CUTS vs standard
+    /// sampling on saturated prompts. Writes runs/simulate/{table.md, report.json, plot.svg}.
+    Simulate {
+        /// Options of the simulator (`--out DIR`, `--seed N`, `--rounds N`, `--prompts N`, `--batch-prompts N`,
+        /// `--group-size N`, `--cuts-success-ratio X`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Train a policy with RLVR (not built yet: the trainer arrives with the forkrl-trainer issues).
@@ -75,6 +84,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Task::Test { backend, no_lints } => test(backend, no_lints),
         Task::Bench { args } => bench(&args),
+        Task::Simulate { args } => {
+            let mut cmd = vec!["run", "--release", "--quiet", "-p", "forkrl-rollout", "--example", "simulate", "--"];
+            cmd.extend(args.iter().map(String::as_str));
+            run(&cargo(), &cmd, &[])
+        }
         Task::Train { args } => train_not_built_yet(&args),
     };
     match result {

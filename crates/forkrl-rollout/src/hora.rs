@@ -13,7 +13,7 @@
 //! ```
 //!
 //! Greedy is optimal for a separable concave objective with box constraints: start at `m_i = l`, repeatedly give one
-//! rollout to the prompt with the largest marginal gain (a max-heap of `log Δ`, updated in O(1) by
+//! rollout to the prompt with the largest marginal gain (a binary max-heap of `log Δ`, updated in O(1) by
 //! `log Δ(m+1) = log Δ(m) + ln(b+m) − ln(a+b+m+1)`), ties to the lowest prompt index (gains are compared after
 //! rounding `log Δ` to 2^-36, so mathematically equal gains computed along different paths still tie). Cost
 //! `O(B log N)`. When the budget is below `N·l`, the prompts with the largest `U_i(l)` get `l` each and the rest skip
@@ -22,8 +22,6 @@
 //! Count sources ([`PosteriorSource`]): **history** (default; cumulative, optionally decayed counts from
 //! [`crate::PromptStatsStore`]) or an **in-step probe** of `n0` rollouts per prompt, after which the remaining budget is
 //! the "additional allocation" ([`hora_allocate_after_probe`]). Defaults: Beta(1, 1), `l = 2`, `u = 4G`.
-
-use std::{cmp::Ordering, collections::BinaryHeap};
 
 use forkrl_core::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -138,35 +136,87 @@ pub fn uniform_allocation(posteriors: &[BetaPosterior], group_size: usize) -> Al
     Allocation { counts: vec![group_size; posteriors.len()], unallocated: 0, expected_hits }
 }
 
-/// Heap entry: larger (rounded) log-gain first, then lower prompt index.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Entry {
-    key: i64,
-    log_gain_bits: u64,
-    prompt: usize,
-}
-
-impl Ord for Entry {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.key.cmp(&other.key).then(other.prompt.cmp(&self.prompt))
-    }
-}
-
-impl PartialOrd for Entry {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-fn entry(log_gain: f64, prompt: usize) -> Entry {
+/// Heap key: the log-gain rounded to 2^-36 in the high bits, the inverted prompt index in the low 32 bits, so one
+/// integer comparison orders by larger gain, then lower prompt index.
+fn entry(log_gain: f64, prompt: usize) -> i128 {
     let key = (log_gain * 68_719_476_736.0).round().clamp(i64::MIN as f64, i64::MAX as f64) as i64; // 2^36
-    Entry { key, log_gain_bits: log_gain.to_bits(), prompt }
+    (i128::from(key) << 32) | i128::from(u32::MAX - prompt as u32)
+}
+
+fn prompt_of(entry: i128) -> usize {
+    (u32::MAX - (entry & i128::from(u32::MAX)) as u32) as usize
+}
+
+/// A binary max-heap over the keys with the two operations the allocator needs: the runner-up (the larger child of
+/// the root, so a prompt can take several rollouts in a row while it stays ahead) and replacing the top (Floyd's
+/// sift: down to a leaf along the larger children, then back up).
+#[derive(Debug)]
+struct KeyHeap(Vec<i128>);
+
+impl KeyHeap {
+    fn new(keys: impl Iterator<Item = i128>) -> Self {
+        let mut h = Self(Vec::new());
+        for k in keys {
+            h.0.push(k);
+            h.sift_up(h.0.len() - 1);
+        }
+        h
+    }
+
+    fn top(&self) -> Option<i128> {
+        self.0.first().copied()
+    }
+
+    fn runner_up(&self) -> Option<i128> {
+        match (self.0.get(1), self.0.get(2)) {
+            (Some(&a), Some(&b)) => Some(a.max(b)),
+            (a, _) => a.copied(),
+        }
+    }
+
+    /// Replaces the top with `key` (`None` removes it) and restores the heap.
+    fn replace_top(&mut self, key: Option<i128>) {
+        let k = match key {
+            Some(k) => k,
+            None => match self.0.pop() {
+                Some(last) if !self.0.is_empty() => last,
+                _ => return,
+            },
+        };
+        let v = &mut self.0;
+        let n = v.len();
+        let mut i = 0;
+        loop {
+            let c = 2 * i + 1;
+            if c >= n {
+                break;
+            }
+            let c = if c + 1 < n && v[c + 1] > v[c] { c + 1 } else { c };
+            v[i] = v[c];
+            i = c;
+        }
+        v[i] = k;
+        self.sift_up(i);
+    }
+
+    fn sift_up(&mut self, mut i: usize) {
+        let v = &mut self.0;
+        while i > 0 {
+            let parent = (i - 1) / 2;
+            if v[parent] >= v[i] {
+                break;
+            }
+            v.swap(parent, i);
+            i = parent;
+        }
+    }
 }
 
 /// Greedy allocation of `budget` rollouts with `min ≤ m_i ≤ max`.
 ///
 /// # Errors
-/// [`Error::InvalidParameter`] for `max < min` or `max == 0`; [`Error::EmptyBatch`] for no prompt.
+/// [`Error::InvalidParameter`] for `max < min`, `max == 0` or more than 2³² − 1 prompts; [`Error::EmptyBatch`] for no
+/// prompt.
 pub fn hora_allocate(posteriors: &[BetaPosterior], budget: usize, min: usize, max: usize) -> Result<Allocation> {
     if posteriors.is_empty() {
         return Err(Error::EmptyBatch { op: "hora_allocate" });
@@ -179,6 +229,9 @@ pub fn hora_allocate(posteriors: &[BetaPosterior], budget: usize, min: usize, ma
         ));
     }
     let n = posteriors.len();
+    if n >= u32::MAX as usize {
+        return Err(Error::invalid_parameter("prompts", n, "at most 2^32 - 1 prompts per allocation"));
+    }
     let mut counts = vec![0usize; n];
     // Which prompts start at `min`: all of them, or (budget < n·min) those whose minimum bundle is worth most.
     let active: Vec<usize> = if min == 0 || budget >= n * min {
@@ -191,27 +244,44 @@ pub fn hora_allocate(posteriors: &[BetaPosterior], budget: usize, min: usize, ma
         order.sort_unstable();
         order
     };
+    // `log_gain[i] = log Δ_i(m_i)`, one logarithm per step: log Δ(m+1) = log Δ(m) + ln((b+m)/(a+b+m+1)).
+    // At the end log Q(m) = log Δ(m) − ln a + ln(a+b+m) gives U(m) without another pass over m.
+    let mut log_gain = vec![0.0f64; n];
     for &i in &active {
         counts[i] = min;
+        log_gain[i] = posteriors[i].log_gain(min);
     }
     let mut left = budget - active.len() * min;
-    let mut heap: BinaryHeap<Entry> =
-        active.iter().filter(|&&i| counts[i] < max).map(|&i| entry(posteriors[i].log_gain(counts[i]), i)).collect();
+    let mut heap = KeyHeap::new(active.iter().filter(|&&i| counts[i] < max).map(|&i| entry(log_gain[i], i)));
     while left > 0 {
-        let Some(mut top) = heap.peek_mut() else { break };
-        let i = top.prompt;
-        let p = posteriors[i];
-        let m = counts[i];
-        counts[i] += 1;
-        left -= 1;
-        if counts[i] >= max {
-            std::collections::binary_heap::PeekMut::pop(top);
-        } else {
-            let next = f64::from_bits(top.log_gain_bits) + (p.b + m as f64).ln() - (p.a + p.b + m as f64 + 1.0).ln();
-            *top = entry(next, i);
+        let Some(top) = heap.top() else { break };
+        let i = prompt_of(top);
+        let p = &posteriors[i];
+        let runner_up = heap.runner_up();
+        // Prompt i takes rollouts while its next gain still beats every other prompt's (the runner-up is fixed
+        // meanwhile), then the heap is repaired once.
+        loop {
+            let m = counts[i] as f64;
+            log_gain[i] += ((p.b + m) / (p.a + p.b + m + 1.0)).ln();
+            counts[i] += 1;
+            left -= 1;
+            if counts[i] >= max {
+                heap.replace_top(None);
+                break;
+            }
+            let key = entry(log_gain[i], i);
+            if left == 0 || runner_up.is_some_and(|r| r > key) {
+                heap.replace_top(Some(key));
+                break;
+            }
         }
     }
-    let expected_hits = posteriors.iter().zip(&counts).map(|(p, &m)| p.hit_utility(m)).sum();
+    let expected_hits = posteriors
+        .iter()
+        .zip(&counts)
+        .zip(&log_gain)
+        .map(|((p, &m), &g)| if m == 0 { 0.0 } else { -(g - p.a.ln() + (p.a + p.b + m as f64).ln()).exp_m1() })
+        .sum();
     Ok(Allocation { counts, unallocated: left, expected_hits })
 }
 

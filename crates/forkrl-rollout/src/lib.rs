@@ -8,6 +8,7 @@
 //! | filtering and shaping | DAPO dynamic sampling, overlong filtering and soft punishment | [`dynamic_sampling`], [`overlong`] |
 //! | decoding operators | greedy, temperature, top-k, top-p, two-temperature, CUTS, Mixed-CUTS | [`decoding`] |
 //! | metrics | unbiased pass@k, maj@k, avg@k | [`pass_at_k`] |
+//! | simulator | uniform vs HORA vs dynamic sampling; Mixed-CUTS variance (`cargo xtask simulate`) | [`simulate`] |
 //!
 //! Everything here works on host data and needs no burn. Specs: `../shared/methods/rollout-allocation.md` and
 //! `entropy-and-forking-tokens.md` §2.4.
@@ -17,6 +18,7 @@ pub mod dynamic_sampling;
 pub mod hora;
 pub mod overlong;
 pub mod pass_at_k;
+pub mod simulate;
 pub mod stats_store;
 
 pub use decoding::{
