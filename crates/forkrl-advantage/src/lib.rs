@@ -8,6 +8,7 @@
 //! | policy losses (burn) | PPO clip / clip-higher / dual clip, GSPO, CISPO, GMPO, Clip-Cov, KL-Cov, HölderPO | [`ppo_clip`], [`gspo`], [`cispo`], [`gmpo`], [`clip_cov`], [`kl_cov`], [`holder`] |
 //! | aggregation | verl's five modes with explicit global denominators | [`aggregation`] |
 //! | KL | k1, k2, k3, abs and straight-through `+` variants, KL in reward or loss | [`kl`] |
+//! | actor objective | policy loss − entropy bonus + KL loss, one aggregation | `actor_loss` |
 //! | forking tokens | the 80/20 mask folded into the loss, selected- or all-token denominator | [`forking`] |
 //! | token weighting | EAPO, OPEFO, HTPO, SHEAR, GRPO-VPS, rock-token bypass | [`eapo`], [`opefo`], [`htpo`], [`shear`], [`vps`], [`rock_bypass_weights`] |
 //! | cancellation batching | query-preserved mini-batches, reward-balanced (buffered and per-query) | [`batching`] |
@@ -17,6 +18,8 @@
 //! module doc gives its equation, its source and which parts are reconstructions. Specs:
 //! `../shared/methods/policy-losses.md`, `aggregation-and-holder.md`, `token-credit.md`.
 
+#[cfg(feature = "burn")]
+pub mod actor_loss;
 pub mod aggregation;
 pub mod batching;
 pub mod cispo;
@@ -37,6 +40,8 @@ pub mod ppo_clip;
 pub mod shear;
 pub mod vps;
 
+#[cfg(feature = "burn")]
+pub use actor_loss::{ActorLoss, ActorLossConfig, actor_loss};
 pub use aggregation::{AggMode, GlobalDenominators, aggregate_host, aggregate_host_with_counts};
 #[cfg(feature = "burn")]
 pub use aggregation::{aggregate, aggregate_sequences, aggregate_with_counts};

@@ -352,3 +352,28 @@ fn test_vector_2n_htpo_branches_through_autodiff() {
         }
     }
 }
+
+#[test]
+fn actor_objective_adds_entropy_bonus_and_kl_loss() {
+    use forkrl_advantage::{ActorLossConfig, KlLossConfig, actor_loss};
+    let device = device();
+    let c = case(4);
+    let i = inputs(&c, &device, tensor(&c.lp, &device));
+    let d = denominators(&c);
+    let entropy = tensor(&[0.5; B * T], &device);
+    let reference = tensor(&c.lp.iter().map(|l| l - 0.25).collect::<Vec<_>>(), &device);
+    let plain = actor_loss(&ActorLossConfig::default(), &i, None, None, &d, 0, 0).expect("valid");
+    assert_eq!((plain.entropy, plain.kl_loss), (None, None));
+    let cfg = ActorLossConfig {
+        entropy_coeff: 0.1,
+        kl_loss: Some(KlLossConfig { kl_loss_type: "k1".parse().expect("known"), kl_loss_coef: 0.2 }),
+        ..ActorLossConfig::default()
+    };
+    let full = actor_loss(&cfg, &i, Some(entropy.clone()), Some(reference.clone()), &d, 0, 0).expect("valid");
+    // token-mean of a constant is the constant: entropy 0.5, k1 = 0.25.
+    assert!((full.entropy.expect("given") - 0.5).abs() < 1e-6 && (full.kl_loss.expect("on") - 0.25).abs() < 1e-6);
+    let total: f32 = full.loss.into_scalar();
+    assert!((f64::from(total) - (plain.pg_loss - 0.1 * 0.5 + 0.2 * 0.25)).abs() < 1e-5);
+    assert!(actor_loss(&cfg, &i, None, Some(reference), &d, 0, 0).is_err());
+    assert!(actor_loss(&cfg, &i, Some(entropy), None, &d, 0, 0).is_err());
+}
