@@ -219,3 +219,25 @@ impl PolicyLoss {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_config_with_verl_names() {
+        #[derive(Debug, Deserialize)]
+        struct Cfg {
+            policy_loss: PolicyLoss,
+        }
+        let text = "[policy_loss]\nloss_mode = \"holder\"\nvariant = \"holder\"\nclip_epsilon = 0.2\n\
+                    schedule = { kind = \"linear_dec\", p_min = -2.0, p_max = 2.0, steps = 500 }\n";
+        let cfg: Cfg = toml::from_str(text).expect("the documented example parses");
+        assert_eq!(cfg.policy_loss, PolicyLoss::Holder(holder::HolderConfig::default()));
+        let cispo: Cfg = toml::from_str("[policy_loss]\nloss_mode = \"cispo\"\neps_high = 4.0").expect("valid");
+        assert_eq!(cispo.policy_loss.name(), "cispo");
+        assert!(toml::from_str::<Cfg>("[policy_loss]\nloss_mode = \"vanilla\"\nclip_ratio = 0.2").is_err());
+        assert!(toml::from_str::<Cfg>("[policy_loss]\nloss_mode = \"cispo\"").is_err(), "eps_high is required");
+        assert!(toml::from_str::<Cfg>("[policy_loss]\nloss_mode = \"ppo\"").is_err());
+    }
+}
