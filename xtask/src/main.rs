@@ -52,10 +52,11 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Train a policy with RLVR (not built yet: the trainer arrives with the forkrl-trainer issues).
+    /// Train a policy with RLVR. With no arguments: the built-in tiny policy on two-step arithmetic, SFT then GRPO with
+    /// the forking-token mask (rho = 0.2); outputs in runs/default/.
     Train {
-        /// Extra arguments for the trainer once it exists (`--config`, `--model`, `--data`, `--backend`).
-        #[arg(trailing_var_arg = true)]
+        /// Trainer arguments: `--config FILE.toml`, `--set key.path=value`, `--backend cpu|wgpu|cuda`, `--name NAME`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
 }
@@ -89,7 +90,7 @@ fn main() -> ExitCode {
             cmd.extend(args.iter().map(String::as_str));
             run(&cargo(), &cmd, &[])
         }
-        Task::Train { args } => train_not_built_yet(&args),
+        Task::Train { args } => train(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -222,12 +223,14 @@ fn vulkan_available() -> Result<(), String> {
     Ok(())
 }
 
-fn train_not_built_yet(args: &[String]) -> Result<(), String> {
-    let extra = if args.is_empty() { String::new() } else { format!(" (arguments given: {})", args.join(" ")) };
-    Err(format!(
-        "`cargo xtask train` is not built yet: the RLVR trainer (policy model, sampler, tasks, loop) comes with the \
-         forkrl-trainer issues; what exists today is the backend smoke check, run by `cargo xtask test`{extra}"
-    ))
+fn train(args: &[String]) -> Result<(), String> {
+    // Built with the test suite's feature set (`--workspace --all-targets`), so burn is compiled once for both.
+    run(&cargo(), &["build", "--workspace", "--all-targets", "--quiet"], &[])?;
+    let target = env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace_root().join("target"));
+    let binary = target.join("debug").join(format!("forkrl-train{}", env::consts::EXE_SUFFIX));
+    let binary = binary.to_str().ok_or("target path is not UTF-8")?;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(binary, &args, &[])
 }
 
 /// Runs the criterion benches and prints GB/s and the ratio of each fast path to the read floor of the same run.

@@ -1,10 +1,14 @@
 //! # forkrl-trainer
 //!
-//! The burn-based RLVR trainer of forkrl. So far it holds the backend smoke check ([`smoke`]), which every backend
-//! must pass; the policy model (Qwen2/Qwen3/Llama decoder with Hugging Face checkpoint loading), the KV-cache sampler
-//! and the RLVR loop are the subject of later work and are not in this crate yet.
+//! The burn-based RLVR trainer of forkrl: the built-in task ([`arithmetic`], [`tokenizer`]), a tiny Llama-style policy
+//! ([`policy`]), the SFT + RLVR loop ([`rlvr`], run by `cargo xtask train`) and the backend smoke check ([`smoke`]).
+//! Not yet here: Hugging Face checkpoint loading, the KV-cache sampler, checkpoints and resume, JSONL datasets.
 
+pub mod arithmetic;
+pub mod policy;
+pub mod rlvr;
 pub mod smoke;
+pub mod tokenizer;
 
 pub use forkrl_core::{Backend, Error as CoreError};
 
