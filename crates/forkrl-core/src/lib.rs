@@ -16,6 +16,7 @@ pub mod backend;
 pub mod batch;
 pub mod error;
 pub mod numeric;
+pub mod report;
 
 #[cfg(feature = "burn")]
 pub use backend::Backend;

@@ -8,13 +8,8 @@
 
 use std::{fs, path::Path, process::ExitCode};
 
+use forkrl_core::report::write_atomic;
 use forkrl_rollout::simulate::{SimulationConfig, simulate};
-
-fn write_atomic(path: &Path, contents: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, contents)?;
-    fs::rename(&tmp, path)
-}
 
 fn run() -> Result<(), String> {
     let mut cfg = SimulationConfig::default();

@@ -21,7 +21,10 @@
 //! group rewards, the share of zero-variance groups and the variance identity
 //! `σ² = ½(σ²_std + σ²_cuts) + ¼(μ_std − μ_cuts)²` (decomposed vs direct).
 
-use forkrl_core::{Error, Result};
+use forkrl_core::{
+    Error, Result,
+    report::{Panel, Series, line_chart_svg},
+};
 use rand::{RngExt, SeedableRng, seq::index};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -176,73 +179,24 @@ impl SimulationReport {
 
     /// A two-panel SVG: coverage and zero-variance share per round, one line per method.
     pub fn svg(&self) -> String {
-        let colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e"];
-        let (w, h, pad) = (900.0, 360.0, 50.0);
-        let panel_w = (w - 3.0 * pad) / 2.0;
-        let rounds = self.config.rounds.max(2) as f64 - 1.0;
-        let mut s = format!(
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
-        );
-        let panels: [(&str, Metric); 2] = [
-            ("coverage (solved at least once)", |r| r.coverage),
-            ("zero-variance rollouts", |r| r.frac_zero_variance_rollouts),
-        ];
-        for (p, (title, f)) in panels.iter().enumerate() {
-            let x0 = pad + p as f64 * (panel_w + pad);
-            let (y0, ph) = (pad, h - 2.0 * pad - 30.0);
-            s.push_str(&format!(
-                "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{title}</text>\n",
-                x0 + panel_w / 2.0,
-                y0 - 10.0
-            ));
-            s.push_str(&format!(
-                "<rect x=\"{x0}\" y=\"{y0}\" width=\"{panel_w}\" height=\"{ph}\" fill=\"none\" stroke=\"#888\"/>\n"
-            ));
-            for tick in [0.0, 0.25, 0.5, 0.75, 1.0] {
-                let y = y0 + ph * (1.0 - tick);
-                s.push_str(&format!("<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{tick}</text>\n", x0 - 4.0, y + 4.0));
-            }
-            s.push_str(&format!(
-                "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">round</text>\n",
-                x0 + panel_w / 2.0,
-                y0 + ph + 18.0
-            ));
-            for (m, method) in METHODS.iter().enumerate() {
-                let pts: Vec<String> = self
-                    .rows
-                    .iter()
-                    .filter(|r| r.method == *method)
-                    .map(|r| {
-                        format!(
-                            "{:.1},{:.1}",
-                            x0 + panel_w * r.round as f64 / rounds,
-                            y0 + ph * (1.0 - f(r).clamp(0.0, 1.0))
-                        )
-                    })
-                    .collect();
-                s.push_str(&format!(
-                    "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\" points=\"{}\"/>\n",
-                    colours[m],
-                    pts.join(" ")
-                ));
-            }
-        }
-        for (m, method) in METHODS.iter().enumerate() {
-            let x = pad + m as f64 * 170.0;
-            s.push_str(&format!(
-                "<rect x=\"{x}\" y=\"{}\" width=\"14\" height=\"4\" fill=\"{}\"/>\n",
-                h - 22.0,
-                colours[m]
-            ));
-            s.push_str(&format!("<text x=\"{}\" y=\"{}\">{method}</text>\n", x + 20.0, h - 17.0));
-        }
-        s.push_str("</svg>\n");
-        s
+        let panel = |title: &str, f: fn(&RoundRow) -> f64| Panel {
+            title: title.into(),
+            x_label: "round".into(),
+            y_max: 1.0,
+            series: METHODS
+                .iter()
+                .map(|m| Series {
+                    name: (*m).into(),
+                    points: self.rows.iter().filter(|r| r.method == *m).map(|r| (r.round as f64, f(r))).collect(),
+                })
+                .collect(),
+        };
+        line_chart_svg(&[
+            panel("coverage (solved at least once)", |r| r.coverage),
+            panel("zero-variance rollouts", |r| r.frac_zero_variance_rollouts),
+        ])
     }
 }
-
-/// A per-round quantity plotted in a panel.
-type Metric = fn(&RoundRow) -> f64;
 
 /// Draws a Beta(a, b) variate with integer parameters: the a-th smallest of a + b − 1 uniforms.
 fn beta_int(rng: &mut ChaCha8Rng, a: u32, b: u32) -> f64 {

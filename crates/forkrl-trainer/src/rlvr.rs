@@ -12,12 +12,7 @@
 //! Sampling recomputes the whole prefix at each token (no KV cache yet); prompts of the built-in task all have the
 //! same length, so no padding mask is needed.
 
-use std::{
-    fs,
-    io::Write,
-    path::{Path, PathBuf},
-    time::Instant,
-};
+use std::{io::Write, path::PathBuf, time::Instant};
 
 use burn::{
     grad_clipping::GradientClippingConfig,
@@ -28,6 +23,7 @@ use forkrl_advantage::{
     AdvantageConfig, AggMode, ForkingDenominator, PolicyInputs, PolicyLoss, PpoClipConfig, forking_loss_mask,
     group_advantages,
 };
+use forkrl_core::report::{Panel, Series, line_chart_svg};
 use forkrl_entropy::{SelectionRule, tensor::entropy_and_logprobs, top_entropy_mask};
 use forkrl_rollout::{Decoding, RowRequest, decode_rows};
 use serde::{Deserialize, Serialize};
@@ -484,70 +480,26 @@ pub fn train(config: &TrainConfig, device: &Device, metrics: &mut dyn Write) -> 
     Ok(summary)
 }
 
-/// Writes `contents` to `path` atomically (temp file in the same folder, then rename).
-///
-/// # Errors
-/// The I/O error, as [`TrainerError::Config`] naming the path.
-pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, contents)
-        .and_then(|()| fs::rename(&tmp, path))
-        .map_err(|e| TrainerError::Config(format!("{}: {e}", path.display())))
-}
-
-/// One plotted line: name, colour, points, value mapped to the top of the panel.
-type Series<'a> = (&'a str, &'a str, &'a [(usize, f64)], f64);
-
-/// An SVG line chart of the summary: reward and held-out accuracy (left), entropy (right), against the RL step.
+/// The summary as an SVG chart: reward (train) and held-out accuracy, and the entropy of the response tokens, against
+/// the RL step (0 = after SFT).
 pub fn summary_svg(s: &TrainSummary) -> String {
-    let (w, h, pad) = (900.0, 340.0, 50.0);
-    let pw = (w - 3.0 * pad) / 2.0;
-    let ph = h - 2.0 * pad - 20.0;
-    let steps = s.reward_curve.last().map_or(1.0, |p| p.0 as f64).max(1.0);
-    let max_h = s.entropy_curve.iter().map(|p| p.1).fold(1e-9, f64::max);
-    let mut out = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
-    );
-    let panels: [(&str, Vec<Series<'_>>); 2] = [
-        (
-            "reward (train) and accuracy (held-out)",
-            vec![("reward", "#1f77b4", &s.reward_curve, 1.0), ("held-out acc", "#d62728", &s.eval_curve, 1.0)],
-        ),
-        ("entropy of response tokens", vec![("entropy", "#2ca02c", &s.entropy_curve, max_h)]),
-    ];
-    for (k, (title, series)) in panels.iter().enumerate() {
-        let x0 = pad + k as f64 * (pw + pad);
-        out.push_str(&format!(
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{title}</text>\n",
-            x0 + pw / 2.0,
-            pad - 10.0
-        ));
-        out.push_str(&format!(
-            "<rect x=\"{x0}\" y=\"{pad}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"#888\"/>\n"
-        ));
-        out.push_str(&format!(
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">RL step (0 = after SFT)</text>\n",
-            x0 + pw / 2.0,
-            pad + ph + 16.0
-        ));
-        for (j, (name, colour, pts, top)) in series.iter().enumerate() {
-            out.push_str(&format!(
-                "<text x=\"{}\" y=\"{}\" fill=\"{colour}\">{name} (max {top:.2})</text>\n",
-                x0 + 6.0,
-                pad + 14.0 + 14.0 * j as f64
-            ));
-            let line: Vec<String> = pts
-                .iter()
-                .map(|&(x, y)| {
-                    format!("{:.1},{:.1}", x0 + pw * x as f64 / steps, pad + ph * (1.0 - (y / top).clamp(0.0, 1.0)))
-                })
-                .collect();
-            out.push_str(&format!(
-                "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>\n",
-                line.join(" ")
-            ));
-        }
-    }
-    out.push_str("</svg>\n");
-    out
+    let series = |name: &str, pts: &[(usize, f64)]| Series {
+        name: name.into(),
+        points: pts.iter().map(|&(x, y)| (x as f64, y)).collect(),
+    };
+    let max_h = s.entropy_curve.iter().map(|p| p.1).fold(0.0, f64::max);
+    line_chart_svg(&[
+        Panel {
+            title: "reward (train) and accuracy (held-out)".into(),
+            x_label: "RL step".into(),
+            y_max: 1.0,
+            series: vec![series("reward", &s.reward_curve), series("held-out accuracy", &s.eval_curve)],
+        },
+        Panel {
+            title: "entropy of response tokens (nats)".into(),
+            x_label: "RL step".into(),
+            y_max: max_h,
+            series: vec![series("entropy", &s.entropy_curve)],
+        },
+    ])
 }

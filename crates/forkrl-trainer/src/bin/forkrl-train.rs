@@ -10,8 +10,8 @@
 
 use std::{fs, path::PathBuf, process::ExitCode};
 
-use forkrl_core::Backend;
-use forkrl_trainer::rlvr::{TrainConfig, summary_svg, train, write_atomic};
+use forkrl_core::{Backend, report::write_atomic};
+use forkrl_trainer::rlvr::{TrainConfig, summary_svg, train};
 
 fn set_path(root: &mut toml::Table, path: &str, value: toml::Value) -> Result<(), String> {
     let mut parts: Vec<&str> = path.split('.').collect();
@@ -77,14 +77,14 @@ fn run() -> Result<(), String> {
     let dir: PathBuf = config.run.out_dir.join(&config.run.name);
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let resolved = toml::to_string(&config).map_err(|e| e.to_string())?;
-    write_atomic(&dir.join("config.toml"), &resolved).map_err(|e| e.to_string())?;
+    write_atomic(&dir.join("config.toml"), &resolved).map_err(|e| format!("{}: {e}", dir.display()))?;
     let metrics_path = dir.join("metrics.jsonl");
     let mut metrics = fs::File::create(&metrics_path).map_err(|e| format!("{}: {e}", metrics_path.display()))?;
     println!("training on {backend}; outputs in {}", dir.display());
     let summary = train(&config, &device, &mut metrics).map_err(|e| e.to_string())?;
     let json = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
-    write_atomic(&dir.join("summary.json"), &json).map_err(|e| e.to_string())?;
-    write_atomic(&dir.join("plot.svg"), &summary_svg(&summary)).map_err(|e| e.to_string())?;
+    write_atomic(&dir.join("summary.json"), &json).map_err(|e| format!("{}: {e}", dir.display()))?;
+    write_atomic(&dir.join("plot.svg"), &summary_svg(&summary)).map_err(|e| format!("{}: {e}", dir.display()))?;
     println!(
         "\nheld-out greedy accuracy: {:.3} after SFT -> {:.3} after {} RL steps ({:.0} s). Wrote {}/{{config.toml, metrics.jsonl, summary.json, plot.svg}}",
         summary.sft_accuracy,
