@@ -143,16 +143,17 @@ pub fn htpo_token_groups(
     for group in layout.groups() {
         let acc = group.rows.clone().filter(|&r| correct[r]).count() as f64 / group.len() as f64;
         let hard = acc < config.difficulty_threshold;
-        for seq in layout.sequences().filter(|s| s.group == group.index) {
-            out.hard[seq.row] = hard;
-            let pos: Vec<usize> = seq.span.clone().filter(|&i| mask[i]).collect();
+        let width = layout.max_len();
+        for row in group.rows.clone() {
+            out.hard[row] = hard;
+            let pos: Vec<usize> = (row * width..(row + 1) * width).filter(|&i| mask[i]).collect();
             if pos.is_empty() {
                 continue;
             }
             let mut hs: Vec<f32> = pos.iter().map(|&i| entropy[i]).collect();
             let thr = kth(&mut hs, htpo_count(pos.len(), config.high_entropy_ratio), true);
             let (high, low): (Vec<usize>, Vec<usize>) = pos.iter().copied().partition(|&i| entropy[i] >= thr);
-            let ok = correct[seq.row];
+            let ok = correct[row];
             for &i in &high {
                 match (hard, ok) {
                     (true, true) => out.hard_correct_high[i] = true,

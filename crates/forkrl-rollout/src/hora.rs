@@ -14,8 +14,8 @@
 //!
 //! Greedy is optimal for a separable concave objective with box constraints: start at `m_i = l`, repeatedly give one
 //! rollout to the prompt with the largest marginal gain (a binary max-heap of `log Δ`, updated in O(1) by
-//! `log Δ(m+1) = log Δ(m) + ln(b+m) − ln(a+b+m+1)`), ties to the lowest prompt index (gains are compared after
-//! rounding `log Δ` to 2^-36, so mathematically equal gains computed along different paths still tie). Cost
+//! `log Δ(m+1) = log Δ(m) + ln(b+m) − ln(a+b+m+1)`), ties to the lowest prompt index (gains are compared to a relative
+//! 2^-28, so mathematically equal gains computed along different paths still tie). Cost
 //! `O(B log N)`. When the budget is below `N·l`, the prompts with the largest `U_i(l)` get `l` each and the rest skip
 //! this step (the spec's recommendation); a budget above `Σ u` is capped and the remainder reported.
 //!
@@ -136,25 +136,29 @@ pub fn uniform_allocation(posteriors: &[BetaPosterior], group_size: usize) -> Al
     Allocation { counts: vec![group_size; posteriors.len()], unallocated: 0, expected_hits }
 }
 
-/// Heap key: the log-gain rounded to 2^-36 in the high bits, the inverted prompt index in the low 32 bits, so one
-/// integer comparison orders by larger gain, then lower prompt index.
-fn entry(log_gain: f64, prompt: usize) -> i128 {
-    let key = (log_gain * 68_719_476_736.0).round().clamp(i64::MIN as f64, i64::MAX as f64) as i64; // 2^36
-    (i128::from(key) << 32) | i128::from(u32::MAX - prompt as u32)
+/// Heap key: the log-gain mapped to an order-preserving `u64` whose low 24 bits are replaced by the inverted prompt
+/// index, so one integer comparison orders by larger gain, then lower prompt index. Gains that agree to a relative
+/// 2^-28 therefore tie (as mathematically equal gains computed along different paths must).
+fn entry(log_gain: f64, prompt: usize) -> u64 {
+    let bits = log_gain.to_bits();
+    let ordered = if bits >> 63 == 1 { !bits } else { bits | (1 << 63) };
+    (ordered & !PROMPT_MASK) | (PROMPT_MASK - prompt as u64)
 }
 
-fn prompt_of(entry: i128) -> usize {
-    (u32::MAX - (entry & i128::from(u32::MAX)) as u32) as usize
+const PROMPT_MASK: u64 = (1 << 24) - 1;
+
+fn prompt_of(entry: u64) -> usize {
+    (PROMPT_MASK - (entry & PROMPT_MASK)) as usize
 }
 
 /// A binary max-heap over the keys with the two operations the allocator needs: the runner-up (the larger child of
 /// the root, so a prompt can take several rollouts in a row while it stays ahead) and replacing the top (Floyd's
 /// sift: down to a leaf along the larger children, then back up).
 #[derive(Debug)]
-struct KeyHeap(Vec<i128>);
+struct KeyHeap(Vec<u64>);
 
 impl KeyHeap {
-    fn new(keys: impl Iterator<Item = i128>) -> Self {
+    fn new(keys: impl Iterator<Item = u64>) -> Self {
         let mut h = Self(Vec::new());
         for k in keys {
             h.0.push(k);
@@ -163,11 +167,11 @@ impl KeyHeap {
         h
     }
 
-    fn top(&self) -> Option<i128> {
+    fn top(&self) -> Option<u64> {
         self.0.first().copied()
     }
 
-    fn runner_up(&self) -> Option<i128> {
+    fn runner_up(&self) -> Option<u64> {
         match (self.0.get(1), self.0.get(2)) {
             (Some(&a), Some(&b)) => Some(a.max(b)),
             (a, _) => a.copied(),
@@ -175,7 +179,7 @@ impl KeyHeap {
     }
 
     /// Replaces the top with `key` (`None` removes it) and restores the heap.
-    fn replace_top(&mut self, key: Option<i128>) {
+    fn replace_top(&mut self, key: Option<u64>) {
         let k = match key {
             Some(k) => k,
             None => match self.0.pop() {
@@ -215,7 +219,7 @@ impl KeyHeap {
 /// Greedy allocation of `budget` rollouts with `min ≤ m_i ≤ max`.
 ///
 /// # Errors
-/// [`Error::InvalidParameter`] for `max < min`, `max == 0` or more than 2³² − 1 prompts; [`Error::EmptyBatch`] for no
+/// [`Error::InvalidParameter`] for `max < min`, `max == 0` or more than 2²⁴ − 1 prompts; [`Error::EmptyBatch`] for no
 /// prompt.
 pub fn hora_allocate(posteriors: &[BetaPosterior], budget: usize, min: usize, max: usize) -> Result<Allocation> {
     if posteriors.is_empty() {
@@ -229,8 +233,8 @@ pub fn hora_allocate(posteriors: &[BetaPosterior], budget: usize, min: usize, ma
         ));
     }
     let n = posteriors.len();
-    if n >= u32::MAX as usize {
-        return Err(Error::invalid_parameter("prompts", n, "at most 2^32 - 1 prompts per allocation"));
+    if n > PROMPT_MASK as usize {
+        return Err(Error::invalid_parameter("prompts", n, "at most 2^24 - 1 prompts per allocation"));
     }
     let mut counts = vec![0usize; n];
     // Which prompts start at `min`: all of them, or (budget < n·min) those whose minimum bundle is worth most.
