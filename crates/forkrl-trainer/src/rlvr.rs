@@ -25,7 +25,7 @@ use forkrl_advantage::{
 };
 use forkrl_core::report::{Panel, Series, line_chart_svg};
 use forkrl_entropy::{SelectionRule, tensor::entropy_and_logprobs, top_entropy_mask};
-use forkrl_rollout::{Decoding, RowRequest, decode_rows};
+use forkrl_rollout::{Decoding, RowRequest, decode_rows, mean_pass_at_k};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -156,11 +156,15 @@ pub struct EvalConfig {
     pub size: usize,
     /// Evaluate every this many RL steps.
     pub every: usize,
+    /// Samples per problem for unbiased pass@k at the rollout temperature (after SFT and at the end).
+    pub pass_k: usize,
+    /// Test problems used for pass@k.
+    pub pass_k_size: usize,
 }
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        Self { size: 400, every: 20 }
+        Self { size: 400, every: 20, pass_k: 8, pass_k_size: 100 }
     }
 }
 
@@ -189,6 +193,10 @@ pub struct TrainSummary {
     pub sft_accuracy: f64,
     /// Held-out greedy accuracy after RL.
     pub final_accuracy: f64,
+    /// Held-out `(pass@1, pass@k)` of `k` samples at the rollout decoding, after SFT.
+    pub sft_pass_at_k: (f64, f64),
+    /// The same after RL.
+    pub final_pass_at_k: (f64, f64),
     /// `(rl step, held-out accuracy)` at each evaluation.
     pub eval_curve: Vec<(usize, f64)>,
     /// `(rl step, mean training reward)`.
@@ -273,6 +281,32 @@ fn evaluate(policy: &Policy, problems: &[Problem], max_len: usize, device: &Devi
     Ok(correct as f64 / problems.len().max(1) as f64)
 }
 
+/// Unbiased `(pass@1, pass@k)` from `k` samples per problem with the rollout decoding operator.
+fn evaluate_pass_at_k(
+    policy: &Policy,
+    problems: &[Problem],
+    k: usize,
+    rl: &RlConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<(f64, f64)> {
+    let tok = CharTokenizer;
+    let mut counts = Vec::with_capacity(problems.len());
+    for chunk in problems.chunks((256 / k.max(1)).max(1)) {
+        let prompts: Vec<Vec<u32>> = chunk
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p, k))
+            .map(|p| encode(&tok, &p.prompt))
+            .collect::<Result<_>>()?;
+        let out = generate(policy, &prompts, rl.decoding, rl.max_response_len, seed ^ counts.len() as u64, device)?;
+        for (j, p) in chunk.iter().enumerate() {
+            let c = out[j * k..(j + 1) * k].iter().filter(|(r, _)| reward(&tok.decode(r), p.answer) > 0.0).count();
+            counts.push((k, c));
+        }
+    }
+    Ok((mean_pass_at_k(&counts, 1)?, mean_pass_at_k(&counts, k)?))
+}
+
 fn encode(tok: &CharTokenizer, text: &str) -> Result<Vec<u32>> {
     tok.encode(text).ok_or_else(|| TrainerError::Config(format!("text outside the task vocabulary: {text:?}")))
 }
@@ -344,8 +378,17 @@ pub fn train(config: &TrainConfig, device: &Device, metrics: &mut dyn Write) -> 
         }
     }
     let sft_accuracy = evaluate(&policy, &test, rl.max_response_len, &device)?;
-    println!("held-out greedy accuracy after SFT: {sft_accuracy:.3}");
-    write(metrics, serde_json::json!({"phase": "eval", "step": 0, "eval/acc": sft_accuracy}))?;
+    let pass_set = &test[..config.eval.pass_k_size.min(test.len())];
+    let k = config.eval.pass_k.max(1);
+    let sft_pass = evaluate_pass_at_k(&policy, pass_set, k, rl, config.run.seed, &device)?;
+    println!(
+        "held-out after SFT: greedy accuracy {sft_accuracy:.3}, pass@1 {:.3}, pass@{k} {:.3}",
+        sft_pass.0, sft_pass.1
+    );
+    write(
+        metrics,
+        serde_json::json!({"phase": "eval", "step": 0, "eval/acc": sft_accuracy, "eval/pass@1": sft_pass.0, format!("eval/pass@{k}"): sft_pass.1}),
+    )?;
 
     // RL.
     let temperature = match rl.decoding {
@@ -360,6 +403,8 @@ pub fn train(config: &TrainConfig, device: &Device, metrics: &mut dyn Write) -> 
     let mut summary = TrainSummary {
         sft_accuracy,
         final_accuracy: sft_accuracy,
+        sft_pass_at_k: sft_pass,
+        final_pass_at_k: sft_pass,
         eval_curve: vec![(0, sft_accuracy)],
         reward_curve: Vec::new(),
         entropy_curve: Vec::new(),
@@ -475,6 +520,15 @@ pub fn train(config: &TrainConfig, device: &Device, metrics: &mut dyn Write) -> 
             last.get("eval/acc").and_then(|v| v.as_f64()).map_or(String::new(), |a| format!(" held-out acc {a:.3}"))
         );
         write(metrics, serde_json::Value::Object(last))?;
+    }
+    if rl.steps > 0 {
+        summary.final_pass_at_k = evaluate_pass_at_k(&policy, pass_set, k, rl, config.run.seed, &device)?;
+        let (p1, pk) = summary.final_pass_at_k;
+        println!("held-out after RL: pass@1 {p1:.3}, pass@{k} {pk:.3}");
+        write(
+            metrics,
+            serde_json::json!({"phase": "eval", "step": rl.steps, "eval/pass@1": p1, format!("eval/pass@{k}"): pk}),
+        )?;
     }
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)

@@ -85,11 +85,16 @@ fn run() -> Result<(), String> {
     let json = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
     write_atomic(&dir.join("summary.json"), &json).map_err(|e| format!("{}: {e}", dir.display()))?;
     write_atomic(&dir.join("plot.svg"), &summary_svg(&summary)).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let k = config.eval.pass_k;
     println!(
-        "\nheld-out greedy accuracy: {:.3} after SFT -> {:.3} after {} RL steps ({:.0} s). Wrote {}/{{config.toml, metrics.jsonl, summary.json, plot.svg}}",
+        "\nheld-out greedy accuracy: {:.3} after SFT -> {:.3} after {} RL steps; pass@1 {:.3} -> {:.3}, pass@{k} {:.3} -> {:.3} ({:.0} s).\nWrote {}/{{config.toml, metrics.jsonl, summary.json, plot.svg}}",
         summary.sft_accuracy,
         summary.final_accuracy,
         config.rl.steps,
+        summary.sft_pass_at_k.0,
+        summary.final_pass_at_k.0,
+        summary.sft_pass_at_k.1,
+        summary.final_pass_at_k.1,
         summary.seconds,
         dir.display()
     );
