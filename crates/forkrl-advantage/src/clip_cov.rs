@@ -114,11 +114,8 @@ mod tensor {
         config.validate()?;
         let shape = inputs.validate()?;
         let (log_ratio, adv) = inputs.log_ratio();
-        let ratio = log_ratio.clone().exp();
-        let l1 = adv.clone().neg() * ratio.clone();
-        let l2 = adv.clone().neg() * ratio.clamp(1.0 - config.clip_ratio_low, 1.0 + config.clip_ratio_high);
-        let clipped = l2.clone().greater(l1.clone()).bool_and(inputs.mask.clone());
-        let loss = l1.mask_where(clipped.clone(), l2);
+        let (_, _, loss, clipped) =
+            crate::ppo_clip::clip_terms(&log_ratio, &adv, config.clip_ratio_low, config.clip_ratio_high, &inputs.mask);
 
         let mask = host_mask("loss mask", &inputs.mask)?;
         let lp = host_vec("log_prob", inputs.sanitized().0.detach())?;

@@ -197,13 +197,10 @@ mod tensor {
         let device = inputs.log_prob.device();
         let (lp, _, _) = inputs.sanitized();
         let (log_ratio, adv) = inputs.log_ratio();
-        let ratio = log_ratio.clone().exp();
-        let fixed = ratio.clone().detach();
+        let (ratio, l1, standard, clipped) =
+            crate::ppo_clip::clip_terms(&log_ratio, &adv, config.clip_ratio_low, config.clip_ratio_high, &inputs.mask);
+        let fixed = ratio.detach();
         let (lo, hi) = (1.0 - config.clip_ratio_low, 1.0 + config.clip_ratio_high);
-        let l1 = adv.clone().neg() * ratio.clone();
-        let l2 = adv.clone().neg() * ratio.clamp(lo, hi);
-        let clipped = l2.clone().greater(l1.clone()).bool_and(inputs.mask.clone());
-        let standard = l1.clone().mask_where(clipped.clone(), l2);
         let unit = (lp.clone() - lp.detach()).exp(); // value 1, gradient ∇log π
         let above = fixed.clone().greater_elem(hi);
         let below = fixed.clone().lower_elem(lo);

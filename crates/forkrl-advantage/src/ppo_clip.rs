@@ -77,13 +77,33 @@ pub fn ppo_clip_token(log_ratio: f64, advantage: f64, config: &PpoClipConfig) ->
 }
 
 #[cfg(feature = "burn")]
+pub(crate) use tensor::clip_terms;
+#[cfg(feature = "burn")]
 pub use tensor::ppo_clip_loss;
 
 #[cfg(feature = "burn")]
 mod tensor {
     use super::PpoClipConfig;
     use crate::policy_loss::{PolicyInputs, TokenLoss, metrics, no_tokens};
+    use burn::tensor::{Bool, Tensor};
     use forkrl_core::Result;
+
+    /// The clipped surrogate shared by PPO, Clip-Cov and HTPO: `(r, l1 = −A·r, max(l1, l2), l2 > l1 on loss tokens)`
+    /// with `l2 = −A·clip(r, 1 − ε_low, 1 + ε_high)`.
+    pub(crate) fn clip_terms(
+        log_ratio: &Tensor<2>,
+        adv: &Tensor<2>,
+        clip_ratio_low: f64,
+        clip_ratio_high: f64,
+        mask: &Tensor<2, Bool>,
+    ) -> (Tensor<2>, Tensor<2>, Tensor<2>, Tensor<2, Bool>) {
+        let ratio = log_ratio.clone().exp();
+        let l1 = adv.clone().neg() * ratio.clone();
+        let l2 = adv.clone().neg() * ratio.clone().clamp(1.0 - clip_ratio_low, 1.0 + clip_ratio_high);
+        let clipped = l2.clone().greater(l1.clone()).bool_and(mask.clone());
+        let loss = l1.clone().mask_where(clipped.clone(), l2);
+        (ratio, l1, loss, clipped)
+    }
 
     /// The per-token PPO clip loss `[B, T]` (0 on padding) and its metrics.
     ///
@@ -94,11 +114,8 @@ mod tensor {
         config.validate()?;
         inputs.validate()?;
         let (log_ratio, adv) = inputs.log_ratio();
-        let ratio = log_ratio.clone().exp();
-        let l1 = adv.clone().neg() * ratio.clone();
-        let l2 = adv.clone().neg() * ratio.clamp(1.0 - config.clip_ratio_low, 1.0 + config.clip_ratio_high);
-        let clipped = l2.clone().greater(l1.clone()).bool_and(inputs.mask.clone());
-        let mut loss = l1.mask_where(clipped.clone(), l2);
+        let (_, _, mut loss, clipped) =
+            clip_terms(&log_ratio, &adv, config.clip_ratio_low, config.clip_ratio_high, &inputs.mask);
         let lower = match config.clip_ratio_c {
             Some(c) => {
                 let cap = adv.clone().neg().mul_scalar(c); // constant: A is detached
