@@ -25,7 +25,7 @@ use forkrl_advantage::{
 };
 use forkrl_core::report::{Panel, Series, line_chart_svg};
 use forkrl_entropy::{SelectionRule, tensor::entropy_and_logprobs, top_entropy_mask};
-use forkrl_rollout::{Decoding, RowRequest, decode_rows, mean_pass_at_k};
+use forkrl_rollout::{Decoding, DynamicSampler, DynamicSamplingConfig, RowRequest, decode_rows, mean_pass_at_k};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -126,6 +126,16 @@ pub struct RlConfig {
     pub loss_agg_mode: AggMode,
     /// Longest response in tokens (EOS included).
     pub max_response_len: usize,
+    /// DAPO dynamic sampling on the verifiable reward (`None` = off): generation batches are drawn until
+    /// `prompts_per_step` groups with mixed outcomes are kept.
+    pub dynamic_sampling: Option<DynamicSamplingConfig>,
+}
+
+/// The rollouts of one prompt.
+struct Group {
+    prompt: Result<Vec<u32>>,
+    responses: Vec<(Vec<u32>, bool)>,
+    rewards: Vec<f32>,
 }
 
 impl Default for RlConfig {
@@ -144,6 +154,7 @@ impl Default for RlConfig {
             policy_loss: PolicyLoss::Vanilla(PpoClipConfig::clip_higher()),
             loss_agg_mode: AggMode::TokenMean,
             max_response_len: 9,
+            dynamic_sampling: None,
         }
     }
 }
@@ -412,27 +423,52 @@ pub fn train(config: &TrainConfig, device: &Device, metrics: &mut dyn Write) -> 
     };
     for step in 1..=rl.steps {
         let t0 = Instant::now();
-        let problems =
-            config.task.sample(rl.prompts_per_step, false, config.run.seed.wrapping_mul(31) ^ (step as u64) << 20);
-        let prompts: Vec<Vec<u32>> = problems
-            .iter()
-            .flat_map(|p| std::iter::repeat_n(p, rl.group_size))
-            .map(|p| encode(&tok, &p.prompt))
-            .collect::<Result<_>>()?;
-        let responses = generate(
-            &policy,
-            &prompts,
-            rl.decoding,
-            rl.max_response_len,
-            config.run.seed ^ (step as u64) << 32,
-            &device,
-        )?;
-        let rewards: Vec<f32> = responses
-            .iter()
-            .enumerate()
-            .map(|(i, (r, _))| reward(&tok.decode(r), problems[i / rl.group_size].answer))
-            .collect();
-        let adv = group_advantages(&rewards, &vec![rl.group_size; problems.len()], &rl.advantage)?;
+        // One generation batch: prompts_per_step problems × group_size responses, their rewards.
+        let roll = |attempt: u64| -> Result<Vec<Group>> {
+            let mix = config.run.seed.wrapping_mul(31) ^ (step as u64) << 20 ^ attempt.wrapping_mul(0x9E37_79B9);
+            let problems = config.task.sample(rl.prompts_per_step, false, mix);
+            let prompts: Vec<Vec<u32>> = problems
+                .iter()
+                .flat_map(|p| std::iter::repeat_n(p, rl.group_size))
+                .map(|p| encode(&tok, &p.prompt))
+                .collect::<Result<_>>()?;
+            let seed = config.run.seed ^ (step as u64) << 32 ^ attempt << 48;
+            let mut responses =
+                generate(&policy, &prompts, rl.decoding, rl.max_response_len, seed, &device)?.into_iter();
+            Ok(problems
+                .into_iter()
+                .map(|p| {
+                    let out: Vec<(Vec<u32>, bool)> = responses.by_ref().take(rl.group_size).collect();
+                    let rewards = out.iter().map(|(r, _)| reward(&tok.decode(r), p.answer)).collect();
+                    Group { prompt: encode(&tok, &p.prompt), responses: out, rewards }
+                })
+                .collect())
+        };
+        let (groups, frac_zero_std_before_filter) = match rl.dynamic_sampling {
+            None => (roll(0)?, None),
+            Some(ds) => {
+                let mut sampler = DynamicSampler::new(rl.prompts_per_step, ds);
+                let mut attempt = 0;
+                loop {
+                    let batch = roll(attempt)?;
+                    let acc: Vec<f32> = batch.iter().flat_map(|g| g.rewards.iter().copied()).collect();
+                    if let Some(kept) = sampler.add_batch(batch, &acc, &vec![rl.group_size; rl.prompts_per_step])? {
+                        break (kept, Some(sampler.frac_zero_std()));
+                    }
+                    attempt += 1;
+                }
+            }
+        };
+        let mut prompts = Vec::with_capacity(groups.len() * rl.group_size);
+        let mut responses = Vec::with_capacity(prompts.capacity());
+        let mut rewards = Vec::with_capacity(prompts.capacity());
+        for g in groups {
+            let prompt = g.prompt?;
+            prompts.extend(std::iter::repeat_n(prompt, g.responses.len()));
+            responses.extend(g.responses);
+            rewards.extend(g.rewards);
+        }
+        let adv = group_advantages(&rewards, &vec![rl.group_size; rewards.len() / rl.group_size], &rl.advantage)?;
         let rows: Vec<(Vec<u32>, Vec<u32>)> =
             prompts.into_iter().zip(responses.iter().map(|(r, _)| r.clone())).collect();
         let (seqs, response_mask, w) = training_batch(prompt_len, &rows);
@@ -491,7 +527,7 @@ pub fn train(config: &TrainConfig, device: &Device, metrics: &mut dyn Write) -> 
                     ),
                     ("response_length/mean", tokens as f64 / b as f64),
                     ("response_length/clip_ratio", responses.iter().filter(|(_, t)| *t).count() as f64 / b as f64),
-                    ("frac_reward_zero_std", adv.frac_reward_zero_std),
+                    ("frac_reward_zero_std", frac_zero_std_before_filter.unwrap_or(adv.frac_reward_zero_std)),
                     ("forking/threshold", forking.threshold.map_or(f64::NAN, f64::from)),
                     ("forking/frac_selected", forking.frac_selected()),
                     ("perf/throughput", tokens as f64 / secs),

@@ -55,3 +55,25 @@ fn unknown_config_keys_are_errors_naming_the_key() {
     let device = Backend::Cpu.device().expect("cpu");
     assert!(train(&bad, &device, &mut Vec::new()).is_err());
 }
+
+#[test]
+fn dynamic_sampling_gives_up_with_a_typed_error_on_an_untrained_policy() {
+    // Without SFT the policy is never right, every group is all-wrong, and one allowed generation batch is not enough.
+    let device = Backend::from_env().expect("known backend").device().expect("compiled backend");
+    let mut config = TrainConfig::default();
+    config.sft.steps = 0;
+    config.rl.steps = 1;
+    config.rl.prompts_per_step = 2;
+    config.eval.size = 4;
+    config.eval.pass_k_size = 2;
+    config.rl.dynamic_sampling =
+        Some(forkrl_rollout::DynamicSamplingConfig { max_num_gen_batches: 1, ..Default::default() });
+    match train(&config, &device, &mut Vec::new()) {
+        Err(forkrl_trainer::TrainerError::Core(forkrl_core::Error::SamplingExhausted {
+            attempts: 1,
+            kept: 0,
+            needed: 2,
+        })) => {}
+        other => panic!("unexpected {other:?}"),
+    }
+}
