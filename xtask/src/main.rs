@@ -245,9 +245,11 @@ fn bench(args: &[String]) -> Result<(), String> {
         run(&cargo, &cmd, &[])?;
     }
     // Tensor benches: the dev profile, whose burn is already compiled at opt-level 3 for the tests.
-    let mut cmd = vec!["bench", "--workspace", "--profile", "dev", "--bench", "losses"];
-    cmd.extend(&extra);
-    run(&cargo, &cmd, &[])?;
+    for bench in ["losses", "tensor_path"] {
+        let mut cmd = vec!["bench", "--workspace", "--profile", "dev", "--bench", bench];
+        cmd.extend(&extra);
+        run(&cargo, &cmd, &[])?;
+    }
 
     let target = env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace_root().join("target"));
     println!("\nentropy kernel, [512, 151936] (criterion mean of this run):");
@@ -264,7 +266,8 @@ fn bench(args: &[String]) -> Result<(), String> {
             }
         }
     }
-    let tables: [(&str, &str, &[&str]); 5] = [
+    let tables: [(&str, &str, &[&str]); 6] = [
+        ("entropy_tensor_path_512x151936", "read_floor_sum", &["read_floor_sum", "chunked", "reference_log_softmax"]),
         ("hora_1m_rollouts_100k_prompts", "uniform", &["uniform", "hora"]),
         (
             "decode_row_151936",
