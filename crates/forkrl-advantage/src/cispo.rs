@@ -75,8 +75,7 @@ mod tensor {
     pub fn cispo_loss(inputs: &PolicyInputs, config: &CispoConfig) -> Result<TokenLoss> {
         config.validate()?;
         inputs.validate()?;
-        let (lp, old, adv) = inputs.sanitized();
-        let log_ratio = (lp.clone() - old).clamp(-crate::LOG_RATIO_CLAMP, crate::LOG_RATIO_CLAMP);
+        let (lp, log_ratio, adv) = inputs.log_ratio();
         let ratio = log_ratio.clone().exp().detach();
         let (lo, hi) = config.bounds();
         let upper = ratio.clone().greater_elem(hi).bool_and(inputs.mask.clone());

@@ -113,12 +113,12 @@ mod tensor {
     pub fn clip_cov_loss(inputs: &PolicyInputs, config: &ClipCovConfig, seed: u64) -> Result<TokenLoss> {
         config.validate()?;
         let shape = inputs.validate()?;
-        let (log_ratio, adv) = inputs.log_ratio();
+        let (lp, log_ratio, adv) = inputs.log_ratio();
         let (_, _, loss, clipped) =
             crate::ppo_clip::clip_terms(&log_ratio, &adv, config.clip_ratio_low, config.clip_ratio_high, &inputs.mask);
 
         let mask = host_mask("loss mask", &inputs.mask)?;
-        let lp = host_vec("log_prob", inputs.sanitized().0.detach())?;
+        let lp = host_vec("log_prob", lp.detach())?;
         let cov = forkrl_entropy::token_covariance(&host_vec("advantages", adv)?, &lp, &mask)?;
         let ppo_clipped = host_mask("PPO clip flags", &clipped)?;
         let selected = clip_cov_selection(&cov, &mask, &ppo_clipped, config, seed)?;

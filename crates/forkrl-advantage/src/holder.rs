@@ -247,7 +247,7 @@ mod tensor {
         }
         let [b, t] = inputs.validate()?;
         let device = inputs.log_prob.device();
-        let (log_ratio, adv) = inputs.log_ratio();
+        let (_, log_ratio, adv) = inputs.log_ratio();
         let m = inputs.mask.clone().float();
         let count = m.clone().sum_dim(1); // [B, 1]
         let a_seq = adv.clone().sum_dim(1) / count.clone().clamp_min(1.0); // [B, 1], constant

@@ -195,8 +195,7 @@ mod tensor {
         let shape = inputs.validate()?;
         check_len("htpo_loss: token groups vs [B, T]", groups.dropped.len(), shape[0] * shape[1])?;
         let device = inputs.log_prob.device();
-        let (lp, _, _) = inputs.sanitized();
-        let (log_ratio, adv) = inputs.log_ratio();
+        let (lp, log_ratio, adv) = inputs.log_ratio();
         let (ratio, l1, standard, clipped) =
             crate::ppo_clip::clip_terms(&log_ratio, &adv, config.clip_ratio_low, config.clip_ratio_high, &inputs.mask);
         let fixed = ratio.detach();

@@ -81,10 +81,10 @@ mod tensor {
     pub fn kl_cov_loss(inputs: &PolicyInputs, config: &KlCovConfig) -> Result<TokenLoss> {
         config.validate()?;
         let shape = inputs.validate()?;
-        let (log_ratio, adv) = inputs.log_ratio();
+        let (lp, log_ratio, adv) = inputs.log_ratio();
         let pg = adv.clone().neg() * log_ratio.clone().exp();
         let mask = host_mask("loss mask", &inputs.mask)?;
-        let lp = host_vec("log_prob", inputs.sanitized().0.detach())?;
+        let lp = host_vec("log_prob", lp.detach())?;
         let cov = forkrl_entropy::token_covariance(&host_vec("advantages", adv)?, &lp, &mask)?;
         let selected =
             mask_tensor(kl_cov_selection(&cov, &mask, config.kl_cov_ratio)?, shape, &inputs.log_prob.device());

@@ -57,10 +57,10 @@ impl PolicyInputs {
         )
     }
 
-    /// `log r = clamp(log π − log π_old, ±20)` on the sanitised inputs.
-    pub(crate) fn log_ratio(&self) -> (Tensor<2>, Tensor<2>) {
+    /// `(log π, log r = clamp(log π − log π_old, ±20), Â)` on the sanitised inputs.
+    pub(crate) fn log_ratio(&self) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
         let (lp, old, adv) = self.sanitized();
-        ((lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), adv)
+        (lp.clone(), (lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), adv)
     }
 }
 

@@ -113,7 +113,7 @@ mod tensor {
     pub fn ppo_clip_loss(inputs: &PolicyInputs, config: &PpoClipConfig) -> Result<TokenLoss> {
         config.validate()?;
         inputs.validate()?;
-        let (log_ratio, adv) = inputs.log_ratio();
+        let (_, log_ratio, adv) = inputs.log_ratio();
         let (_, _, mut loss, clipped) =
             clip_terms(&log_ratio, &adv, config.clip_ratio_low, config.clip_ratio_high, &inputs.mask);
         let lower = match config.clip_ratio_c {
