@@ -72,6 +72,14 @@ pub fn check_range(name: &'static str, value: f64, lo: f64, hi: f64, open: bool)
     }
 }
 
+/// SplitMix64's finaliser: a bijective mix of a `u64` (used to derive independent random streams and stable hashes).
+pub fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

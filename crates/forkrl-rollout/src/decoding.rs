@@ -154,12 +154,7 @@ impl Decoding {
 
 /// An independent ChaCha8 stream for `(seed, row, position)` (SplitMix64 mixing).
 pub fn token_rng(seed: u64, row: u64, position: u64) -> ChaCha8Rng {
-    let mix = |mut z: u64| {
-        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    use forkrl_core::numeric::splitmix64 as mix;
     ChaCha8Rng::seed_from_u64(mix(mix(mix(seed) ^ row) ^ position))
 }
 

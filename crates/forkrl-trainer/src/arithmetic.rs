@@ -58,10 +58,7 @@ impl ArithmeticConfig {
     }
 
     fn is_test(&self, index: u64) -> bool {
-        let mut z = index.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) as f64 / u64::MAX as f64) < self.test_share
+        (forkrl_core::numeric::splitmix64(index) as f64 / u64::MAX as f64) < self.test_share
     }
 
     /// `n` problems of one split drawn with `seed` (with replacement for the train split).
