@@ -133,7 +133,7 @@ pub struct RlConfig {
 
 /// The rollouts of one prompt.
 struct Group {
-    prompt: Result<Vec<u32>>,
+    prompt: Vec<u32>,
     responses: Vec<(Vec<u32>, bool)>,
     rewards: Vec<f32>,
 }
@@ -436,11 +436,12 @@ pub fn train(config: &TrainConfig, device: &Device, metrics: &mut dyn Write) -> 
             let mut responses =
                 generate(&policy, &prompts, rl.decoding, rl.max_response_len, seed, &device)?.into_iter();
             Ok(problems
-                .into_iter()
-                .map(|p| {
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
                     let out: Vec<(Vec<u32>, bool)> = responses.by_ref().take(rl.group_size).collect();
                     let rewards = out.iter().map(|(r, _)| reward(&tok.decode(r), p.answer)).collect();
-                    Group { prompt: encode(&tok, &p.prompt), responses: out, rewards }
+                    Group { prompt: prompts[i * rl.group_size].clone(), responses: out, rewards }
                 })
                 .collect())
         };
@@ -463,8 +464,7 @@ pub fn train(config: &TrainConfig, device: &Device, metrics: &mut dyn Write) -> 
         let mut responses = Vec::with_capacity(prompts.capacity());
         let mut rewards = Vec::with_capacity(prompts.capacity());
         for g in groups {
-            let prompt = g.prompt?;
-            prompts.extend(std::iter::repeat_n(prompt, g.responses.len()));
+            prompts.extend(std::iter::repeat_n(g.prompt, g.responses.len()));
             responses.extend(g.responses);
             rewards.extend(g.rewards);
         }
