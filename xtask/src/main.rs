@@ -38,7 +38,8 @@ enum Task {
     /// The host entropy/log-prob kernel at [512, 151936] f32 and bf16 (against a read floor and the naive
     /// materialising formula); host advantage estimators on 100k groups and host aggregation; the burn policy losses
     /// with aggregation on [512, 4096] tokens (dev profile, CPU backend unless FORKRL_BACKEND says otherwise); HORA
-    /// allocation of 1M rollouts over 100k prompts; the decoding operators on a 151,936-wide row.
+    /// allocation of 1M rollouts over 100k prompts; the decoding operators on a 151,936-wide row; sampling (KV cache
+    /// vs recomputing the prefix) and training tokens/s of the built-in tiny policy.
     Bench {
         /// Extra arguments passed to the criterion binary after `--` (e.g. a benchmark name filter).
         #[arg(trailing_var_arg = true)]
@@ -245,7 +246,7 @@ fn bench(args: &[String]) -> Result<(), String> {
         run(&cargo, &cmd, &[])?;
     }
     // Tensor benches: the dev profile, whose burn is already compiled at opt-level 3 for the tests.
-    for bench in ["losses", "tensor_path"] {
+    for bench in ["losses", "tensor_path", "throughput"] {
         let mut cmd = vec!["bench", "--workspace", "--profile", "dev", "--bench", bench];
         cmd.extend(&extra);
         run(&cargo, &cmd, &[])?;
@@ -263,6 +264,21 @@ fn bench(args: &[String]) -> Result<(), String> {
             if let Some(ns) = criterion_mean_ns(&target, group, name) {
                 let input = group.trim_start_matches("entropy_kernel_");
                 println!("| {input} | {name} | {:.1} | {:.2} | {:.3} |", ns / 1e6, bytes / ns, floor / ns);
+            }
+        }
+    }
+    println!("\ntiny policy throughput (criterion mean of this run):");
+    println!("| group | path | ms | tokens/s | ratio to baseline |");
+    println!("|---|---|---|---|---|");
+    let throughput: [(&str, f64, &str, &[&str]); 2] = [
+        ("policy_tiny_sampling_64x128", 64.0 * 128.0, "recompute_prefix", &["recompute_prefix", "kv_cache"]),
+        ("policy_tiny_train_64x136", 64.0 * 135.0, "forward_backward", &["forward_backward"]),
+    ];
+    for (group, tokens, base, names) in throughput {
+        let Some(base_ns) = criterion_mean_ns(&target, group, base) else { continue };
+        for name in names {
+            if let Some(ns) = criterion_mean_ns(&target, group, name) {
+                println!("| {group} | {name} | {:.1} | {:.0} | {:.3} |", ns / 1e6, tokens / (ns / 1e9), ns / base_ns);
             }
         }
     }

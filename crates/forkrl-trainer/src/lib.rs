@@ -1,12 +1,21 @@
 //! # forkrl-trainer
 //!
-//! The burn-based RLVR trainer of forkrl: the built-in task ([`arithmetic`], [`tokenizer`]), a tiny Llama-style policy
-//! ([`policy`]), the SFT + RLVR loop ([`rlvr`], run by `cargo xtask train`) and the backend smoke check ([`smoke`]).
-//! Not yet here: Hugging Face checkpoint loading, the KV-cache sampler, checkpoints and resume, JSONL datasets.
+//! The burn-based RLVR trainer of forkrl:
+//! - the policy ([`policy`]): a Llama / Qwen2 / Qwen3 decoder with grouped-query attention, built tiny from scratch
+//!   or loaded from a Hugging Face directory ([`hf`], with [`tokenizer::HfTokenizer`]);
+//! - batched generation with a KV cache and left padding ([`sampler`]);
+//! - atomic checkpoints of our own ([`checkpoint`]);
+//! - the built-in task ([`arithmetic`], [`tokenizer::CharTokenizer`]) and the SFT + RLVR loop ([`rlvr`], run by
+//!   `cargo xtask train`); the backend smoke check ([`smoke`]).
+//!
+//! Not yet here: training a Hugging Face checkpoint on a JSONL dataset, resume, the Countdown task.
 
 pub mod arithmetic;
+pub mod checkpoint;
+pub mod hf;
 pub mod policy;
 pub mod rlvr;
+pub mod sampler;
 pub mod smoke;
 pub mod tokenizer;
 
@@ -33,6 +42,76 @@ pub enum TrainerError {
     /// The backend failed to execute or to return data.
     #[error("backend error: {0}")]
     Backend(String),
+    /// Tensors or batches of inconsistent shapes.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    /// A sequence longer than the model's context (its RoPE tables / `max_len`).
+    #[error("{tokens} tokens exceed the model's context of {context}")]
+    ContextOverflow {
+        /// Tokens asked for (prompt, plus new tokens when generating).
+        tokens: usize,
+        /// The model's `max_len`.
+        context: usize,
+    },
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A Hugging Face `config.json` (or generation/tokenizer config) with a missing, mistyped or unsupported entry.
+    #[error("{path}: {reason}")]
+    HfConfig {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong, naming the key.
+        reason: String,
+    },
+    /// An architecture (`model_type`) this crate does not implement.
+    #[error("unsupported architecture {model_type:?} (supported: llama, qwen2, qwen3)")]
+    UnsupportedArchitecture {
+        /// The `model_type` of `config.json`.
+        model_type: String,
+    },
+    /// A checkpoint tensor that the model needs is absent.
+    #[error("tensor {name:?} is missing from the checkpoint {path}")]
+    MissingTensor {
+        /// The tensor's name.
+        name: String,
+        /// The checkpoint directory or file.
+        path: std::path::PathBuf,
+    },
+    /// A checkpoint tensor with the wrong shape or dtype.
+    #[error("tensor {name:?}: expected {expected}, found {found}")]
+    TensorMismatch {
+        /// The tensor's name.
+        name: String,
+        /// What the model needs.
+        expected: String,
+        /// What the checkpoint holds.
+        found: String,
+    },
+    /// A safetensors file that cannot be parsed (truncated, corrupt header).
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    Safetensors {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The parser's message.
+        reason: String,
+    },
+    /// A checkpoint of ours that cannot be written or read back (truncated, shapes not matching its config).
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// What failed.
+        reason: String,
+    },
+    /// A tokenizer that cannot be loaded or that fails on an input.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
 }
 
 /// `Result` with [`TrainerError`].

@@ -1,10 +1,21 @@
-//! The built-in tiny policy: a Llama-style decoder (RMSNorm, rotary position embeddings, multi-head causal
-//! self-attention, SwiGLU MLP, tied input/output embedding) trained from scratch for the CPU default of
-//! `cargo xtask train`.
+//! The policy: a decoder-only transformer covering the Llama, Qwen2 and Qwen3 architectures, for the built-in tiny
+//! model trained from scratch and for Hugging Face checkpoints ([`crate::hf`]).
 //!
-//! RoPE uses the Hugging Face "rotate half" convention with `rope_theta`: for head dimension `d` and position `p`,
-//! `θ_i = rope_theta^(−2i/d)`, `x' = x·cos(pθ) + rotate_half(x)·sin(pθ)`. Loading Hugging Face checkpoints (Qwen2/Qwen3/
-//! Llama with grouped-query attention) is not implemented yet; this module is the architecture they share.
+//! Per block (pre-norm): `x += o(attn(RoPE(q_norm?(q(n₁x))), RoPE(k_norm?(k(n₁x))), v(n₁x)))`, then
+//! `x += down(silu(gate(n₂x)) ⊙ up(n₂x))`, with RMSNorm `n(x) = x / sqrt(mean(x²) + ε) · γ`; the logits are
+//! `norm(x) · Wₕ` with `Wₕ` the embedding (tied) or `lm_head`. Architecture switches, as in `transformers`:
+//! - Qwen2: bias on q/k/v (`qkv_bias`), none on o and the MLP;
+//! - Qwen3: RMSNorm over each head of q and k before RoPE (`qk_norm`), `head_dim` independent of the width;
+//! - Llama: `attention_bias` puts a bias on q/k/v/o (`qkv_bias` + `o_bias`), `mlp_bias` on the MLP.
+//!
+//! Grouped-query attention: `n_kv_heads` divides `n_heads`; query head `h` reads key/value head `h / (n_heads /
+//! n_kv_heads)`. Scores are scaled by `head_dim^-1/2`. RoPE is the "rotate half" convention with `rope_theta`: for
+//! position `p` and `i < head_dim/2`, `θ_i = rope_theta^(−2i/head_dim)`, `x' = x·cos(pθ) + rotate_half(x)·sin(pθ)`.
+//!
+//! Padding: [`Policy::forward`] is for right-padded batches (positions `0..T`, causal mask; padding after a row's
+//! tokens is never attended by them). [`Policy::forward_left_padded`] and the KV-cache pair [`Policy::prefill`] /
+//! [`Policy::decode`] take the number of leading pad tokens per row, as in a left-padded `generate` of
+//! `transformers`: a row's first real token has position 0 and real tokens never attend to pad keys.
 
 use burn::{
     config::Config,
@@ -15,7 +26,7 @@ use burn::{
 
 use crate::TrainerError;
 
-/// Shape of the tiny policy.
+/// Shape and architecture switches of the policy. The defaults are the built-in tiny model.
 #[derive(Config, Debug, PartialEq)]
 pub struct PolicyConfig {
     /// Vocabulary size.
@@ -23,9 +34,15 @@ pub struct PolicyConfig {
     /// Hidden width.
     #[config(default = 64)]
     pub d_model: usize,
-    /// Attention heads (must divide `d_model`, head width even).
+    /// Query heads.
     #[config(default = 4)]
     pub n_heads: usize,
+    /// Key/value heads (grouped-query attention); `None` = `n_heads`.
+    #[config(default = "None")]
+    pub n_kv_heads: Option<usize>,
+    /// Width of one head; `None` = `d_model / n_heads`. Must be even (RoPE).
+    #[config(default = "None")]
+    pub head_dim: Option<usize>,
     /// MLP width.
     #[config(default = 192)]
     pub d_ff: usize,
@@ -35,7 +52,25 @@ pub struct PolicyConfig {
     /// RoPE base.
     #[config(default = 10000.0)]
     pub rope_theta: f64,
-    /// Longest sequence (prompt + response).
+    /// RMSNorm ε.
+    #[config(default = 1e-5)]
+    pub rms_norm_eps: f64,
+    /// Output head = input embedding (`tie_word_embeddings`).
+    #[config(default = true)]
+    pub tie_embeddings: bool,
+    /// Bias on the q, k and v projections (Qwen2; Llama's `attention_bias`).
+    #[config(default = false)]
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Llama's `attention_bias`).
+    #[config(default = false)]
+    pub o_bias: bool,
+    /// Bias on the MLP projections (Llama's `mlp_bias`).
+    #[config(default = false)]
+    pub mlp_bias: bool,
+    /// RMSNorm over each head of q and k (Qwen3).
+    #[config(default = false)]
+    pub qk_norm: bool,
+    /// Longest sequence (prompt + response) the RoPE tables cover.
     #[config(default = 32)]
     pub max_len: usize,
 }
@@ -43,15 +78,17 @@ pub struct PolicyConfig {
 /// One pre-norm block.
 #[derive(Module, Debug)]
 pub struct Block {
-    attn_norm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    mlp_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    pub(crate) attn_norm: RmsNorm,
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
+    pub(crate) q_norm: Option<RmsNorm>,
+    pub(crate) k_norm: Option<RmsNorm>,
+    pub(crate) mlp_norm: RmsNorm,
+    pub(crate) gate: Linear,
+    pub(crate) up: Linear,
+    pub(crate) down: Linear,
 }
 
 /// The policy.
@@ -60,93 +97,224 @@ pub struct Policy {
     embed: Param<Tensor<2>>,
     blocks: Vec<Block>,
     norm: RmsNorm,
+    lm_head: Option<Linear>,
     n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
     cos: Tensor<2>,
     sin: Tensor<2>,
 }
 
+/// Keys and values of the tokens seen so far, per block, and each row's number of leading pad tokens.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<(Tensor<4>, Tensor<4>)>,
+    pads: Vec<usize>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Number of positions cached (pads included).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Positions and attention mask of one forward call.
+struct Ctx {
+    /// `[B, S]` position ids.
+    positions: Tensor<2, Int>,
+    /// `[B, 1, S, past + S]`, true = not attended.
+    mask: Tensor<4, Bool>,
+}
+
 impl PolicyConfig {
-    /// Builds the policy on `device`.
+    /// Number of key/value heads.
+    pub fn kv_heads(&self) -> usize {
+        self.n_kv_heads.unwrap_or(self.n_heads)
+    }
+
+    /// Width of one head.
+    pub fn head_width(&self) -> usize {
+        self.head_dim.unwrap_or(self.d_model / self.n_heads.max(1))
+    }
+
+    /// Checks sizes: nothing zero, `n_kv_heads | n_heads`, an even head width.
     ///
     /// # Errors
-    /// [`TrainerError::Config`] for a zero size, heads that do not divide the width, or an odd head width.
-    pub fn init(&self, device: &Device) -> Result<Policy, TrainerError> {
-        if self.vocab_size == 0 || self.d_model == 0 || self.n_heads == 0 || self.d_ff == 0 || self.max_len == 0 {
+    /// [`TrainerError::Config`] naming the offending sizes.
+    pub fn validate(&self) -> Result<(), TrainerError> {
+        if self.vocab_size == 0
+            || self.d_model == 0
+            || self.n_heads == 0
+            || self.kv_heads() == 0
+            || self.d_ff == 0
+            || self.max_len == 0
+            || self.head_width() == 0
+        {
             return Err(TrainerError::Config(format!("PolicyConfig has a zero size: {self:?}")));
         }
-        if !self.d_model.is_multiple_of(self.n_heads) || !(self.d_model / self.n_heads).is_multiple_of(2) {
+        if self.head_dim.is_none() && !self.d_model.is_multiple_of(self.n_heads) {
             return Err(TrainerError::Config(format!(
-                "PolicyConfig: n_heads = {} must divide d_model = {} into even head widths",
+                "PolicyConfig: n_heads = {} does not divide d_model = {} (and no head_dim is given)",
                 self.n_heads, self.d_model
             )));
         }
-        let linear = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
-        let d = self.d_model;
+        if !self.head_width().is_multiple_of(2) {
+            return Err(TrainerError::Config(format!("PolicyConfig: head width {} must be even", self.head_width())));
+        }
+        if !self.n_heads.is_multiple_of(self.kv_heads()) {
+            return Err(TrainerError::Config(format!(
+                "PolicyConfig: n_kv_heads = {} must divide n_heads = {}",
+                self.kv_heads(),
+                self.n_heads
+            )));
+        }
+        if self.rope_theta.is_nan()
+            || self.rope_theta <= 0.0
+            || self.rope_theta.is_infinite()
+            || self.rms_norm_eps.is_nan()
+            || self.rms_norm_eps < 0.0
+        {
+            return Err(TrainerError::Config(format!(
+                "PolicyConfig: rope_theta = {} must be > 0 and rms_norm_eps = {} >= 0",
+                self.rope_theta, self.rms_norm_eps
+            )));
+        }
+        Ok(())
+    }
+
+    /// Builds the policy on `device` with random weights (embedding N(0, 0.02), burn's default for the linears).
+    ///
+    /// # Errors
+    /// [`TrainerError::Config`] from [`PolicyConfig::validate`].
+    pub fn init(&self, device: &Device) -> Result<Policy, TrainerError> {
+        self.validate()?;
+        let (d, dh) = (self.d_model, self.head_width());
+        let (hq, hkv) = (self.n_heads * dh, self.kv_heads() * dh);
+        let linear = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).init(device);
+        let norm = |n| RmsNormConfig::new(n).with_epsilon(self.rms_norm_eps).init(device);
         let blocks = (0..self.n_layers)
             .map(|_| Block {
-                attn_norm: RmsNormConfig::new(d).init(device),
-                q: linear(d, d),
-                k: linear(d, d),
-                v: linear(d, d),
-                o: linear(d, d),
-                mlp_norm: RmsNormConfig::new(d).init(device),
-                gate: linear(d, self.d_ff),
-                up: linear(d, self.d_ff),
-                down: linear(self.d_ff, d),
+                attn_norm: norm(d),
+                q: linear(d, hq, self.qkv_bias),
+                k: linear(d, hkv, self.qkv_bias),
+                v: linear(d, hkv, self.qkv_bias),
+                o: linear(hq, d, self.o_bias),
+                q_norm: self.qk_norm.then(|| norm(dh)),
+                k_norm: self.qk_norm.then(|| norm(dh)),
+                mlp_norm: norm(d),
+                gate: linear(d, self.d_ff, self.mlp_bias),
+                up: linear(d, self.d_ff, self.mlp_bias),
+                down: linear(self.d_ff, d, self.mlp_bias),
             })
             .collect();
-        let half = d / self.n_heads / 2;
+        let embed = Tensor::<2>::random([self.vocab_size, d], Distribution::Normal(0.0, 0.02), device);
+        let lm_head = (!self.tie_embeddings).then(|| linear(d, self.vocab_size, false));
+        Ok(self.assemble(Param::from_tensor(embed), blocks, norm(d), lm_head, device))
+    }
+
+    /// Puts parts together with this configuration's RoPE tables.
+    pub(crate) fn assemble(
+        &self,
+        embed: Param<Tensor<2>>,
+        blocks: Vec<Block>,
+        norm: RmsNorm,
+        lm_head: Option<Linear>,
+        device: &Device,
+    ) -> Policy {
+        let dh = self.head_width();
+        let half = dh / 2;
         let mut cos = Vec::with_capacity(self.max_len * half);
         let mut sin = Vec::with_capacity(self.max_len * half);
         for p in 0..self.max_len {
             for i in 0..half {
-                let angle = p as f64 * self.rope_theta.powf(-(2.0 * i as f64) / (2 * half) as f64);
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+                // transformers computes inv_freq in f32 and the angle p·inv_freq in f32; so do we.
+                let inv_freq = (1.0 / self.rope_theta.powf((2 * i) as f64 / dh as f64)) as f32;
+                let angle = p as f32 * inv_freq;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
             }
         }
-        let embed = Tensor::<2>::random([self.vocab_size, d], Distribution::Normal(0.0, 0.02), device);
-        Ok(Policy {
-            embed: Param::from_tensor(embed),
+        Policy {
+            embed,
             blocks,
-            norm: RmsNormConfig::new(d).init(device),
+            norm,
+            lm_head,
             n_heads: self.n_heads,
+            n_kv_heads: self.kv_heads(),
+            head_dim: dh,
             cos: Tensor::from_data(TensorData::new(cos, [self.max_len, half]), device),
             sin: Tensor::from_data(TensorData::new(sin, [self.max_len, half]), device),
-        })
+        }
     }
 }
 
-/// Applies RoPE to `[B, H, T, Dh]` with tables `[T, Dh/2]`.
-fn rope(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<4> {
-    let [b, h, t, dh] = x.dims();
+/// Applies RoPE to `[B, H, S, Dh]` with per-row tables `[B, 1, S, Dh/2]`.
+fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    let [b, h, s, dh] = x.dims();
     let half = dh / 2;
-    let cos = cos.clone().narrow(0, 0, t).reshape([1, 1, t, half]).expand([b, h, t, half]);
-    let sin = sin.clone().narrow(0, 0, t).reshape([1, 1, t, half]).expand([b, h, t, half]);
+    let cos = cos.clone().expand([b, h, s, half]);
+    let sin = sin.clone().expand([b, h, s, half]);
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.narrow(3, half, half);
     Tensor::cat(vec![x1.clone() * cos.clone() - x2.clone() * sin.clone(), x1 * sin + x2 * cos], 3)
 }
 
+/// `[B, Hkv, T, Dh]` → `[B, Hkv·rep, T, Dh]`, each kv head repeated for its `rep` query heads.
+fn repeat_kv(x: Tensor<4>, rep: usize) -> Tensor<4> {
+    if rep == 1 {
+        return x;
+    }
+    let [b, h, t, dh] = x.dims();
+    x.reshape([b, h, 1, t, dh]).expand([b, h, rep, t, dh]).reshape([b, h * rep, t, dh])
+}
+
+/// Attention inputs shared by the blocks of one forward call.
+struct Shared<'a> {
+    ctx: &'a Ctx,
+    cos: Tensor<4>,
+    sin: Tensor<4>,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
 impl Block {
-    fn forward(
-        &self,
-        x: Tensor<3>,
-        n_heads: usize,
-        causal: &Tensor<4, Bool>,
-        cos: &Tensor<2>,
-        sin: &Tensor<2>,
-    ) -> Tensor<3> {
-        let [b, t, d] = x.dims();
-        let dh = d / n_heads;
+    /// One block over new tokens `x: [B, S, D]`; `past` holds the keys/values of earlier positions and is replaced by
+    /// the extended cache.
+    fn forward(&self, x: Tensor<3>, sh: &Shared<'_>, past: Option<&mut (Tensor<4>, Tensor<4>)>) -> Tensor<3> {
+        let [b, s, _] = x.dims();
+        let (hq, hkv, dh) = (sh.n_heads, sh.n_kv_heads, sh.head_dim);
         let h = self.attn_norm.forward(x.clone());
-        let split = |l: &Linear| l.forward(h.clone()).reshape([b, t, n_heads, dh]).swap_dims(1, 2); // [B, H, T, Dh]
-        let q = rope(split(&self.q), cos, sin);
-        let k = rope(split(&self.k), cos, sin);
-        let v = split(&self.v);
+        let heads = |l: &Linear, n: usize, norm: &Option<RmsNorm>| {
+            let t = l.forward(h.clone()).reshape([b, s, n, dh]);
+            let t = match norm {
+                Some(norm) => norm.forward(t),
+                None => t,
+            };
+            t.swap_dims(1, 2) // [B, n, S, Dh]
+        };
+        let q = rope(heads(&self.q, hq, &self.q_norm), &sh.cos, &sh.sin);
+        let mut k = rope(heads(&self.k, hkv, &self.k_norm), &sh.cos, &sh.sin);
+        let mut v = heads(&self.v, hkv, &None);
+        if let Some(past) = past {
+            if past.0.dims()[2] > 0 {
+                k = Tensor::cat(vec![past.0.clone(), k], 2);
+                v = Tensor::cat(vec![past.1.clone(), v], 2);
+            }
+            *past = (k.clone(), v.clone());
+        }
+        let tk = k.dims()[2];
+        let (k, v) = (repeat_kv(k, hq / hkv), repeat_kv(v, hq / hkv));
         let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((dh as f32).sqrt());
-        let scores = scores.mask_fill(causal.clone().expand([b, n_heads, t, t]), f32::NEG_INFINITY);
-        let attn = activation::softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b, t, d]);
+        let scores = scores.mask_fill(sh.ctx.mask.clone().expand([b, hq, s, tk]), f32::NEG_INFINITY);
+        let attn = activation::softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b, s, hq * dh]);
         let x = x + self.o.forward(attn);
         let m = self.mlp_norm.forward(x.clone());
         x.clone() + self.down.forward(activation::silu(self.gate.forward(m.clone())) * self.up.forward(m))
@@ -154,25 +322,144 @@ impl Block {
 }
 
 impl Policy {
-    /// Next-token logits `[B, T, V]` for token ids `[B, T]` (`T ≤ max_len`).
-    ///
-    /// # Errors
-    /// [`TrainerError::Config`] when the sequence is longer than the RoPE tables.
-    pub fn forward(&self, tokens: Tensor<2, Int>) -> Result<Tensor<3>, TrainerError> {
-        let [b, t] = tokens.dims();
-        let max = self.cos.dims()[0];
-        if t > max {
-            return Err(TrainerError::Config(format!("sequence of {t} tokens exceeds the model's max_len {max}")));
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        self.embed.dims()[0]
+    }
+
+    /// The device of the parameters.
+    pub fn device(&self) -> Device {
+        self.embed.val().device()
+    }
+
+    /// Longest sequence the RoPE tables cover.
+    pub fn max_len(&self) -> usize {
+        self.cos.dims()[0]
+    }
+
+    fn check_len(&self, t: usize) -> Result<(), TrainerError> {
+        if t > self.max_len() {
+            return Err(TrainerError::ContextOverflow { tokens: t, context: self.max_len() });
         }
-        let device = tokens.device();
-        let causal = Tensor::<2, Bool>::tril_mask([t, t], 0, &device).reshape([1, 1, t, t]);
+        Ok(())
+    }
+
+    /// Positions and mask for `s` new tokens after `past` cached ones, rows with `pads[b]` leading pad tokens.
+    fn ctx(&self, pads: &[usize], s: usize, past: usize, device: &Device) -> Ctx {
+        let b = pads.len();
+        let tk = past + s;
+        let positions: Vec<i64> =
+            pads.iter().flat_map(|&p| (past..tk).map(move |a| a.saturating_sub(p) as i64)).collect();
+        let positions = Tensor::<2, Int>::from_data(TensorData::new(positions, [b, s]), device);
+        // Causal: key j > past + i is masked.
+        let causal = Tensor::<2, Bool>::tril_mask([s, tk], past as i64, device).reshape([1, 1, s, tk]);
+        let mask = if pads.iter().all(|&p| p == 0) {
+            causal.expand([b, 1, s, tk])
+        } else {
+            // A real query never attends to a pad key; a pad query attends causally to everything (its output is
+            // never used, and a fully masked row would be NaN).
+            let pad_key: Vec<bool> = pads.iter().flat_map(|&p| (0..tk).map(move |j| j < p)).collect();
+            let real_query: Vec<bool> = pads.iter().flat_map(|&p| (past..tk).map(move |a| a >= p)).collect();
+            let pad_key = Tensor::<4, Bool>::from_data(TensorData::new(pad_key, [b, 1, 1, tk]), device);
+            let real_query = Tensor::<4, Bool>::from_data(TensorData::new(real_query, [b, 1, s, 1]), device);
+            let padding = pad_key.expand([b, 1, s, tk]).bool_and(real_query.expand([b, 1, s, tk]));
+            causal.expand([b, 1, s, tk]).bool_or(padding)
+        };
+        Ctx { positions, mask }
+    }
+
+    fn run(&self, tokens: Tensor<2, Int>, ctx: &Ctx, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+        let [b, s] = tokens.dims();
+        let half = self.head_dim / 2;
+        let flat_pos = ctx.positions.clone().reshape([b * s]);
+        let sh = Shared {
+            ctx,
+            cos: self.cos.clone().select(0, flat_pos.clone()).reshape([b, 1, s, half]),
+            sin: self.sin.clone().select(0, flat_pos).reshape([b, 1, s, half]),
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+        };
         let embed = self.embed.val();
         let [v, d] = embed.dims();
-        let mut x = embed.clone().select(0, tokens.reshape([b * t])).reshape([b, t, d]);
-        for block in &self.blocks {
-            x = block.forward(x, self.n_heads, &causal, &self.cos, &self.sin);
+        let mut x = embed.clone().select(0, tokens.reshape([b * s])).reshape([b, s, d]);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let past = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = block.forward(x, &sh, past);
         }
-        let x = self.norm.forward(x).reshape([b * t, d]);
-        Ok(x.matmul(embed.transpose()).reshape([b, t, v]))
+        let x = self.norm.forward(x);
+        match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => x.reshape([b * s, d]).matmul(embed.transpose()).reshape([b, s, v]),
+        }
     }
+
+    /// Next-token logits `[B, T, V]` for right-padded token ids `[B, T]` (positions `0..T`, causal mask).
+    ///
+    /// # Errors
+    /// [`TrainerError::ContextOverflow`] when `T` exceeds the RoPE tables.
+    pub fn forward(&self, tokens: Tensor<2, Int>) -> Result<Tensor<3>, TrainerError> {
+        let [b, t] = tokens.dims();
+        self.check_len(t)?;
+        let ctx = self.ctx(&vec![0; b], t, 0, &tokens.device());
+        Ok(self.run(tokens, &ctx, None))
+    }
+
+    /// Next-token logits `[B, T, V]` for left-padded token ids: row `b` starts with `pads[b]` pad tokens.
+    ///
+    /// # Errors
+    /// [`TrainerError::ContextOverflow`]; [`TrainerError::Shape`] when `pads` does not have one entry per row or a
+    /// row is all padding.
+    pub fn forward_left_padded(&self, tokens: Tensor<2, Int>, pads: &[usize]) -> Result<Tensor<3>, TrainerError> {
+        let [b, t] = tokens.dims();
+        self.check_len(t)?;
+        check_pads(pads, b, t)?;
+        let ctx = self.ctx(pads, t, 0, &tokens.device());
+        Ok(self.run(tokens, &ctx, None))
+    }
+
+    /// Runs a left-padded prompt batch and returns its logits `[B, T, V]` and the KV cache for [`Policy::decode`].
+    ///
+    /// # Errors
+    /// As [`Policy::forward_left_padded`].
+    pub fn prefill(&self, tokens: Tensor<2, Int>, pads: &[usize]) -> Result<(Tensor<3>, KvCache), TrainerError> {
+        let [b, t] = tokens.dims();
+        self.check_len(t)?;
+        check_pads(pads, b, t)?;
+        let device = tokens.device();
+        let empty = Tensor::<4>::zeros([b, self.n_kv_heads, 0, self.head_dim], &device);
+        let mut cache =
+            KvCache { layers: vec![(empty.clone(), empty); self.blocks.len()], pads: pads.to_vec(), len: 0 };
+        let ctx = self.ctx(pads, t, 0, &device);
+        let logits = self.run(tokens, &ctx, Some(&mut cache));
+        cache.len = t;
+        Ok((logits, cache))
+    }
+
+    /// Logits `[B, S, V]` of `S` new tokens per row after the cached ones; extends the cache.
+    ///
+    /// # Errors
+    /// [`TrainerError::ContextOverflow`] past the RoPE tables; [`TrainerError::Shape`] when the batch size differs
+    /// from the cache's.
+    pub fn decode(&self, tokens: Tensor<2, Int>, cache: &mut KvCache) -> Result<Tensor<3>, TrainerError> {
+        let [b, s] = tokens.dims();
+        if b != cache.pads.len() {
+            return Err(TrainerError::Shape(format!("decode: {b} rows, the KV cache has {}", cache.pads.len())));
+        }
+        self.check_len(cache.len + s)?;
+        let ctx = self.ctx(&cache.pads, s, cache.len, &tokens.device());
+        let logits = self.run(tokens, &ctx, Some(cache));
+        cache.len += s;
+        Ok(logits)
+    }
+}
+
+fn check_pads(pads: &[usize], b: usize, t: usize) -> Result<(), TrainerError> {
+    if pads.len() != b {
+        return Err(TrainerError::Shape(format!("{} pad counts for {b} rows", pads.len())));
+    }
+    if let Some(row) = pads.iter().position(|&p| p >= t) {
+        return Err(TrainerError::Shape(format!("row {row} is all padding ({} pads, width {t})", pads[row])));
+    }
+    Ok(())
 }

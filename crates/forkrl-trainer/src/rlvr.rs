@@ -9,13 +9,13 @@
 //! (`forkrl_advantage::PolicyLoss`) → AdamW with gradient-norm clipping. `log π_old` is the first pass's log-prob, so
 //! the first epoch is exactly on-policy and later epochs move the ratios off 1.
 //!
-//! Sampling recomputes the whole prefix at each token (no KV cache yet); prompts of the built-in task all have the
-//! same length, so no padding mask is needed.
+//! Sampling uses the KV-cache sampler ([`crate::sampler`]) on an autodiff-free snapshot of the policy.
 
 use std::{io::Write, path::PathBuf, time::Instant};
 
 use burn::{
     grad_clipping::GradientClippingConfig,
+    module::Module,
     optim::{AdamWConfig, GradientsParams},
     tensor::{Bool, Device, Int, Tensor, TensorData},
 };
@@ -25,13 +25,14 @@ use forkrl_advantage::{
 };
 use forkrl_core::report::{Panel, Series, line_chart_svg};
 use forkrl_entropy::{SelectionRule, tensor::entropy_and_logprobs, top_entropy_mask};
-use forkrl_rollout::{Decoding, DynamicSampler, DynamicSamplingConfig, RowRequest, decode_rows, mean_pass_at_k};
+use forkrl_rollout::{Decoding, DynamicSampler, DynamicSamplingConfig, mean_pass_at_k};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     TrainerError,
     arithmetic::{ArithmeticConfig, Problem, reward},
     policy::{Policy, PolicyConfig},
+    sampler::{self, SamplerConfig},
     smoke::gradient_stats,
     tokenizer::{CharTokenizer, EOS, PAD},
 };
@@ -244,63 +245,34 @@ fn training_batch(prompt_len: usize, rows: &[(Vec<u32>, Vec<u32>)]) -> (Vec<Vec<
     (seqs, mask, width - 1)
 }
 
-/// Samples one response per prompt row (all prompts of one length). Returns the response ids (EOS included when
-/// emitted) and whether the row hit `max_len` without EOS.
+/// Samples one response per prompt row with the KV-cache sampler on an autodiff-free snapshot of the policy.
+/// Returns the response ids (EOS included when emitted) and whether the row hit `max_len` without EOS.
 fn generate(
     policy: &Policy,
     prompts: &[Vec<u32>],
     decoding: Decoding,
     max_len: usize,
     seed: u64,
-    device: &Device,
 ) -> Result<Vec<(Vec<u32>, bool)>> {
-    let n = prompts.len();
-    let mut seqs: Vec<Vec<u32>> = prompts.to_vec();
-    let mut done = vec![false; n];
-    let mut out: Vec<Vec<u32>> = vec![Vec::new(); n];
-    for pos in 0..max_len {
-        if done.iter().all(|&d| d) {
-            break;
-        }
-        let logits = policy.forward(ids_tensor(&seqs, device))?.detach(); // [N, L, V]
-        let [_, l, v] = logits.dims();
-        let last = host_f32(logits.narrow(1, l - 1, 1).reshape([n, v]))?;
-        let rows: Vec<RowRequest> =
-            (0..n).map(|r| RowRequest { op: decoding, position: pos, row_id: r as u64 }).collect();
-        let sampled = decode_rows(&last, v, &rows, Some(EOS), seed, 1)?;
-        for (r, s) in sampled.iter().enumerate() {
-            let token = if done[r] { PAD } else { s.token };
-            seqs[r].push(token);
-            if !done[r] {
-                out[r].push(token);
-                done[r] = token == EOS;
-            }
-        }
-    }
-    Ok(out.into_iter().zip(done).map(|(r, d)| (r, !d)).collect())
+    let config = SamplerConfig { max_new_tokens: max_len, eos: vec![EOS], pad: PAD, seed, ..SamplerConfig::default() };
+    let out = sampler::generate(&policy.valid(), prompts, decoding, &config)?;
+    Ok(out.tokens.into_iter().zip(out.truncated).collect())
 }
 
 /// Greedy pass@1 on `problems`.
-fn evaluate(policy: &Policy, problems: &[Problem], max_len: usize, device: &Device) -> Result<f64> {
+fn evaluate(policy: &Policy, problems: &[Problem], max_len: usize) -> Result<f64> {
     let tok = CharTokenizer;
     let mut correct = 0usize;
     for chunk in problems.chunks(200) {
         let prompts: Vec<Vec<u32>> = chunk.iter().map(|p| encode(&tok, &p.prompt)).collect::<Result<_>>()?;
-        let out = generate(policy, &prompts, Decoding::Greedy, max_len, 0, device)?;
+        let out = generate(policy, &prompts, Decoding::Greedy, max_len, 0)?;
         correct += chunk.iter().zip(&out).filter(|(p, (r, _))| reward(&tok.decode(r), p.answer) > 0.0).count();
     }
     Ok(correct as f64 / problems.len().max(1) as f64)
 }
 
 /// Unbiased `(pass@1, pass@k)` from `k` samples per problem with the rollout decoding operator.
-fn evaluate_pass_at_k(
-    policy: &Policy,
-    problems: &[Problem],
-    k: usize,
-    rl: &RlConfig,
-    seed: u64,
-    device: &Device,
-) -> Result<(f64, f64)> {
+fn evaluate_pass_at_k(policy: &Policy, problems: &[Problem], k: usize, rl: &RlConfig, seed: u64) -> Result<(f64, f64)> {
     let tok = CharTokenizer;
     let mut counts = Vec::with_capacity(problems.len());
     for chunk in problems.chunks((256 / k.max(1)).max(1)) {
@@ -309,7 +281,7 @@ fn evaluate_pass_at_k(
             .flat_map(|p| std::iter::repeat_n(p, k))
             .map(|p| encode(&tok, &p.prompt))
             .collect::<Result<_>>()?;
-        let out = generate(policy, &prompts, rl.decoding, rl.max_response_len, seed ^ counts.len() as u64, device)?;
+        let out = generate(policy, &prompts, rl.decoding, rl.max_response_len, seed ^ counts.len() as u64)?;
         for (j, p) in chunk.iter().enumerate() {
             let c = out[j * k..(j + 1) * k].iter().filter(|(r, _)| reward(&tok.decode(r), p.answer) > 0.0).count();
             counts.push((k, c));
@@ -388,10 +360,10 @@ pub fn train(config: &TrainConfig, device: &Device, metrics: &mut dyn Write) -> 
             write(metrics, serde_json::json!({"phase": "sft", "step": step, "sft/loss": value}))?;
         }
     }
-    let sft_accuracy = evaluate(&policy, &test, rl.max_response_len, &device)?;
+    let sft_accuracy = evaluate(&policy, &test, rl.max_response_len)?;
     let pass_set = &test[..config.eval.pass_k_size.min(test.len())];
     let k = config.eval.pass_k.max(1);
-    let sft_pass = evaluate_pass_at_k(&policy, pass_set, k, rl, config.run.seed, &device)?;
+    let sft_pass = evaluate_pass_at_k(&policy, pass_set, k, rl, config.run.seed)?;
     println!(
         "held-out after SFT: greedy accuracy {sft_accuracy:.3}, pass@1 {:.3}, pass@{k} {:.3}",
         sft_pass.0, sft_pass.1
@@ -433,8 +405,7 @@ pub fn train(config: &TrainConfig, device: &Device, metrics: &mut dyn Write) -> 
                 .map(|p| encode(&tok, &p.prompt))
                 .collect::<Result<_>>()?;
             let seed = config.run.seed ^ (step as u64) << 32 ^ attempt << 48;
-            let mut responses =
-                generate(&policy, &prompts, rl.decoding, rl.max_response_len, seed, &device)?.into_iter();
+            let mut responses = generate(&policy, &prompts, rl.decoding, rl.max_response_len, seed)?.into_iter();
             Ok(problems
                 .iter()
                 .enumerate()
@@ -542,7 +513,7 @@ pub fn train(config: &TrainConfig, device: &Device, metrics: &mut dyn Write) -> 
         last.insert("phase".into(), "rl".into());
         last.insert("step".into(), step.into());
         if step % config.eval.every.max(1) == 0 || step == rl.steps {
-            let acc = evaluate(&policy, &test, rl.max_response_len, &device)?;
+            let acc = evaluate(&policy, &test, rl.max_response_len)?;
             last.insert("eval/acc".into(), acc.into());
             summary.eval_curve.push((step, acc));
             summary.final_accuracy = acc;
@@ -558,7 +529,7 @@ pub fn train(config: &TrainConfig, device: &Device, metrics: &mut dyn Write) -> 
         write(metrics, serde_json::Value::Object(last))?;
     }
     if rl.steps > 0 {
-        summary.final_pass_at_k = evaluate_pass_at_k(&policy, pass_set, k, rl, config.run.seed, &device)?;
+        summary.final_pass_at_k = evaluate_pass_at_k(&policy, pass_set, k, rl, config.run.seed)?;
         let (p1, pk) = summary.final_pass_at_k;
         println!("held-out after RL: pass@1 {p1:.3}, pass@{k} {pk:.3}");
         write(

@@ -1,6 +1,11 @@
-//! A character-level tokenizer for the built-in tasks.
+//! Tokenizers: a character-level one for the built-in tasks ([`CharTokenizer`]) and Hugging Face `tokenizer.json`
+//! files through the `tokenizers` crate ([`HfTokenizer`]).
+
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+
+use crate::TrainerError;
 
 /// Padding id.
 pub const PAD: u32 = 0;
@@ -29,6 +34,53 @@ impl CharTokenizer {
             .take_while(|&&i| i != EOS)
             .filter_map(|&i| CHARS.as_bytes().get((i as usize).wrapping_sub(2)).map(|&b| b as char))
             .collect()
+    }
+}
+
+/// A Hugging Face `tokenizer.json`, as `transformers`' fast tokenizers use it.
+#[derive(Debug, Clone)]
+pub struct HfTokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl HfTokenizer {
+    /// Reads `path` (a `tokenizer.json`).
+    ///
+    /// # Errors
+    /// [`TrainerError::Io`] when the file cannot be read, [`TrainerError::Tokenizer`] when it is not a valid tokenizer.
+    pub fn from_file(path: &Path) -> Result<Self, TrainerError> {
+        let bytes = std::fs::read(path).map_err(|source| TrainerError::Io { path: path.into(), source })?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+            .map_err(|e| TrainerError::Tokenizer(format!("{}: {e}", path.display())))?;
+        Ok(Self { inner })
+    }
+
+    /// Ids of `text`, with the tokenizer's own special tokens added as `transformers` does by default
+    /// (`add_special_tokens=True`); special-token text inside `text` maps to its id.
+    ///
+    /// # Errors
+    /// [`TrainerError::Tokenizer`] when the tokenizer fails.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TrainerError> {
+        Ok(self.inner.encode(text, true).map_err(|e| TrainerError::Tokenizer(e.to_string()))?.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, special tokens kept (`skip_special_tokens=False`). Ids past the tokenizer's vocabulary (a model's
+    /// embedding is often padded beyond it) are skipped, as `transformers` does.
+    ///
+    /// # Errors
+    /// [`TrainerError::Tokenizer`] when the tokenizer's decoder fails.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, TrainerError> {
+        self.inner.decode(ids, false).map_err(|e| TrainerError::Tokenizer(e.to_string()))
+    }
+
+    /// Id of a token string (e.g. `"<|im_end|>"`).
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Vocabulary size, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
     }
 }
 

@@ -1,0 +1,68 @@
+//! Throughput of the built-in tiny policy (the `cargo xtask train` default shape: vocab 16, width 64, 4 heads, MLP
+//! 192, 2 blocks) on the backend named by `FORKRL_BACKEND` (CPU by default):
+//! - sampling 64 rows × 128 new tokens from 8-token prompts with the KV cache, against the same generation
+//!   recomputing the prefix at every step (the baseline, measured in the same run);
+//! - a training forward + backward (token log-probs → mean → backward) over 64 sequences of 136 tokens.
+//!
+//! `cargo xtask bench` runs it with the dev profile and prints tokens/s.
+
+use std::hint::black_box;
+
+use burn::tensor::{Int, Tensor, TensorData};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use forkrl_core::Backend;
+use forkrl_entropy::tensor::entropy_and_logprobs;
+use forkrl_rollout::Decoding;
+use forkrl_trainer::{
+    policy::PolicyConfig,
+    sampler::{SamplerConfig, generate},
+    tokenizer::CharTokenizer,
+};
+
+const ROWS: usize = 64;
+const PROMPT: usize = 8;
+const NEW: usize = 128;
+
+fn bench(c: &mut Criterion) {
+    let device = Backend::from_env().and_then(Backend::device).expect("backend");
+    device.seed(1);
+    let config = PolicyConfig::new(CharTokenizer.vocab_size()).with_max_len(PROMPT + NEW);
+    let policy = config.init(&device).expect("policy");
+    let prompts: Vec<Vec<u32>> =
+        (0..ROWS).map(|r| (0..PROMPT).map(|i| 2 + ((r * 7 + i * 3) % 14) as u32).collect()).collect();
+    // No EOS: every row generates exactly NEW tokens.
+    let sampler = SamplerConfig { max_new_tokens: NEW, eos: Vec::new(), seed: 3, ..SamplerConfig::default() };
+    let op = Decoding::Temperature { temperature: 1.0 };
+
+    let mut group = c.benchmark_group("policy_tiny_sampling_64x128");
+    group.sample_size(10).throughput(Throughput::Elements((ROWS * NEW) as u64));
+    group.bench_function("kv_cache", |b| {
+        b.iter(|| black_box(generate(&policy, &prompts, op, &sampler).expect("generates").num_tokens()))
+    });
+    let recompute = SamplerConfig { use_cache: false, ..sampler.clone() };
+    group.bench_function("recompute_prefix", |b| {
+        b.iter(|| black_box(generate(&policy, &prompts, op, &recompute).expect("generates").num_tokens()))
+    });
+    group.finish();
+
+    let ad = device.clone().autodiff();
+    ad.seed(1);
+    let train_policy = config.init(&ad).expect("policy");
+    let t = PROMPT + NEW;
+    let ids: Vec<i64> = (0..ROWS * t).map(|i| 2 + (i * 5 % 14) as i64).collect();
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [ROWS, t]), &ad);
+    let mut group = c.benchmark_group("policy_tiny_train_64x136");
+    group.sample_size(10).throughput(Throughput::Elements((ROWS * (t - 1)) as u64));
+    group.bench_function("forward_backward", |b| {
+        b.iter(|| {
+            let logits = train_policy.forward(ids.clone().narrow(1, 0, t - 1)).expect("forward");
+            let (_, logprob) = entropy_and_logprobs(logits, ids.clone().narrow(1, 1, t - 1), 1.0, 4096).expect("lp");
+            let grads = logprob.mean().neg().backward();
+            black_box(grads)
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

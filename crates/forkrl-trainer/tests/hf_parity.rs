@@ -1,0 +1,233 @@
+//! Parity with `transformers` on the committed fixtures (`tests/fixtures/hf/`, written by
+//! `scripts/make_hf_fixtures.py`): four tiny random checkpoints (Qwen2 tied in bf16, Qwen2 untied sharded f32, Qwen3
+//! in f16 with q/k norms and an explicit head_dim, Llama with one kv head), their full-sequence logits, greedy
+//! continuations of a left-padded batch, and tokenizer cases. Also the loader's typed errors on broken directories.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use forkrl_core::Backend;
+use forkrl_rollout::Decoding;
+use forkrl_trainer::{
+    TrainerError,
+    hf::{self, Architecture},
+    sampler::{SamplerConfig, generate},
+    tokenizer::HfTokenizer,
+};
+use safetensors::SafeTensors;
+
+const MODELS: [&str; 4] = ["qwen2-tied", "qwen2-untied", "qwen3", "llama"];
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name)
+}
+
+fn device() -> Device {
+    Backend::from_env().expect("known backend").device().expect("compiled backend")
+}
+
+fn reference_json(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture(name).join("reference.json")).expect("reference.json");
+    serde_json::from_str(&text).expect("json")
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
+
+#[test]
+fn configs_parse_to_the_right_architecture() {
+    let want = [
+        ("qwen2-tied", Architecture::Qwen2, true, 2, 16),
+        ("qwen2-untied", Architecture::Qwen2, false, 2, 16),
+        ("qwen3", Architecture::Qwen3, false, 2, 32),
+        ("llama", Architecture::Llama, false, 1, 16),
+    ];
+    for (name, arch, tied, kv, head_dim) in want {
+        let c = hf::read_config(&fixture(name), Some(64)).expect("config");
+        assert_eq!(c.architecture, arch, "{name}");
+        assert_eq!(c.policy.tie_embeddings, tied, "{name}");
+        assert_eq!(c.policy.kv_heads(), kv, "{name}");
+        assert_eq!(c.policy.head_width(), head_dim, "{name}");
+        assert_eq!(c.policy.qkv_bias, arch == Architecture::Qwen2, "{name}");
+        assert_eq!(c.policy.qk_norm, arch == Architecture::Qwen3, "{name}");
+        assert_eq!(c.policy.max_len, 64, "{name}: capped by the caller");
+        assert_eq!(c.max_position_embeddings, 128);
+        assert_eq!(c.special.eos, vec![2], "{name}");
+        assert_eq!(c.special.pad, Some(0), "{name}");
+    }
+    let untied = hf::read_config(&fixture("qwen2-untied"), None).expect("config");
+    assert_eq!(untied.policy.rope_theta, 1e6);
+    assert_eq!(untied.policy.max_len, 128);
+}
+
+#[test]
+fn full_sequence_logits_match_transformers() {
+    let device = device();
+    for name in MODELS {
+        let model = hf::load(&fixture(name), None, &device).expect("loads");
+        let bytes = std::fs::read(fixture(name).join("reference.safetensors")).expect("reference");
+        let st = SafeTensors::deserialize(&bytes).expect("safetensors");
+        let input = st.tensor("input_ids").expect("input_ids");
+        let input_ids: Vec<i64> =
+            input.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        let logits = st.tensor("logits").expect("logits");
+        let want: Vec<f32> =
+            logits.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+        let [b, t] = [input.shape()[0], input.shape()[1]];
+        let tokens = Tensor::<2, Int>::from_data(TensorData::new(input_ids, [b, t]), &device);
+        let got: Vec<f32> =
+            model.policy.forward(tokens).expect("forward").into_data().try_to_vec::<f32>().expect("f32");
+        assert_eq!(got.len(), want.len(), "{name}");
+        let max_err = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
+        let scale = want.iter().map(|w| w.abs()).fold(0.0f32, f32::max);
+        assert!(max_err <= 1e-4, "{name}: max |Δlogit| = {max_err:e} (logits up to {scale})");
+        assert!(scale > 1.0, "{name}: reference logits are not trivially small ({scale})");
+    }
+}
+
+#[test]
+fn greedy_generation_matches_transformers_token_for_token() {
+    let device = device();
+    for name in MODELS {
+        let model = hf::load(&fixture(name), None, &device).expect("loads");
+        let r = reference_json(name);
+        let prompts: Vec<Vec<u32>> = r["prompts"].as_array().expect("prompts").iter().map(ids).collect();
+        assert_ne!(prompts[0].len(), prompts[1].len(), "the fixture exercises left padding");
+        let want: Vec<Vec<u32>> = r["greedy_new_tokens"].as_array().expect("greedy").iter().map(ids).collect();
+        for use_cache in [true, false] {
+            let config = SamplerConfig {
+                max_new_tokens: r["max_new_tokens"].as_u64().expect("n") as usize,
+                eos: model.config.special.eos.clone(),
+                pad: model.config.special.pad.expect("pad"),
+                use_cache,
+                ..SamplerConfig::default()
+            };
+            let out = generate(&model.policy, &prompts, Decoding::Greedy, &config).expect("generates");
+            for (row, want_row) in want.iter().enumerate() {
+                // transformers pads a finished row with pad ids; ours stops at the EOS.
+                let trimmed: Vec<u32> = match want_row.iter().position(|t| model.config.special.eos.contains(t)) {
+                    Some(i) => want_row[..=i].to_vec(),
+                    None => want_row.clone(),
+                };
+                assert_eq!(out.tokens[row], trimmed, "{name} row {row} use_cache={use_cache}");
+            }
+        }
+    }
+}
+
+#[test]
+fn tokenizer_matches_transformers() {
+    let tok = HfTokenizer::from_file(&fixture("qwen2-tied").join("tokenizer.json")).expect("tokenizer");
+    let r = reference_json("qwen2-tied");
+    for case in r["tokenizer_cases"].as_array().expect("cases") {
+        let text = case["text"].as_str().expect("text");
+        let want = ids(&case["ids"]);
+        assert_eq!(tok.encode(text).expect("encodes"), want, "encode {text:?}");
+        assert_eq!(tok.decode(&want).expect("decodes"), case["decoded"].as_str().expect("decoded"), "decode {text:?}");
+    }
+    assert_eq!(tok.token_to_id("<|im_end|>"), Some(2));
+    assert_eq!(tok.vocab_size(), 320);
+    // Ids past the tokenizer's vocabulary (models often pad their embedding beyond it) are skipped, as in
+    // transformers: `decode([5, 100000, 6]) == "#$"`.
+    assert_eq!(tok.decode(&[5, 100_000, 6]).expect("decodes"), "#$");
+}
+
+/// A scratch copy of a fixture directory, to break.
+fn scratch(name: &str, tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("forkrl-hf-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    for entry in std::fs::read_dir(fixture(name)).expect("read_dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
+    }
+    dir
+}
+
+fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+    let path = dir.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    f(v.as_object_mut().expect("object"));
+    std::fs::write(&path, serde_json::to_string(&v).expect("json")).expect("write");
+}
+
+#[test]
+fn broken_checkpoints_are_typed_errors() {
+    let device = device();
+
+    let dir = scratch("llama", "arch");
+    edit_config(&dir, |c| {
+        c.insert("model_type".into(), "mistral".into());
+    });
+    match hf::load(&dir, None, &device) {
+        Err(TrainerError::UnsupportedArchitecture { model_type }) => assert_eq!(model_type, "mistral"),
+        other => panic!("expected UnsupportedArchitecture, got {other:?}"),
+    }
+
+    let dir = scratch("llama", "key");
+    edit_config(&dir, |c| {
+        c.remove("num_hidden_layers");
+    });
+    let err = hf::load(&dir, None, &device).expect_err("missing key");
+    assert!(err.to_string().contains("num_hidden_layers"), "{err}");
+
+    let dir = scratch("llama", "rope");
+    edit_config(&dir, |c| {
+        c.insert("rope_parameters".into(), serde_json::json!({"rope_type": "yarn", "factor": 4.0}));
+    });
+    let err = hf::load(&dir, None, &device).expect_err("rope scaling");
+    assert!(err.to_string().contains("yarn"), "{err}");
+
+    // A wider MLP in the config than in the weights: the tensor and both shapes are named.
+    let dir = scratch("llama", "shape");
+    edit_config(&dir, |c| {
+        c.insert("intermediate_size".into(), 100.into());
+    });
+    match hf::load(&dir, None, &device) {
+        Err(TrainerError::TensorMismatch { name, expected, found }) => {
+            assert_eq!(name, "model.layers.0.mlp.gate_proj.weight");
+            assert_eq!(expected, "shape [100, 64]");
+            assert_eq!(found, "shape [96, 64]");
+        }
+        other => panic!("expected TensorMismatch, got {other:?}"),
+    }
+
+    // An untied model whose lm_head is gone.
+    let dir = scratch("qwen3", "missing");
+    let bytes = std::fs::read(dir.join("model.safetensors")).expect("read");
+    let st = SafeTensors::deserialize(&bytes).expect("parse");
+    let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        st.tensors().into_iter().filter(|(n, _)| n != "lm_head.weight").collect();
+    safetensors::serialize_to_file(kept, None, &dir.join("model.safetensors")).expect("write");
+    match hf::load(&dir, None, &device) {
+        Err(TrainerError::MissingTensor { name, .. }) => assert_eq!(name, "lm_head.weight"),
+        other => panic!("expected MissingTensor, got {other:?}"),
+    }
+
+    // A truncated weight file (an interrupted download).
+    let dir = scratch("qwen2-tied", "truncated");
+    let bytes = std::fs::read(dir.join("model.safetensors")).expect("read");
+    std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() / 2]).expect("write");
+    match hf::load(&dir, None, &device) {
+        Err(TrainerError::Safetensors { path, .. }) => assert!(path.ends_with("model.safetensors")),
+        other => panic!("expected Safetensors, got {other:?}"),
+    }
+
+    // A shard listed in the index but absent.
+    let dir = scratch("qwen2-untied", "shard");
+    std::fs::remove_file(dir.join("model-00003-of-00007.safetensors")).expect("rm");
+    match hf::load(&dir, None, &device) {
+        Err(TrainerError::Io { path, .. }) => assert!(path.ends_with("model-00003-of-00007.safetensors")),
+        other => panic!("expected Io, got {other:?}"),
+    }
+
+    // Prompt + new tokens beyond the context.
+    let model = hf::load(&fixture("llama"), Some(16), &device).expect("loads");
+    let config = SamplerConfig { max_new_tokens: 10, eos: vec![2], ..SamplerConfig::default() };
+    let long = vec![vec![5u32; 10]];
+    match generate(&model.policy, &long, Decoding::Greedy, &config) {
+        Err(TrainerError::ContextOverflow { tokens, context }) => assert_eq!((tokens, context), (20, 16)),
+        other => panic!("expected ContextOverflow, got {other:?}"),
+    }
+}
