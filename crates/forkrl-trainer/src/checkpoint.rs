@@ -63,22 +63,29 @@ pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
     Ok(())
 }
 
+/// Writes `policy_config.json` and `policy.bpk` into the (existing) directory `dir`, not atomically: the building
+/// block of [`save_policy`] and of the trainer's checkpoints, which make the directory appear atomically.
+///
+/// # Errors
+/// [`TrainerError::Io`] / [`TrainerError::Checkpoint`] when writing fails.
+pub fn write_policy_files(policy: &Policy, config: &PolicyConfig, dir: &Path) -> Result<()> {
+    let config_path = dir.join(CONFIG_FILE);
+    let json = serde_json::to_string_pretty(config)
+        .map_err(|e| TrainerError::Checkpoint { path: config_path.clone(), reason: e.to_string() })?;
+    std::fs::write(&config_path, json).map_err(io(&config_path))?;
+    let policy_path = dir.join(POLICY_FILE);
+    policy
+        .clone()
+        .save_file(&policy_path)
+        .map_err(|e| TrainerError::Checkpoint { path: policy_path.clone(), reason: format!("{e:?}") })
+}
+
 /// Saves `policy` (built from `config`) to the checkpoint directory `dir`, atomically.
 ///
 /// # Errors
 /// [`TrainerError::Io`] / [`TrainerError::Checkpoint`] when writing fails.
 pub fn save_policy(policy: &Policy, config: &PolicyConfig, dir: &Path) -> Result<()> {
-    write_dir_atomic(dir, |tmp| {
-        let json = serde_json::to_string_pretty(config)
-            .map_err(|e| TrainerError::Checkpoint { path: dir.to_path_buf(), reason: e.to_string() })?;
-        let config_path = tmp.join(CONFIG_FILE);
-        std::fs::write(&config_path, json).map_err(io(&config_path))?;
-        let policy_path = tmp.join(POLICY_FILE);
-        policy
-            .clone()
-            .save_file(&policy_path)
-            .map_err(|e| TrainerError::Checkpoint { path: dir.join(POLICY_FILE), reason: format!("{e:?}") })
-    })
+    write_dir_atomic(dir, |tmp| write_policy_files(policy, config, tmp))
 }
 
 /// Loads a checkpoint written by [`save_policy`] onto `device`.

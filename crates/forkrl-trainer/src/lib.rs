@@ -12,12 +12,16 @@
 
 pub mod arithmetic;
 pub mod checkpoint;
+pub mod countdown;
 pub mod hf;
+pub mod jsonl;
 pub mod policy;
 pub mod rlvr;
 pub mod sampler;
 pub mod smoke;
+pub mod task;
 pub mod tokenizer;
+pub mod verify;
 
 pub use forkrl_core::{Backend, Error as CoreError};
 
@@ -107,6 +111,16 @@ pub enum TrainerError {
         /// The file or directory.
         path: std::path::PathBuf,
         /// What failed.
+        reason: String,
+    },
+    /// A dataset line that is not a usable record.
+    #[error("{path}:{line}: {reason}")]
+    Dataset {
+        /// The file.
+        path: std::path::PathBuf,
+        /// 1-based line number (0: the file as a whole).
+        line: usize,
+        /// What is wrong.
         reason: String,
     },
     /// A tokenizer that cannot be loaded or that fails on an input.

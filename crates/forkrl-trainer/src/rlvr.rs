@@ -11,7 +11,11 @@
 //!
 //! Sampling uses the KV-cache sampler ([`crate::sampler`]) on an autodiff-free snapshot of the policy.
 
-use std::{io::Write, path::PathBuf, time::Instant};
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    time::Instant,
+};
 
 use burn::{
     grad_clipping::GradientClippingConfig,
@@ -23,18 +27,23 @@ use forkrl_advantage::{
     AdvantageConfig, AggMode, ForkingDenominator, PolicyInputs, PolicyLoss, PpoClipConfig, forking_loss_mask,
     group_advantages,
 };
-use forkrl_core::report::{Panel, Series, line_chart_svg};
-use forkrl_entropy::{SelectionRule, tensor::entropy_and_logprobs, top_entropy_mask};
+use forkrl_core::report::{Panel, Series, line_chart_svg, write_atomic};
+use forkrl_entropy::{
+    SelectionRule,
+    entropy_stats::{EntropySummary, SummaryOptions, summarize},
+    tensor::entropy_and_logprobs,
+    top_entropy_mask,
+};
 use forkrl_rollout::{Decoding, DynamicSampler, DynamicSamplingConfig, mean_pass_at_k};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    TrainerError,
-    arithmetic::{ArithmeticConfig, Problem, reward},
+    TrainerError, checkpoint, hf,
     policy::{Policy, PolicyConfig},
     sampler::{self, SamplerConfig},
     smoke::gradient_stats,
-    tokenizer::{CharTokenizer, EOS, PAD},
+    task::{Problem, Task, TaskConfig},
+    tokenizer::{CharTokenizer, EOS, HfTokenizer, PAD, TextTokenizer},
 };
 
 type Result<T> = std::result::Result<T, TrainerError>;
@@ -59,23 +68,45 @@ impl Default for RunConfig {
     }
 }
 
-/// The tiny model's shape.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// The policy: the built-in tiny model (trained from scratch), or a Hugging Face checkpoint directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
-    /// Hidden width.
+    /// A Hugging Face model directory (`config.json`, safetensors, `tokenizer.json`); `None` = the tiny model with
+    /// the built-in tasks' character tokenizer. `forkrl-train --model DIR` sets it.
+    pub hf_dir: Option<PathBuf>,
+    /// Longest prompt + response the policy handles (its RoPE tables); `None`: 64 for the tiny model, the
+    /// checkpoint's `max_position_embeddings` capped at 4096 for a Hugging Face model.
+    pub max_len: Option<usize>,
+    /// Hidden width (tiny model).
     pub d_model: usize,
-    /// Blocks.
+    /// Blocks (tiny model).
     pub n_layers: usize,
-    /// Heads.
+    /// Heads (tiny model).
     pub n_heads: usize,
-    /// MLP width.
+    /// MLP width (tiny model).
     pub d_ff: usize,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { d_model: 64, n_layers: 2, n_heads: 4, d_ff: 192 }
+        Self { hf_dir: None, max_len: None, d_model: 64, n_layers: 2, n_heads: 4, d_ff: 192 }
+    }
+}
+
+/// Checkpoints (written under `runs/<name>/checkpoints/` by `forkrl-train`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Save every this many RL steps (also after SFT and after the last step); 0 = only those two.
+    pub every: usize,
+    /// Keep this many most recent checkpoints (at least 1).
+    pub keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { every: 50, keep: 2 }
     }
 }
 
@@ -188,14 +219,16 @@ pub struct TrainConfig {
     pub run: RunConfig,
     /// Model shape.
     pub model: ModelConfig,
-    /// The built-in task.
-    pub task: ArithmeticConfig,
+    /// The task (`kind = "arithmetic" | "countdown" | "jsonl"`).
+    pub task: TaskConfig,
     /// SFT warm start.
     pub sft: SftConfig,
     /// RL.
     pub rl: RlConfig,
     /// Evaluation.
     pub eval: EvalConfig,
+    /// Checkpoints.
+    pub checkpoint: CheckpointConfig,
 }
 
 /// What a run measured.
@@ -215,8 +248,66 @@ pub struct TrainSummary {
     pub reward_curve: Vec<(usize, f64)>,
     /// `(rl step, mean entropy of the response tokens)`.
     pub entropy_curve: Vec<(usize, f64)>,
-    /// Wall time of SFT and RL, seconds.
+    /// `(rl step, mean response length in tokens)`.
+    pub response_length_curve: Vec<(usize, f64)>,
+    /// Entropy statistics (percentiles, log-spaced histogram) of the response tokens of the last RL batch.
+    pub last_batch_entropy: Option<EntropySummary>,
+    /// Wall time of SFT and RL, seconds (of this process: a resumed run counts from its resumption).
     pub seconds: f64,
+}
+
+/// What a checkpoint records besides the parameters and the optimizer: enough to continue exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// The last completed RL step (0: right after SFT).
+    pub step: usize,
+    /// The run's configuration (a resumed run must match it, `rl.steps` aside).
+    pub config: TrainConfig,
+    /// The summary so far.
+    pub summary: TrainSummary,
+    /// Lines of `metrics.jsonl` written so far (a resumed run truncates the file to them).
+    pub metrics_lines: usize,
+}
+
+/// State file inside a checkpoint directory.
+pub const STATE_FILE: &str = "state.json";
+/// Optimizer file inside a checkpoint directory.
+pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
+/// File in the checkpoints folder naming the newest complete checkpoint.
+pub const LATEST_FILE: &str = "latest";
+
+/// Where checkpoints go and whether to continue from the newest one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checkpointing {
+    /// The checkpoints folder (`runs/<name>/checkpoints`); `None` = no checkpoints.
+    pub dir: Option<PathBuf>,
+    /// Continue from the checkpoint named by `<dir>/latest`.
+    pub resume: bool,
+    /// Return right after the checkpoint of this RL step, as a preempted job would stop (skips the final pass@k).
+    pub stop_after: Option<usize>,
+}
+
+/// The newest complete checkpoint under `dir`, if any.
+///
+/// # Errors
+/// [`TrainerError::Io`] when `latest` exists but cannot be read.
+pub fn latest_checkpoint(dir: &Path) -> Result<Option<PathBuf>> {
+    let latest = dir.join(LATEST_FILE);
+    if !latest.exists() {
+        return Ok(None);
+    }
+    let name = std::fs::read_to_string(&latest).map_err(|source| TrainerError::Io { path: latest.clone(), source })?;
+    Ok(Some(dir.join(name.trim())))
+}
+
+/// Reads the state of a checkpoint directory.
+///
+/// # Errors
+/// [`TrainerError::Io`] / [`TrainerError::Checkpoint`].
+pub fn read_state(checkpoint: &Path) -> Result<TrainState> {
+    let path = checkpoint.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|source| TrainerError::Io { path: path.clone(), source })?;
+    serde_json::from_str(&text).map_err(|e| TrainerError::Checkpoint { path, reason: e.to_string() })
 }
 
 fn host_f32<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
@@ -229,149 +320,363 @@ fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Tensor<2, Int> {
     Tensor::from_data(TensorData::new(flat, [rows.len(), width]), device)
 }
 
-/// Sequences `prompt ++ response ++ EOS`, right-padded to one width, and the `[B, W−1]` mask of the target positions
-/// that are response tokens (position `t` of the targets is token `t + 1` of the sequence).
-fn training_batch(prompt_len: usize, rows: &[(Vec<u32>, Vec<u32>)]) -> (Vec<Vec<u32>>, Vec<bool>, usize) {
-    let width = rows.iter().map(|(p, r)| p.len() + r.len()).max().unwrap_or(prompt_len);
+/// Sequences `prompt ++ response`, right-padded with `pad` to one width, and the `[B, W−1]` mask of the target
+/// positions that are response tokens (position `t` of the targets is token `t + 1` of the sequence).
+fn training_batch(rows: &[(Vec<u32>, Vec<u32>)], pad: u32) -> (Vec<Vec<u32>>, Vec<bool>, usize) {
+    let width = rows.iter().map(|(p, r)| p.len() + r.len()).max().unwrap_or(1).max(2);
     let mut seqs = Vec::with_capacity(rows.len());
     let mut mask = Vec::with_capacity(rows.len() * (width - 1));
     for (p, r) in rows {
         let mut s = p.clone();
         s.extend(r);
-        s.resize(width, PAD);
+        s.resize(width, pad);
         seqs.push(s);
-        mask.extend((1..width).map(|pos| pos >= prompt_len && pos < p.len() + r.len()));
+        mask.extend((1..width).map(|pos| pos >= p.len() && pos < p.len() + r.len()));
     }
     (seqs, mask, width - 1)
 }
 
+/// The policy's tokenizer and special ids.
+struct Vocab {
+    tok: TextTokenizer,
+    eos: Vec<u32>,
+    pad: u32,
+}
+
+impl Vocab {
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.tok.encode(text)
+    }
+
+    fn text(&self, response: &[u32]) -> String {
+        self.tok.decode_response(response, &self.eos)
+    }
+}
+
 /// Samples one response per prompt row with the KV-cache sampler on an autodiff-free snapshot of the policy.
-/// Returns the response ids (EOS included when emitted) and whether the row hit `max_len` without EOS.
+/// Returns the response ids (EOS included when emitted) and whether the row hit `max_new` without EOS.
 fn generate(
     policy: &Policy,
+    vocab: &Vocab,
     prompts: &[Vec<u32>],
     decoding: Decoding,
-    max_len: usize,
+    max_new: usize,
     seed: u64,
 ) -> Result<Vec<(Vec<u32>, bool)>> {
-    let config = SamplerConfig { max_new_tokens: max_len, eos: vec![EOS], pad: PAD, seed, ..SamplerConfig::default() };
+    let config = SamplerConfig {
+        max_new_tokens: max_new,
+        eos: vocab.eos.clone(),
+        pad: vocab.pad,
+        seed,
+        ..SamplerConfig::default()
+    };
     let out = sampler::generate(&policy.valid(), prompts, decoding, &config)?;
     Ok(out.tokens.into_iter().zip(out.truncated).collect())
 }
 
 /// Greedy pass@1 on `problems`.
-fn evaluate(policy: &Policy, problems: &[Problem], max_len: usize) -> Result<f64> {
-    let tok = CharTokenizer;
+fn evaluate(policy: &Policy, vocab: &Vocab, problems: &[Problem], max_new: usize) -> Result<f64> {
     let mut correct = 0usize;
     for chunk in problems.chunks(200) {
-        let prompts: Vec<Vec<u32>> = chunk.iter().map(|p| encode(&tok, &p.prompt)).collect::<Result<_>>()?;
-        let out = generate(policy, &prompts, Decoding::Greedy, max_len, 0)?;
-        correct += chunk.iter().zip(&out).filter(|(p, (r, _))| reward(&tok.decode(r), p.answer) > 0.0).count();
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|p| vocab.encode(&p.prompt)).collect::<Result<_>>()?;
+        let out = generate(policy, vocab, &prompts, Decoding::Greedy, max_new, 0)?;
+        correct += chunk.iter().zip(&out).filter(|(p, (r, _))| p.reward(&vocab.text(r)) > 0.0).count();
     }
     Ok(correct as f64 / problems.len().max(1) as f64)
 }
 
 /// Unbiased `(pass@1, pass@k)` from `k` samples per problem with the rollout decoding operator.
-fn evaluate_pass_at_k(policy: &Policy, problems: &[Problem], k: usize, rl: &RlConfig, seed: u64) -> Result<(f64, f64)> {
-    let tok = CharTokenizer;
+fn evaluate_pass_at_k(
+    policy: &Policy,
+    vocab: &Vocab,
+    problems: &[Problem],
+    k: usize,
+    rl: &RlConfig,
+    seed: u64,
+) -> Result<(f64, f64)> {
     let mut counts = Vec::with_capacity(problems.len());
     for chunk in problems.chunks((256 / k.max(1)).max(1)) {
         let prompts: Vec<Vec<u32>> = chunk
             .iter()
             .flat_map(|p| std::iter::repeat_n(p, k))
-            .map(|p| encode(&tok, &p.prompt))
+            .map(|p| vocab.encode(&p.prompt))
             .collect::<Result<_>>()?;
-        let out = generate(policy, &prompts, rl.decoding, rl.max_response_len, seed ^ counts.len() as u64)?;
+        let out = generate(policy, vocab, &prompts, rl.decoding, rl.max_response_len, seed ^ counts.len() as u64)?;
         for (j, p) in chunk.iter().enumerate() {
-            let c = out[j * k..(j + 1) * k].iter().filter(|(r, _)| reward(&tok.decode(r), p.answer) > 0.0).count();
+            let c = out[j * k..(j + 1) * k].iter().filter(|(r, _)| p.reward(&vocab.text(r)) > 0.0).count();
             counts.push((k, c));
         }
     }
+    if counts.is_empty() {
+        return Ok((f64::NAN, f64::NAN));
+    }
     Ok((mean_pass_at_k(&counts, 1)?, mean_pass_at_k(&counts, k)?))
-}
-
-fn encode(tok: &CharTokenizer, text: &str) -> Result<Vec<u32>> {
-    tok.encode(text).ok_or_else(|| TrainerError::Config(format!("text outside the task vocabulary: {text:?}")))
 }
 
 fn check_finite(what: &'static str, v: f32) -> Result<()> {
     if v.is_finite() { Ok(()) } else { Err(TrainerError::NonFinite { what, value: f64::from(v) }) }
 }
 
-/// Runs SFT then RL; appends one JSON line of metrics per step to `metrics` and prints progress.
-///
-/// # Errors
-/// Invalid configuration, a non-finite loss (training stops), backend failures, or write errors of the metrics file.
-pub fn train(config: &TrainConfig, device: &Device, metrics: &mut dyn Write) -> Result<TrainSummary> {
-    let start = Instant::now();
+/// Counts the metrics lines it writes.
+struct Metrics<'a> {
+    out: &'a mut dyn Write,
+    lines: usize,
+}
+
+impl Metrics<'_> {
+    fn write(&mut self, line: serde_json::Value) -> Result<()> {
+        writeln!(self.out, "{line}").map_err(|e| TrainerError::Config(format!("writing metrics: {e}")))?;
+        self.lines += 1;
+        Ok(())
+    }
+}
+
+/// A 20-character progress bar, `[#####---------------]`.
+fn bar(done: usize, total: usize) -> String {
+    let filled = (done * 20).checked_div(total).unwrap_or(20).min(20);
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(20 - filled))
+}
+
+fn validate(config: &TrainConfig) -> Result<()> {
     let (rl, sft) = (&config.rl, &config.sft);
     if rl.group_size < 2 || rl.prompts_per_step == 0 || rl.ppo_epochs == 0 || rl.max_response_len == 0 {
         return Err(TrainerError::Config(
             "rl: group_size >= 2, prompts_per_step, ppo_epochs and max_response_len >= 1".into(),
         ));
     }
-    if config.task.max_operand > 99 {
-        return Err(TrainerError::Config(format!("task.max_operand = {} must be at most 99", config.task.max_operand)));
-    }
-    let device = device.clone().autodiff();
-    device.seed(config.run.seed);
-    let tok = CharTokenizer;
-    let prompt_len = 8;
-    let m = &config.model;
-    let mut policy = PolicyConfig::new(tok.vocab_size())
-        .with_d_model(m.d_model)
-        .with_n_layers(m.n_layers)
-        .with_n_heads(m.n_heads)
-        .with_d_ff(m.d_ff)
-        .with_max_len(prompt_len + rl.max_response_len + 1)
-        .init(&device)?;
-    let test = config.task.test_set(config.eval.size);
-    let write = |metrics: &mut dyn Write, line: serde_json::Value| -> Result<()> {
-        writeln!(metrics, "{line}").map_err(|e| TrainerError::Config(format!("writing metrics: {e}")))
-    };
-
-    // SFT on generated chain-of-thought solutions.
-    let mut optim =
-        AdamWConfig::new().with_grad_clipping(Some(GradientClippingConfig::Norm(rl.grad_clip as f32))).init();
-    for step in 0..sft.steps {
-        let problems = config.task.sample(sft.batch_size, false, config.run.seed ^ (step as u64) << 8);
-        let rows: Vec<(Vec<u32>, Vec<u32>)> = problems
-            .iter()
-            .map(|p| {
-                let mut r = encode(&tok, &p.solution)?;
-                r.push(EOS);
-                Ok((encode(&tok, &p.prompt)?, r))
-            })
-            .collect::<Result<_>>()?;
-        let (seqs, mask, w) = training_batch(prompt_len, &rows);
-        let ids = ids_tensor(&seqs, &device);
-        let b = seqs.len();
-        let logits = policy.forward(ids.clone().narrow(1, 0, w))?;
-        let (_, logprob) = entropy_and_logprobs(logits, ids.narrow(1, 1, w), 1.0, 4096)?;
-        let mask_t = Tensor::<2, Bool>::from_data(TensorData::new(mask.clone(), [b, w]), &device);
-        let n = mask.iter().filter(|&&x| x).count().max(1);
-        let loss = logprob.mask_fill(mask_t.bool_not(), 0.0).sum().neg().div_scalar(n as f32);
-        let value = host_f32(loss.clone())?[0];
-        check_finite("SFT loss", value)?;
-        let grads = GradientsParams::from_grads(loss.backward(), &policy);
-        policy = optim.step(sft.lr, policy, grads);
-        if step % 25 == 0 || step + 1 == sft.steps {
-            println!("sft {step:>4}/{} loss {value:.4}", sft.steps);
-            write(metrics, serde_json::json!({"phase": "sft", "step": step, "sft/loss": value}))?;
+    for (name, lr) in [("rl.lr", rl.lr), ("sft.lr", sft.lr), ("rl.grad_clip", rl.grad_clip)] {
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(TrainerError::Config(format!("{name} = {lr} must be finite and > 0")));
         }
     }
-    let sft_accuracy = evaluate(&policy, &test, rl.max_response_len)?;
+    if sft.steps > 0 && sft.batch_size == 0 {
+        return Err(TrainerError::Config("sft.batch_size must be >= 1".into()));
+    }
+    if config.checkpoint.keep == 0 {
+        return Err(TrainerError::Config("checkpoint.keep must be >= 1".into()));
+    }
+    rl.decoding.validate()?;
+    Ok(())
+}
+
+/// Builds the policy (on the autodiff `device`) and its vocabulary.
+fn build_model(config: &TrainConfig, device: &Device) -> Result<(Policy, PolicyConfig, Vocab)> {
+    let m = &config.model;
+    match &m.hf_dir {
+        Some(dir) => {
+            let model = hf::load(dir, Some(m.max_len.unwrap_or(4096)), device)?;
+            let tok = HfTokenizer::from_file(&dir.join("tokenizer.json"))?;
+            let eos = model.config.special.eos.clone();
+            let Some(&first_eos) = eos.first() else {
+                return Err(TrainerError::HfConfig {
+                    path: dir.join("config.json"),
+                    reason: "no `eos_token_id` in config.json or generation_config.json".into(),
+                });
+            };
+            let pad = model.config.special.pad.unwrap_or(first_eos);
+            Ok((model.policy, model.config.policy, Vocab { tok: TextTokenizer::Hf(tok), eos, pad }))
+        }
+        None => {
+            let tok = CharTokenizer;
+            let pc = PolicyConfig::new(tok.vocab_size())
+                .with_d_model(m.d_model)
+                .with_n_layers(m.n_layers)
+                .with_n_heads(m.n_heads)
+                .with_d_ff(m.d_ff)
+                .with_max_len(m.max_len.unwrap_or(64));
+            let policy = pc.init(device)?;
+            Ok((policy, pc, Vocab { tok: TextTokenizer::Char(tok), eos: vec![EOS], pad: PAD }))
+        }
+    }
+}
+
+/// The optimizer's save/load, named so the checkpoint code does not depend on burn's concrete optimizer type.
+trait OptimizerState: Sized {
+    fn save_to(&self, path: &Path) -> Result<()>;
+    fn load_from(self, path: &Path) -> Result<Self>;
+}
+
+impl OptimizerState for burn::optim::ModuleOptimizer {
+    fn save_to(&self, path: &Path) -> Result<()> {
+        self.save(path).map_err(|e| TrainerError::Checkpoint { path: path.to_path_buf(), reason: format!("{e:?}") })
+    }
+
+    fn load_from(self, path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Err(TrainerError::Checkpoint { path: path.to_path_buf(), reason: "optimizer state missing".into() });
+        }
+        self.load(path).map_err(|e| TrainerError::Checkpoint { path: path.to_path_buf(), reason: format!("{e:?}") })
+    }
+}
+
+fn save_checkpoint(
+    dir: &Path,
+    keep: usize,
+    policy: &Policy,
+    policy_config: &PolicyConfig,
+    optim: &impl OptimizerState,
+    state: &TrainState,
+) -> Result<()> {
+    let name = format!("step-{:06}", state.step);
+    let target = dir.join(&name);
+    checkpoint::write_dir_atomic(&target, |tmp| {
+        checkpoint::write_policy_files(policy, policy_config, tmp)?;
+        optim.save_to(&tmp.join(OPTIMIZER_FILE))?;
+        let state_path = tmp.join(STATE_FILE);
+        let json = serde_json::to_string_pretty(state)
+            .map_err(|e| TrainerError::Checkpoint { path: state_path.clone(), reason: e.to_string() })?;
+        std::fs::write(&state_path, json).map_err(|source| TrainerError::Io { path: state_path, source })
+    })?;
+    let latest = dir.join(LATEST_FILE);
+    write_atomic(&latest, &name).map_err(|source| TrainerError::Io { path: latest, source })?;
+    // Drop the oldest step-* directories beyond `keep`.
+    let mut steps: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| TrainerError::Io { path: dir.to_path_buf(), source })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-") && !n.contains('.'))
+        })
+        .collect();
+    steps.sort();
+    for old in steps.iter().take(steps.len().saturating_sub(keep)) {
+        std::fs::remove_dir_all(old).map_err(|source| TrainerError::Io { path: old.clone(), source })?;
+    }
+    Ok(())
+}
+
+/// Runs SFT then RL without checkpoints; appends one JSON line of metrics per step to `metrics` and prints progress.
+///
+/// # Errors
+/// As [`train_with_checkpoints`].
+pub fn train(config: &TrainConfig, device: &Device, metrics: &mut dyn Write) -> Result<TrainSummary> {
+    train_with_checkpoints(config, device, metrics, &Checkpointing::default())
+}
+
+/// Runs SFT then RL, saving checkpoints into `ckpt.dir` (after SFT, every `checkpoint.every` RL steps and after the
+/// last one: parameters, optimizer state, step, summary and metrics count), or continuing from the newest one when
+/// `ckpt.resume`. Sampling streams depend only on (seed, step, row, position) and training data only on (seed, step),
+/// so a resumed run repeats exactly what an uninterrupted run does; `metrics` must then hold the first
+/// `state.metrics_lines` lines already (the binary truncates `metrics.jsonl` to them).
+///
+/// # Errors
+/// Invalid configuration; a checkpoint that does not match the configuration; a non-finite loss or gradient (training
+/// stops; checkpoints written before remain the last good ones); backend failures; write errors.
+pub fn train_with_checkpoints(
+    config: &TrainConfig,
+    device: &Device,
+    metrics: &mut dyn Write,
+    ckpt: &Checkpointing,
+) -> Result<TrainSummary> {
+    let start = Instant::now();
+    validate(config)?;
+    let (rl, sft) = (&config.rl, &config.sft);
+    let task = Task::new(&config.task)?;
+    let device = device.clone().autodiff();
+    device.seed(config.run.seed);
+    let (mut policy, policy_config, vocab) = build_model(config, &device)?;
+    let test = task.test_set(config.eval.size);
     let pass_set = &test[..config.eval.pass_k_size.min(test.len())];
     let k = config.eval.pass_k.max(1);
-    let sft_pass = evaluate_pass_at_k(&policy, pass_set, k, rl, config.run.seed)?;
-    println!(
-        "held-out after SFT: greedy accuracy {sft_accuracy:.3}, pass@1 {:.3}, pass@{k} {:.3}",
-        sft_pass.0, sft_pass.1
-    );
-    write(
-        metrics,
-        serde_json::json!({"phase": "eval", "step": 0, "eval/acc": sft_accuracy, "eval/pass@1": sft_pass.0, format!("eval/pass@{k}"): sft_pass.1}),
-    )?;
+    let mut metrics = Metrics { out: metrics, lines: 0 };
+    let new_optim =
+        || AdamWConfig::new().with_grad_clipping(Some(GradientClippingConfig::Norm(rl.grad_clip as f32))).init();
+    let mut optim = new_optim();
+
+    let resume_from = match (&ckpt.dir, ckpt.resume) {
+        (Some(dir), true) => Some(latest_checkpoint(dir)?.ok_or_else(|| TrainerError::Checkpoint {
+            path: dir.clone(),
+            reason: "--resume: no checkpoint to resume from".into(),
+        })?),
+        _ => None,
+    };
+    let (first_step, mut summary) = if let Some(from) = resume_from {
+        let state = read_state(&from)?;
+        let mut theirs = state.config.clone();
+        theirs.rl.steps = rl.steps;
+        if theirs != *config {
+            return Err(TrainerError::Checkpoint {
+                path: from.join(STATE_FILE),
+                reason: "the checkpoint was written with another configuration (only rl.steps may change on resume)"
+                    .into(),
+            });
+        }
+        let (loaded, loaded_config) = checkpoint::load_policy(&from, &device)?;
+        if loaded_config != policy_config {
+            return Err(TrainerError::Checkpoint {
+                path: from.join(checkpoint::CONFIG_FILE),
+                reason: "the checkpoint's policy shape differs from the configuration's".into(),
+            });
+        }
+        policy = loaded;
+        optim = optim.load_from(&from.join(OPTIMIZER_FILE))?;
+        metrics.lines = state.metrics_lines;
+        println!("resuming from {} (RL step {})", from.display(), state.step);
+        (state.step + 1, state.summary)
+    } else {
+        // SFT on the task's worked solutions.
+        if sft.steps > 0 && !task.has_solutions() {
+            return Err(TrainerError::Config(
+                "sft.steps > 0 but the dataset has no worked solutions (`solution`, or a GSM8K `answer` with ####); \
+                 set sft.steps = 0"
+                    .into(),
+            ));
+        }
+        let mut sft_optim = new_optim();
+        for step in 0..sft.steps {
+            let problems = task.sample(sft.batch_size, config.run.seed ^ (step as u64) << 8);
+            let rows: Vec<(Vec<u32>, Vec<u32>)> = problems
+                .iter()
+                .map(|p| {
+                    let mut r = vocab.encode(p.solution.as_deref().unwrap_or_default())?;
+                    r.push(vocab.eos[0]);
+                    Ok((vocab.encode(&p.prompt)?, r))
+                })
+                .collect::<Result<_>>()?;
+            let (seqs, mask, w) = training_batch(&rows, vocab.pad);
+            let ids = ids_tensor(&seqs, &device);
+            let b = seqs.len();
+            let logits = policy.forward(ids.clone().narrow(1, 0, w))?;
+            let (_, logprob) = entropy_and_logprobs(logits, ids.narrow(1, 1, w), 1.0, 4096)?;
+            let mask_t = Tensor::<2, Bool>::from_data(TensorData::new(mask.clone(), [b, w]), &device);
+            let n = mask.iter().filter(|&&x| x).count().max(1);
+            let loss = logprob.mask_fill(mask_t.bool_not(), 0.0).sum().neg().div_scalar(n as f32);
+            let value = host_f32(loss.clone())?[0];
+            check_finite("SFT loss", value)?;
+            let grads = GradientsParams::from_grads(loss.backward(), &policy);
+            policy = sft_optim.step(sft.lr, policy, grads);
+            if step % 25 == 0 || step + 1 == sft.steps {
+                println!("sft {} {step:>4}/{} loss {value:.4}", bar(step + 1, sft.steps), sft.steps);
+                metrics.write(serde_json::json!({"phase": "sft", "step": step, "sft/loss": value}))?;
+            }
+        }
+        let sft_accuracy = evaluate(&policy, &vocab, &test, rl.max_response_len)?;
+        let sft_pass = evaluate_pass_at_k(&policy, &vocab, pass_set, k, rl, config.run.seed)?;
+        println!(
+            "held-out after SFT: greedy accuracy {sft_accuracy:.3}, pass@1 {:.3}, pass@{k} {:.3}",
+            sft_pass.0, sft_pass.1
+        );
+        metrics.write(
+            serde_json::json!({"phase": "eval", "step": 0, "eval/acc": sft_accuracy, "eval/pass@1": sft_pass.0, format!("eval/pass@{k}"): sft_pass.1}),
+        )?;
+        let summary = TrainSummary {
+            sft_accuracy,
+            final_accuracy: sft_accuracy,
+            sft_pass_at_k: sft_pass,
+            final_pass_at_k: sft_pass,
+            eval_curve: vec![(0, sft_accuracy)],
+            reward_curve: Vec::new(),
+            entropy_curve: Vec::new(),
+            response_length_curve: Vec::new(),
+            last_batch_entropy: None,
+            seconds: 0.0,
+        };
+        if let Some(dir) = &ckpt.dir {
+            let state = TrainState { step: 0, config: config.clone(), summary: summary.clone(), metrics_lines: metrics.lines };
+            save_checkpoint(dir, config.checkpoint.keep, &policy, &policy_config, &optim, &state)?;
+        }
+        (1, summary)
+    };
 
     // RL.
     let temperature = match rl.decoding {
@@ -381,37 +686,27 @@ pub fn train(config: &TrainConfig, device: &Device, metrics: &mut dyn Write) -> 
         _ => 1.0,
     }
     .max(1e-3) as f32;
-    let mut optim =
-        AdamWConfig::new().with_grad_clipping(Some(GradientClippingConfig::Norm(rl.grad_clip as f32))).init();
-    let mut summary = TrainSummary {
-        sft_accuracy,
-        final_accuracy: sft_accuracy,
-        sft_pass_at_k: sft_pass,
-        final_pass_at_k: sft_pass,
-        eval_curve: vec![(0, sft_accuracy)],
-        reward_curve: Vec::new(),
-        entropy_curve: Vec::new(),
-        seconds: 0.0,
-    };
-    for step in 1..=rl.steps {
+    let rl_start = Instant::now();
+    for step in first_step..=rl.steps {
         let t0 = Instant::now();
         // One generation batch: prompts_per_step problems × group_size responses, their rewards.
         let roll = |attempt: u64| -> Result<Vec<Group>> {
             let mix = config.run.seed.wrapping_mul(31) ^ (step as u64) << 20 ^ attempt.wrapping_mul(0x9E37_79B9);
-            let problems = config.task.sample(rl.prompts_per_step, false, mix);
+            let problems = task.sample(rl.prompts_per_step, mix);
             let prompts: Vec<Vec<u32>> = problems
                 .iter()
                 .flat_map(|p| std::iter::repeat_n(p, rl.group_size))
-                .map(|p| encode(&tok, &p.prompt))
+                .map(|p| vocab.encode(&p.prompt))
                 .collect::<Result<_>>()?;
             let seed = config.run.seed ^ (step as u64) << 32 ^ attempt << 48;
-            let mut responses = generate(&policy, &prompts, rl.decoding, rl.max_response_len, seed)?.into_iter();
+            let mut responses =
+                generate(&policy, &vocab, &prompts, rl.decoding, rl.max_response_len, seed)?.into_iter();
             Ok(problems
                 .iter()
                 .enumerate()
                 .map(|(i, p)| {
                     let out: Vec<(Vec<u32>, bool)> = responses.by_ref().take(rl.group_size).collect();
-                    let rewards = out.iter().map(|(r, _)| reward(&tok.decode(r), p.answer)).collect();
+                    let rewards = out.iter().map(|(r, _)| p.reward(&vocab.text(r))).collect();
                     Group { prompt: prompts[i * rl.group_size].clone(), responses: out, rewards }
                 })
                 .collect())
@@ -442,7 +737,7 @@ pub fn train(config: &TrainConfig, device: &Device, metrics: &mut dyn Write) -> 
         let adv = group_advantages(&rewards, &vec![rl.group_size; rewards.len() / rl.group_size], &rl.advantage)?;
         let rows: Vec<(Vec<u32>, Vec<u32>)> =
             prompts.into_iter().zip(responses.iter().map(|(r, _)| r.clone())).collect();
-        let (seqs, response_mask, w) = training_batch(prompt_len, &rows);
+        let (seqs, response_mask, w) = training_batch(&rows, vocab.pad);
         let b = seqs.len();
         let ids = ids_tensor(&seqs, &device);
         let targets = ids.clone().narrow(1, 1, w);
@@ -480,8 +775,8 @@ pub fn train(config: &TrainConfig, device: &Device, metrics: &mut dyn Write) -> 
             let grads = GradientsParams::from_grads(grads, &policy);
             policy = optim.step(rl.lr, policy, grads);
             if epoch + 1 == rl.ppo_epochs {
-                let valid: Vec<f32> = h.iter().zip(&response_mask).filter(|(_, m)| **m).map(|(&x, _)| x).collect();
-                let mean_h = valid.iter().map(|&x| f64::from(x)).sum::<f64>() / valid.len().max(1) as f64;
+                let entropy_stats = summarize(&h, &response_mask, &SummaryOptions::default())?;
+                let mean_h = entropy_stats.mean;
                 let tokens: usize = responses.iter().map(|(r, _)| r.len()).sum();
                 let secs = t0.elapsed().as_secs_f64();
                 for (k, v) in [
@@ -508,48 +803,63 @@ pub fn train(config: &TrainConfig, device: &Device, metrics: &mut dyn Write) -> 
                 }
                 summary.reward_curve.push((step, last["critic/score/mean"].as_f64().unwrap_or(f64::NAN)));
                 summary.entropy_curve.push((step, mean_h));
+                summary.response_length_curve.push((step, tokens as f64 / b as f64));
+                summary.last_batch_entropy = Some(entropy_stats);
             }
         }
         last.insert("phase".into(), "rl".into());
         last.insert("step".into(), step.into());
         if step % config.eval.every.max(1) == 0 || step == rl.steps {
-            let acc = evaluate(&policy, &test, rl.max_response_len)?;
+            let acc = evaluate(&policy, &vocab, &test, rl.max_response_len)?;
             last.insert("eval/acc".into(), acc.into());
             summary.eval_curve.push((step, acc));
             summary.final_accuracy = acc;
         }
+        let done = step + 1 - first_step;
+        let eta = rl_start.elapsed().as_secs_f64() / done as f64 * (rl.steps - step) as f64;
         println!(
-            "rl {step:>4}/{} reward {:.3} entropy {:.3} clipfrac {:.3}{}",
+            "rl {} {step:>4}/{} reward {:.3} entropy {:.3} clipfrac {:.3}{} eta {eta:.0}s",
+            bar(step, rl.steps),
             rl.steps,
             last["critic/score/mean"].as_f64().unwrap_or(f64::NAN),
             last["actor/entropy"].as_f64().unwrap_or(f64::NAN),
             last["actor/pg_clipfrac"].as_f64().unwrap_or(f64::NAN),
             last.get("eval/acc").and_then(|v| v.as_f64()).map_or(String::new(), |a| format!(" held-out acc {a:.3}"))
         );
-        write(metrics, serde_json::Value::Object(last))?;
-    }
-    if rl.steps > 0 {
-        summary.final_pass_at_k = evaluate_pass_at_k(&policy, pass_set, k, rl, config.run.seed)?;
-        let (p1, pk) = summary.final_pass_at_k;
-        println!("held-out after RL: pass@1 {p1:.3}, pass@{k} {pk:.3}");
-        write(
-            metrics,
-            serde_json::json!({"phase": "eval", "step": rl.steps, "eval/pass@1": p1, format!("eval/pass@{k}"): pk}),
-        )?;
+        metrics.write(serde_json::Value::Object(last))?;
+        if step == rl.steps {
+            summary.final_pass_at_k = evaluate_pass_at_k(&policy, &vocab, pass_set, k, rl, config.run.seed)?;
+            let (p1, pk) = summary.final_pass_at_k;
+            println!("held-out after RL: pass@1 {p1:.3}, pass@{k} {pk:.3}");
+            metrics.write(
+                serde_json::json!({"phase": "eval", "step": rl.steps, "eval/pass@1": p1, format!("eval/pass@{k}"): pk}),
+            )?;
+        }
+        let every = config.checkpoint.every;
+        if let Some(dir) = ckpt.dir.as_ref().filter(|_| step == rl.steps || (every > 0 && step % every == 0)) {
+            let state = TrainState { step, config: config.clone(), summary: summary.clone(), metrics_lines: metrics.lines };
+            save_checkpoint(dir, config.checkpoint.keep, &policy, &policy_config, &optim, &state)?;
+            if ckpt.stop_after == Some(step) {
+                println!("stopping after the checkpoint of RL step {step} (stop_after)");
+                break;
+            }
+        }
     }
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
 }
 
-/// The summary as an SVG chart: reward (train) and held-out accuracy, and the entropy of the response tokens, against
-/// the RL step (0 = after SFT).
+/// The summary as an SVG chart: reward (train) and held-out accuracy, the entropy of the response tokens and the mean
+/// response length against the RL step (0 = after SFT), and the entropy histogram of the last RL batch (share of
+/// response tokens per log-spaced bin, against log10 of the bin's lower edge).
 pub fn summary_svg(s: &TrainSummary) -> String {
     let series = |name: &str, pts: &[(usize, f64)]| Series {
         name: name.into(),
         points: pts.iter().map(|&(x, y)| (x as f64, y)).collect(),
     };
     let max_h = s.entropy_curve.iter().map(|p| p.1).fold(0.0, f64::max);
-    line_chart_svg(&[
+    let max_len = s.response_length_curve.iter().map(|p| p.1).fold(0.0, f64::max);
+    let mut panels = vec![
         Panel {
             title: "reward (train) and accuracy (held-out)".into(),
             x_label: "RL step".into(),
@@ -562,5 +872,25 @@ pub fn summary_svg(s: &TrainSummary) -> String {
             y_max: max_h,
             series: vec![series("entropy", &s.entropy_curve)],
         },
-    ])
+        Panel {
+            title: "response length (tokens)".into(),
+            x_label: "RL step".into(),
+            y_max: max_len,
+            series: vec![series("mean length", &s.response_length_curve)],
+        },
+    ];
+    if let Some(h) = &s.last_batch_entropy {
+        let hist = &h.histogram;
+        let total = (hist.counts.iter().sum::<u64>() + hist.underflow + hist.overflow).max(1) as f64;
+        let points: Vec<(f64, f64)> =
+            hist.edges.iter().zip(&hist.counts).map(|(&lo, &c)| (lo.log10(), c as f64 / total)).collect();
+        let top = points.iter().map(|p| p.1).fold(0.0, f64::max);
+        panels.push(Panel {
+            title: format!("entropy histogram, last batch ({:.0}% below 1st bin)", 100.0 * hist.underflow as f64 / total),
+            x_label: "log10 entropy (nats)".into(),
+            y_max: top,
+            series: vec![Series { name: "share of tokens".into(), points }],
+        });
+    }
+    line_chart_svg(&panels)
 }

@@ -11,7 +11,7 @@ use crate::TrainerError;
 pub const PAD: u32 = 0;
 /// End-of-sequence id.
 pub const EOS: u32 = 1;
-const CHARS: &str = "0123456789+-=|";
+const CHARS: &str = "0123456789+-=|*/(),>:";
 
 /// Characters of the built-in tasks plus PAD and EOS.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +84,43 @@ impl HfTokenizer {
     }
 }
 
+/// The tokenizer of a run: the character tokenizer of the built-in tasks or a checkpoint's `tokenizer.json`.
+#[derive(Debug, Clone)]
+pub enum TextTokenizer {
+    /// [`CharTokenizer`].
+    Char(CharTokenizer),
+    /// [`HfTokenizer`].
+    Hf(HfTokenizer),
+}
+
+impl TextTokenizer {
+    /// Ids of `text`.
+    ///
+    /// # Errors
+    /// [`TrainerError::Tokenizer`] naming a character outside the character vocabulary, or the tokenizer's failure.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TrainerError> {
+        match self {
+            TextTokenizer::Char(t) => t.encode(text).ok_or_else(|| {
+                let bad = text.chars().find(|&c| !CHARS.contains(c)).unwrap_or('?');
+                TrainerError::Tokenizer(format!(
+                    "character {bad:?} is not in the built-in tasks' vocabulary {CHARS:?} (text {text:?}); a dataset \
+                     needs a Hugging Face model and its tokenizer (--model)"
+                ))
+            }),
+            TextTokenizer::Hf(t) => t.encode(text),
+        }
+    }
+
+    /// Text of a response: the ids before the first of `eos` (ids the tokenizer cannot decode are dropped).
+    pub fn decode_response(&self, ids: &[u32], eos: &[u32]) -> String {
+        let end = ids.iter().position(|t| eos.contains(t)).unwrap_or(ids.len());
+        match self {
+            TextTokenizer::Char(t) => t.decode(&ids[..end]),
+            TextTokenizer::Hf(t) => t.decode(&ids[..end]).unwrap_or_default(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +134,7 @@ mod tests {
         with_eos.extend([EOS, 5, 6]);
         assert_eq!(t.decode(&with_eos), "17+25-8=42|34");
         assert_eq!(t.encode("a"), None);
-        assert_eq!(t.vocab_size(), 16);
+        assert_eq!(t.vocab_size(), 23);
+        assert_eq!(t.decode(&t.encode("4,6,3>21:(4*6)-3/1").expect("countdown chars")), "4,6,3>21:(4*6)-3/1");
     }
 }

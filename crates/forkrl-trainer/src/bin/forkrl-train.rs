@@ -2,16 +2,21 @@
 //!
 //! ```text
 //! forkrl-train [--config FILE.toml] [--set key.path=value]... [--backend cpu|wgpu|cuda] [--name NAME]
+//!              [--model HF_DIR] [--data FILE.jsonl] [--resume] [--stop-after RL_STEP]
 //! ```
 //!
 //! With no arguments it runs the built-in default: the tiny policy on two-step arithmetic, SFT then GRPO with the
-//! forking-token mask (ρ = 0.2). Outputs go to `runs/<name>/`: `config.toml` (the resolved configuration),
-//! `metrics.jsonl` (one line per step, verl metric names), `summary.json` and `plot.svg`.
+//! forking-token mask (ρ = 0.2). `--model` trains a Hugging Face checkpoint directory (`model.hf_dir`), `--data` a
+//! JSONL dataset (`task.kind = "jsonl"`, `task.path`). Outputs go to `runs/<name>/`: `config.toml` (the resolved
+//! configuration), `metrics.jsonl` (one line per step, verl metric names), `checkpoints/` (`latest` names the newest
+//! complete one), `summary.json` and `plot.svg`. `--resume` continues from `checkpoints/latest` with the same
+//! configuration (`rl.steps` may grow): the result is the one an uninterrupted run gives. `--stop-after K` stops
+//! right after the checkpoint of RL step K (a checkpoint step), as a preempted job would.
 
-use std::{fs, path::PathBuf, process::ExitCode};
+use std::{fs, io::Write, path::PathBuf, process::ExitCode};
 
 use forkrl_core::{Backend, report::write_atomic};
-use forkrl_trainer::rlvr::{TrainConfig, summary_svg, train};
+use forkrl_trainer::rlvr::{Checkpointing, TrainConfig, latest_checkpoint, read_state, summary_svg, train_with_checkpoints};
 
 fn set_path(root: &mut toml::Table, path: &str, value: toml::Value) -> Result<(), String> {
     let mut parts: Vec<&str> = path.split('.').collect();
@@ -40,6 +45,8 @@ fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut table = toml::Table::new();
     let mut sets = Vec::new();
+    let mut resume = false;
+    let mut stop_after = None;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || it.next().cloned().ok_or_else(|| format!("{flag} needs a value"));
@@ -52,15 +59,20 @@ fn run() -> Result<(), String> {
             "--set" => sets.push(value()?),
             "--backend" => sets.push(format!("run.backend=\"{}\"", value()?)),
             "--name" => sets.push(format!("run.name=\"{}\"", value()?)),
-            "--model" | "--data" => {
-                return Err(format!(
-                    "{flag}: training a Hugging Face checkpoint on a JSONL dataset is not implemented yet; \
-                     today the trainer runs the built-in tiny policy on the built-in arithmetic task"
-                ));
+            "--model" => sets.push(format!("model.hf_dir={}", toml::Value::String(value()?))),
+            "--data" => {
+                sets.push("task.kind=\"jsonl\"".into());
+                sets.push(format!("task.path={}", toml::Value::String(value()?)));
+            }
+            "--resume" => resume = true,
+            "--stop-after" => {
+                let v = value()?;
+                stop_after = Some(v.parse::<usize>().map_err(|e| format!("--stop-after {v}: {e}"))?);
             }
             "-h" | "--help" => {
                 println!(
-                    "forkrl-train [--config FILE.toml] [--set key.path=value]... [--backend cpu|wgpu|cuda] [--name NAME]"
+                    "forkrl-train [--config FILE.toml] [--set key.path=value]... [--backend cpu|wgpu|cuda] [--name NAME]\n\
+                     \x20            [--model HF_DIR] [--data FILE.jsonl] [--resume] [--stop-after RL_STEP]"
                 );
                 return Ok(());
             }
@@ -71,6 +83,10 @@ fn run() -> Result<(), String> {
         let (k, v) = s.split_once('=').ok_or_else(|| format!("--set {s}: expected key=value"))?;
         set_path(&mut table, k.trim(), parse_value(v.trim()))?;
     }
+    // `--set task.x=...` without a kind keeps the default task.
+    if let Some(task) = table.get_mut("task").and_then(toml::Value::as_table_mut) {
+        task.entry("kind").or_insert_with(|| toml::Value::String("arithmetic".into()));
+    }
     let config: TrainConfig = toml::Value::Table(table).try_into().map_err(|e| format!("configuration: {e}"))?;
     let backend: Backend = config.run.backend.parse().map_err(|e| format!("{e}"))?;
     let device = backend.device().map_err(|e| format!("{e}"))?;
@@ -79,9 +95,39 @@ fn run() -> Result<(), String> {
     let resolved = toml::to_string(&config).map_err(|e| e.to_string())?;
     write_atomic(&dir.join("config.toml"), &resolved).map_err(|e| format!("{}: {e}", dir.display()))?;
     let metrics_path = dir.join("metrics.jsonl");
-    let mut metrics = fs::File::create(&metrics_path).map_err(|e| format!("{}: {e}", metrics_path.display()))?;
+    let checkpoints = dir.join("checkpoints");
+    let mut metrics = if resume {
+        // Keep exactly the metrics lines the checkpoint had written.
+        let latest = latest_checkpoint(&checkpoints)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("--resume: no checkpoint in {}", checkpoints.display()))?;
+        let state = read_state(&latest).map_err(|e| e.to_string())?;
+        let text = fs::read_to_string(&metrics_path).map_err(|e| format!("{}: {e}", metrics_path.display()))?;
+        let kept: Vec<&str> = text.lines().take(state.metrics_lines).collect();
+        if kept.len() < state.metrics_lines {
+            return Err(format!(
+                "--resume: {} has {} lines, the checkpoint expects {}",
+                metrics_path.display(),
+                kept.len(),
+                state.metrics_lines
+            ));
+        }
+        let mut body = kept.join("\n");
+        if !body.is_empty() {
+            body.push('\n');
+        }
+        write_atomic(&metrics_path, &body).map_err(|e| format!("{}: {e}", metrics_path.display()))?;
+        fs::OpenOptions::new().append(true).open(&metrics_path).map_err(|e| format!("{}: {e}", metrics_path.display()))?
+    } else {
+        if checkpoints.exists() {
+            fs::remove_dir_all(&checkpoints).map_err(|e| format!("{}: {e}", checkpoints.display()))?;
+        }
+        fs::File::create(&metrics_path).map_err(|e| format!("{}: {e}", metrics_path.display()))?
+    };
     println!("training on {backend}; outputs in {}", dir.display());
-    let summary = train(&config, &device, &mut metrics).map_err(|e| e.to_string())?;
+    let ckpt = Checkpointing { dir: Some(checkpoints), resume, stop_after };
+    let summary = train_with_checkpoints(&config, &device, &mut metrics, &ckpt).map_err(|e| e.to_string())?;
+    metrics.flush().map_err(|e| format!("{}: {e}", metrics_path.display()))?;
     let json = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
     write_atomic(&dir.join("summary.json"), &json).map_err(|e| format!("{}: {e}", dir.display()))?;
     write_atomic(&dir.join("plot.svg"), &summary_svg(&summary)).map_err(|e| format!("{}: {e}", dir.display()))?;
