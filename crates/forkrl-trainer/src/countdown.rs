@@ -94,7 +94,7 @@ impl CountdownConfig {
                 .into_iter()
                 .filter(|&op| match op {
                     '-' => value >= n,
-                    '/' => value % n == 0,
+                    '/' => value.is_multiple_of(n),
                     _ => true,
                 })
                 .collect();
@@ -140,10 +140,11 @@ impl CountdownConfig {
         let mut tries = 0usize;
         while out.len() < limit && tries < limit.saturating_mul(200) {
             tries += 1;
-            if let Some(p) = self.draw(&mut rng).filter(|p| self.is_test(&p.numbers, p.target)) {
-                if !out.iter().any(|q| q.numbers == p.numbers && q.target == p.target) {
-                    out.push(p);
-                }
+            if let Some(p) = self.draw(&mut rng).filter(|p| {
+                self.is_test(&p.numbers, p.target)
+                    && !out.iter().any(|q| q.numbers == p.numbers && q.target == p.target)
+            }) {
+                out.push(p);
             }
         }
         out
@@ -196,7 +197,7 @@ impl Parser<'_> {
         while let Some(op @ (b'+' | b'-')) = self.peek() {
             self.pos += 1;
             let r = self.term()?;
-            v = if op == b'+' { v.add(r) } else { v.sub(r) }.ok_or(ExprError::Arithmetic)?;
+            v = if op == b'+' { v.checked_add(r) } else { v.checked_sub(r) }.ok_or(ExprError::Arithmetic)?;
         }
         Ok(v)
     }
@@ -206,7 +207,7 @@ impl Parser<'_> {
         while let Some(op @ (b'*' | b'/')) = self.peek() {
             self.pos += 1;
             let r = self.factor()?;
-            v = if op == b'*' { v.mul(r) } else { v.div(r) }.ok_or(ExprError::Arithmetic)?;
+            v = if op == b'*' { v.checked_mul(r) } else { v.checked_div(r) }.ok_or(ExprError::Arithmetic)?;
         }
         Ok(v)
     }
@@ -359,7 +360,9 @@ mod tests {
         };
         assert!(train.iter().all(|a| test.iter().all(|b| key(a) != key(b))));
         let four = CountdownConfig { numbers: 4, ..cfg };
-        assert!(four.sample(50, false, 1).iter().all(|p| countdown_reward(&p.solution, &p.numbers, p.target, true) == 1.0));
+        assert!(
+            four.sample(50, false, 1).iter().all(|p| countdown_reward(&p.solution, &p.numbers, p.target, true) == 1.0)
+        );
     }
 
     proptest! {

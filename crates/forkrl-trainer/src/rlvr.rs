@@ -24,8 +24,9 @@ use burn::{
     tensor::{Bool, Device, Int, Tensor, TensorData},
 };
 use forkrl_advantage::{
-    AdvantageConfig, AggMode, ForkingDenominator, PolicyInputs, PolicyLoss, PpoClipConfig, forking_loss_mask,
-    group_advantages,
+    ActorLossConfig, AdvantageConfig, AggMode, EapoConfig, ForkingDenominator, KlLossConfig, PolicyInputs, PolicyLoss,
+    PpoClipConfig, actor_loss, eapo_advantages, forking_loss_mask, group_advantages, opefo_advantages,
+    query_preserved_minibatches,
 };
 use forkrl_core::report::{Panel, Series, line_chart_svg, write_atomic};
 use forkrl_entropy::{
@@ -34,13 +35,16 @@ use forkrl_entropy::{
     tensor::entropy_and_logprobs,
     top_entropy_mask,
 };
-use forkrl_rollout::{Decoding, DynamicSampler, DynamicSamplingConfig, mean_pass_at_k};
+use forkrl_rollout::{
+    BetaPosterior, Decoding, DynamicSampler, DynamicSamplingConfig, HoraConfig, MixedCuts, PosteriorSource,
+    hora_allocate_after_probe, mean_pass_at_k,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     TrainerError, checkpoint, hf,
     policy::{Policy, PolicyConfig},
-    sampler::{self, SamplerConfig},
+    sampler::{self, SampleRow, SamplerConfig},
     smoke::gradient_stats,
     task::{Problem, Task, TaskConfig},
     tokenizer::{CharTokenizer, EOS, HfTokenizer, PAD, TextTokenizer},
@@ -124,7 +128,7 @@ pub struct SftConfig {
 
 impl Default for SftConfig {
     fn default() -> Self {
-        Self { steps: 300, batch_size: 64, lr: 3e-3 }
+        Self { steps: 600, batch_size: 64, lr: 3e-3 }
     }
 }
 
@@ -161,6 +165,39 @@ pub struct RlConfig {
     /// DAPO dynamic sampling on the verifiable reward (`None` = off): generation batches are drawn until
     /// `prompts_per_step` groups with mixed outcomes are kept.
     pub dynamic_sampling: Option<DynamicSamplingConfig>,
+    /// HORA rollout allocation (`None` = `group_size` per prompt). The trainer uses the in-step probe as the count
+    /// source (`source = { kind = "probe", n0 = 2 }`): history counts need prompts that recur, which the generated
+    /// tasks rarely do. The budget is `prompts_per_step × group_size` rollouts per step.
+    pub hora: Option<HoraConfig>,
+    /// Mixed-CUTS: each group is `g_std` rollouts with `decoding` and `g_cuts` with CUTS (then `group_size` must be
+    /// `g_std + g_cuts`).
+    pub mixed_cuts: Option<MixedCuts>,
+    /// Token weighting of the advantages, from the rollout policy's entropy and log-probs (before any update).
+    pub token_weighting: TokenWeighting,
+    /// Prompts per optimiser mini-batch (verl `ppo_mini_batch_size`); `None` = the whole rollout batch. Groups are
+    /// never split (query-preserved mini-batches), and the order of the groups is shuffled per epoch.
+    pub ppo_mini_batch_size: Option<usize>,
+    /// Linear learning-rate warm-up over this many RL steps, as verl's constant-with-warm-up schedule (stepped once
+    /// per RL step, `lr · min(1, (step − 1)/warmup)`); 0 = none (the 80/20 paper).
+    pub lr_warmup_steps: usize,
+    /// Entropy bonus coefficient (verl `entropy_coeff`, 0).
+    pub entropy_coeff: f64,
+    /// KL loss to the reference policy, the policy as RL starts (verl `use_kl_loss`, `kl_loss_type`,
+    /// `kl_loss_coef`); `None` = off (every RLVR recipe of the methods reference).
+    pub kl_loss: Option<KlLossConfig>,
+}
+
+/// Per-token reweighting of the sequence advantages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TokenWeighting {
+    /// `Â_t = Â` for every token of a response (GRPO).
+    #[default]
+    None,
+    /// EAPO entropy-aware advantages (`forkrl_advantage::eapo`).
+    Eapo(EapoConfig),
+    /// OPEFO entropy-flow weights (`forkrl_advantage::opefo`).
+    Opefo,
 }
 
 /// The rollouts of one prompt.
@@ -187,6 +224,13 @@ impl Default for RlConfig {
             loss_agg_mode: AggMode::TokenMean,
             max_response_len: 9,
             dynamic_sampling: None,
+            hora: None,
+            mixed_cuts: None,
+            token_weighting: TokenWeighting::None,
+            ppo_mini_batch_size: None,
+            lr_warmup_steps: 0,
+            entropy_coeff: 0.0,
+            kl_loss: None,
         }
     }
 }
@@ -456,7 +500,110 @@ fn validate(config: &TrainConfig) -> Result<()> {
         return Err(TrainerError::Config("checkpoint.keep must be >= 1".into()));
     }
     rl.decoding.validate()?;
+    if let Some(m) = &rl.mixed_cuts {
+        if m.g_std + m.g_cuts != rl.group_size || m.g_cuts == 0 {
+            return Err(TrainerError::Config(format!(
+                "rl.mixed_cuts: g_std + g_cuts = {} + {} must equal rl.group_size = {} (and g_cuts >= 1)",
+                m.g_std, m.g_cuts, rl.group_size
+            )));
+        }
+        Decoding::Cuts(m.cuts).validate()?;
+    }
+    if let Some(h) = &rl.hora {
+        let PosteriorSource::Probe { n0 } = h.source else {
+            return Err(TrainerError::Config(
+                "rl.hora.source: the trainer supports the in-step probe only (source = { kind = \"probe\", n0 = 2 })"
+                    .into(),
+            ));
+        };
+        if n0 == 0 || n0 >= rl.group_size || h.min_per_prompt < 2 {
+            return Err(TrainerError::Config(format!(
+                "rl.hora: 1 <= n0 = {n0} < group_size = {} and min_per_prompt = {} >= 2",
+                rl.group_size, h.min_per_prompt
+            )));
+        }
+    }
+    if rl.ppo_mini_batch_size == Some(0) {
+        return Err(TrainerError::Config("rl.ppo_mini_batch_size must be >= 1 prompt".into()));
+    }
+    if !rl.entropy_coeff.is_finite() {
+        return Err(TrainerError::Config(format!("rl.entropy_coeff = {} must be finite", rl.entropy_coeff)));
+    }
+    if let Some(kl) = rl.kl_loss.filter(|kl| !(kl.kl_loss_coef.is_finite() && kl.kl_loss_coef >= 0.0)) {
+        return Err(TrainerError::Config(format!("rl.kl_loss.kl_loss_coef = {} must be >= 0", kl.kl_loss_coef)));
+    }
     Ok(())
+}
+
+/// Samples the rollout groups of one generation batch: per prompt, `group_size` rollouts (Mixed-CUTS: `g_std` with
+/// `decoding`, `g_cuts` with CUTS), or with HORA, `n0` probe rollouts per prompt then the rest of the budget
+/// allocated by `hora_allocate_after_probe`. Row ids run over the batch, so every rollout has its own stream.
+fn sample_groups(policy: &Policy, vocab: &Vocab, problems: &[Problem], rl: &RlConfig, seed: u64) -> Result<Vec<Group>> {
+    let prompts: Vec<Vec<u32>> = problems.iter().map(|p| vocab.encode(&p.prompt)).collect::<Result<_>>()?;
+    let ops = match &rl.mixed_cuts {
+        Some(m) => m.operators(rl.decoding),
+        None => vec![rl.decoding; rl.group_size],
+    };
+    let snapshot = policy.valid();
+    let config = SamplerConfig {
+        max_new_tokens: rl.max_response_len,
+        eos: vocab.eos.clone(),
+        pad: vocab.pad,
+        seed,
+        ..SamplerConfig::default()
+    };
+    let mut next_id = 0u64;
+    let mut per_prompt: Vec<Vec<(Vec<u32>, bool, f32)>> = vec![Vec::new(); problems.len()];
+    let mut run = |requests: &[(usize, Decoding)], per_prompt: &mut Vec<Vec<(Vec<u32>, bool, f32)>>| -> Result<()> {
+        let rows: Vec<SampleRow<'_>> = requests
+            .iter()
+            .enumerate()
+            .map(|(k, &(i, op))| SampleRow { prompt: &prompts[i], op, row_id: next_id + k as u64 })
+            .collect();
+        next_id += requests.len() as u64;
+        let out = sampler::generate_rows(&snapshot, &rows, &config)?;
+        for (&(i, _), (tokens, truncated)) in requests.iter().zip(out.tokens.into_iter().zip(out.truncated)) {
+            let reward = problems[i].reward(&vocab.text(&tokens));
+            per_prompt[i].push((tokens, truncated, reward));
+        }
+        Ok(())
+    };
+    let counts: Vec<usize> = match &rl.hora {
+        None => vec![rl.group_size; problems.len()],
+        Some(h) => {
+            let PosteriorSource::Probe { n0 } = h.source else {
+                return Err(TrainerError::Config("rl.hora.source must be the probe".into()));
+            };
+            let probe: Vec<(usize, Decoding)> =
+                (0..problems.len()).flat_map(|i| (0..n0).map(move |j| (i, j))).map(|(i, j)| (i, ops[j])).collect();
+            run(&probe, &mut per_prompt)?;
+            let posteriors: Vec<BetaPosterior> = per_prompt
+                .iter()
+                .map(|rows| {
+                    let hits = rows.iter().filter(|r| r.2 > 0.0).count() as f64;
+                    BetaPosterior::from_counts(hits, rows.len() as f64 - hits, h.prior_a, h.prior_b)
+                })
+                .collect::<std::result::Result<_, _>>()?;
+            let max = h.max_per_prompt.unwrap_or(4 * rl.group_size);
+            hora_allocate_after_probe(&posteriors, problems.len() * rl.group_size, n0, h.min_per_prompt, max)?.counts
+        }
+    };
+    let rest: Vec<(usize, Decoding)> = counts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &c)| (per_prompt[i].len()..c).map(move |j| (i, j)))
+        .map(|(i, j)| (i, ops[j % ops.len()]))
+        .collect();
+    run(&rest, &mut per_prompt)?;
+    Ok(per_prompt
+        .into_iter()
+        .zip(prompts)
+        .filter(|(rows, _)| !rows.is_empty())
+        .map(|(rows, prompt)| {
+            let (responses, rewards) = rows.into_iter().map(|(t, tr, r)| ((t, tr), r)).unzip();
+            Group { prompt, responses, rewards }
+        })
+        .collect())
 }
 
 /// Builds the policy (on the autodiff `device`) and its vocabulary.
@@ -474,7 +621,7 @@ fn build_model(config: &TrainConfig, device: &Device) -> Result<(Policy, PolicyC
                 });
             };
             let pad = model.config.special.pad.unwrap_or(first_eos);
-            Ok((model.policy, model.config.policy, Vocab { tok: TextTokenizer::Hf(tok), eos, pad }))
+            Ok((model.policy, model.config.policy, Vocab { tok: TextTokenizer::Hf(Box::new(tok)), eos, pad }))
         }
         None => {
             let tok = CharTokenizer;
@@ -503,7 +650,10 @@ impl OptimizerState for burn::optim::ModuleOptimizer {
 
     fn load_from(self, path: &Path) -> Result<Self> {
         if !path.is_file() {
-            return Err(TrainerError::Checkpoint { path: path.to_path_buf(), reason: "optimizer state missing".into() });
+            return Err(TrainerError::Checkpoint {
+                path: path.to_path_buf(),
+                reason: "optimizer state missing".into(),
+            });
         }
         self.load(path).map_err(|e| TrainerError::Checkpoint { path: path.to_path_buf(), reason: format!("{e:?}") })
     }
@@ -672,10 +822,26 @@ pub fn train_with_checkpoints(
             seconds: 0.0,
         };
         if let Some(dir) = &ckpt.dir {
-            let state = TrainState { step: 0, config: config.clone(), summary: summary.clone(), metrics_lines: metrics.lines };
+            let state =
+                TrainState { step: 0, config: config.clone(), summary: summary.clone(), metrics_lines: metrics.lines };
             save_checkpoint(dir, config.checkpoint.keep, &policy, &policy_config, &optim, &state)?;
         }
         (1, summary)
+    };
+
+    // The reference policy of the KL loss: the policy as RL starts, saved beside the checkpoints so that a resumed run
+    // keeps it.
+    let reference = match (&rl.kl_loss, &ckpt.dir) {
+        (None, _) => None,
+        (Some(_), Some(dir)) if first_step > 1 => {
+            Some(checkpoint::load_policy(&dir.join("reference"), &device)?.0.valid())
+        }
+        (Some(_), dir) => {
+            if let Some(dir) = dir {
+                checkpoint::save_policy(&policy, &policy_config, &dir.join("reference"))?;
+            }
+            Some(policy.valid())
+        }
     };
 
     // RL.
@@ -693,23 +859,8 @@ pub fn train_with_checkpoints(
         let roll = |attempt: u64| -> Result<Vec<Group>> {
             let mix = config.run.seed.wrapping_mul(31) ^ (step as u64) << 20 ^ attempt.wrapping_mul(0x9E37_79B9);
             let problems = task.sample(rl.prompts_per_step, mix);
-            let prompts: Vec<Vec<u32>> = problems
-                .iter()
-                .flat_map(|p| std::iter::repeat_n(p, rl.group_size))
-                .map(|p| vocab.encode(&p.prompt))
-                .collect::<Result<_>>()?;
             let seed = config.run.seed ^ (step as u64) << 32 ^ attempt << 48;
-            let mut responses =
-                generate(&policy, &vocab, &prompts, rl.decoding, rl.max_response_len, seed)?.into_iter();
-            Ok(problems
-                .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    let out: Vec<(Vec<u32>, bool)> = responses.by_ref().take(rl.group_size).collect();
-                    let rewards = out.iter().map(|(r, _)| p.reward(&vocab.text(r))).collect();
-                    Group { prompt: prompts[i * rl.group_size].clone(), responses: out, rewards }
-                })
-                .collect())
+            sample_groups(&policy, &vocab, &problems, rl, seed)
         };
         let (groups, frac_zero_std_before_filter) = match rl.dynamic_sampling {
             None => (roll(0)?, None),
@@ -719,14 +870,16 @@ pub fn train_with_checkpoints(
                 loop {
                     let batch = roll(attempt)?;
                     let acc: Vec<f32> = batch.iter().flat_map(|g| g.rewards.iter().copied()).collect();
-                    if let Some(kept) = sampler.add_batch(batch, &acc, &vec![rl.group_size; rl.prompts_per_step])? {
+                    let sizes: Vec<usize> = batch.iter().map(|g| g.responses.len()).collect();
+                    if let Some(kept) = sampler.add_batch(batch, &acc, &sizes)? {
                         break (kept, Some(sampler.frac_zero_std()));
                     }
                     attempt += 1;
                 }
             }
         };
-        let mut prompts = Vec::with_capacity(groups.len() * rl.group_size);
+        let sizes: Vec<usize> = groups.iter().map(|g| g.responses.len()).collect();
+        let mut prompts = Vec::with_capacity(sizes.iter().sum());
         let mut responses = Vec::with_capacity(prompts.capacity());
         let mut rewards = Vec::with_capacity(prompts.capacity());
         for g in groups {
@@ -734,79 +887,143 @@ pub fn train_with_checkpoints(
             responses.extend(g.responses);
             rewards.extend(g.rewards);
         }
-        let adv = group_advantages(&rewards, &vec![rl.group_size; rewards.len() / rl.group_size], &rl.advantage)?;
+        let adv = group_advantages(&rewards, &sizes, &rl.advantage)?;
         let rows: Vec<(Vec<u32>, Vec<u32>)> =
             prompts.into_iter().zip(responses.iter().map(|(r, _)| r.clone())).collect();
         let (seqs, response_mask, w) = training_batch(&rows, vocab.pad);
         let b = seqs.len();
-        let ids = ids_tensor(&seqs, &device);
-        let targets = ids.clone().narrow(1, 1, w);
-        let adv_tokens: Vec<f32> = (0..b * w).map(|i| adv.advantages[i / w]).collect();
-        let advantages = Tensor::<2>::from_data(TensorData::new(adv_tokens, [b, w]), &device);
-        let mut old_log_prob: Option<Tensor<2>> = None;
-        let mut last = serde_json::Map::new();
+        // The rollout policy's log-probs and entropy of the response tokens (no graph): `log π_old` of every
+        // mini-batch, and the inputs of token weighting. The reference policy's log-probs for the KL loss.
+        let no_grad = |p: &Policy| -> Result<(Vec<f32>, Vec<f32>)> {
+            let ids = ids_tensor(&seqs, &p.device());
+            let logits = p.forward(ids.clone().narrow(1, 0, w))?;
+            let (h, lp) = entropy_and_logprobs(logits, ids.narrow(1, 1, w), temperature, 4096)?;
+            Ok((host_f32(h)?, host_f32(lp)?))
+        };
+        let (old_entropy, old_log_prob) = no_grad(&policy.valid())?;
+        let ref_log_prob = reference.as_ref().map(|r| no_grad(r).map(|(_, lp)| lp)).transpose()?;
+        let seq_adv: Vec<f32> = (0..b * w).map(|i| adv.advantages[i / w]).collect();
+        let token_adv = match rl.token_weighting {
+            TokenWeighting::None => seq_adv,
+            TokenWeighting::Eapo(c) => eapo_advantages(&seq_adv, &old_entropy, &response_mask, &c)?,
+            TokenWeighting::Opefo => opefo_advantages(&seq_adv, &old_log_prob, &old_entropy, &response_mask)?.0,
+        };
+        let actor = ActorLossConfig {
+            policy_loss: rl.policy_loss.clone(),
+            loss_agg_mode: rl.loss_agg_mode,
+            entropy_coeff: rl.entropy_coeff,
+            kl_loss: rl.kl_loss,
+        };
+        let lr = if rl.lr_warmup_steps == 0 {
+            rl.lr
+        } else {
+            rl.lr * ((step - 1) as f64 / rl.lr_warmup_steps as f64).min(1.0)
+        };
+        let rows_per_mb =
+            rl.ppo_mini_batch_size.map(|p| (p * rl.group_size).max(sizes.iter().copied().max().unwrap_or(1)));
+        // Averages over the mini-batches of the last epoch.
+        let (mut pg_sum, mut clip_sum, mut clip_low_sum, mut kl_sum, mut norm_sum, mut ent_sum, mut kl_loss_sum) =
+            (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+        let (mut last_forking, mut n_mb) = (None, 0usize);
         for epoch in 0..rl.ppo_epochs {
-            let logits = policy.forward(ids.clone().narrow(1, 0, w))?;
-            let (entropy, log_prob) = entropy_and_logprobs(logits, targets.clone(), temperature, 4096)?;
-            let old = old_log_prob.get_or_insert_with(|| log_prob.clone().detach()).clone();
-            let h = host_f32(entropy.detach())?;
-            let forking = top_entropy_mask(&h, &response_mask, rl.top_entropy_ratio, SelectionRule::TopK)?;
-            let loss_mask = forking_loss_mask(&response_mask, &forking, w, rl.forking_denominator)?;
-            let inputs = PolicyInputs {
-                log_prob,
-                old_log_prob: old,
-                advantages: advantages.clone(),
-                mask: Tensor::from_data(TensorData::new(loss_mask.loss_mask.clone(), [b, w]), &device),
+            let batches = match rows_per_mb {
+                None => vec![(0..b).collect::<Vec<usize>>()],
+                Some(rows) => query_preserved_minibatches(
+                    &sizes,
+                    rows,
+                    true,
+                    Some(config.run.seed ^ (step as u64) << 16 ^ epoch as u64),
+                )?,
             };
-            let out = rl.policy_loss.compute(
-                &inputs,
-                rl.loss_agg_mode,
-                &loss_mask.denominators,
-                step as u64,
-                config.run.seed ^ step as u64,
-            )?;
-            let pg_loss = host_f32(out.loss.clone())?[0];
-            check_finite("RL policy loss", pg_loss)?;
-            let grads = out.loss.backward();
-            let stats = gradient_stats(&policy, &grads);
-            if let Some(v) = stats.first_non_finite {
-                return Err(TrainerError::NonFinite { what: "RL gradient", value: v });
-            }
-            let grads = GradientsParams::from_grads(grads, &policy);
-            policy = optim.step(rl.lr, policy, grads);
-            if epoch + 1 == rl.ppo_epochs {
-                let entropy_stats = summarize(&h, &response_mask, &SummaryOptions::default())?;
-                let mean_h = entropy_stats.mean;
-                let tokens: usize = responses.iter().map(|(r, _)| r.len()).sum();
-                let secs = t0.elapsed().as_secs_f64();
-                for (k, v) in [
-                    ("actor/pg_loss", f64::from(pg_loss)),
-                    ("actor/entropy", mean_h),
-                    ("actor/pg_clipfrac", out.metrics.pg_clipfrac),
-                    ("actor/pg_clipfrac_lower", out.metrics.pg_clipfrac_lower),
-                    ("actor/ppo_kl", out.metrics.ppo_kl),
-                    ("actor/grad_norm", stats.norm),
-                    ("critic/score/mean", rewards.iter().map(|&r| f64::from(r)).sum::<f64>() / b as f64),
-                    (
-                        "critic/advantages/max",
-                        adv.advantages.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(f64::from(x))),
-                    ),
-                    ("response_length/mean", tokens as f64 / b as f64),
-                    ("response_length/clip_ratio", responses.iter().filter(|(_, t)| *t).count() as f64 / b as f64),
-                    ("frac_reward_zero_std", frac_zero_std_before_filter.unwrap_or(adv.frac_reward_zero_std)),
-                    ("forking/threshold", forking.threshold.map_or(f64::NAN, f64::from)),
-                    ("forking/frac_selected", forking.frac_selected()),
-                    ("perf/throughput", tokens as f64 / secs),
-                    ("perf/time_per_step", secs),
-                ] {
-                    last.insert(k.into(), serde_json::json!(v));
+            let last_epoch = epoch + 1 == rl.ppo_epochs;
+            for idx in &batches {
+                let mb = idx.len();
+                let take = |v: &[f32]| -> Vec<f32> {
+                    idx.iter().flat_map(|&r| v[r * w..(r + 1) * w].iter().copied()).collect()
+                };
+                let mb_mask: Vec<bool> =
+                    idx.iter().flat_map(|&r| response_mask[r * w..(r + 1) * w].iter().copied()).collect();
+                let mb_seqs: Vec<Vec<u32>> = idx.iter().map(|&r| seqs[r].clone()).collect();
+                let ids = ids_tensor(&mb_seqs, &device);
+                let tensor = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [mb, w]), &device);
+                let logits = policy.forward(ids.clone().narrow(1, 0, w))?;
+                let (entropy, log_prob) = entropy_and_logprobs(logits, ids.narrow(1, 1, w), temperature, 4096)?;
+                let h = host_f32(entropy.clone().detach())?;
+                let forking = top_entropy_mask(&h, &mb_mask, rl.top_entropy_ratio, SelectionRule::TopK)?;
+                let loss_mask = forking_loss_mask(&mb_mask, &forking, w, rl.forking_denominator)?;
+                let inputs = PolicyInputs {
+                    log_prob,
+                    old_log_prob: tensor(take(&old_log_prob)),
+                    advantages: tensor(take(&token_adv)),
+                    mask: Tensor::from_data(TensorData::new(loss_mask.loss_mask.clone(), [mb, w]), &device),
+                };
+                let out = actor_loss(
+                    &actor,
+                    &inputs,
+                    Some(entropy),
+                    ref_log_prob.as_ref().map(|r| tensor(take(r))),
+                    &loss_mask.denominators,
+                    step as u64,
+                    config.run.seed ^ step as u64,
+                )?;
+                check_finite("RL policy loss", out.pg_loss as f32)?;
+                let loss_value = host_f32(out.loss.clone())?[0];
+                check_finite("RL actor loss", loss_value)?;
+                let grads = out.loss.backward();
+                let stats = gradient_stats(&policy, &grads);
+                if let Some(v) = stats.first_non_finite {
+                    return Err(TrainerError::NonFinite { what: "RL gradient", value: v });
                 }
-                summary.reward_curve.push((step, last["critic/score/mean"].as_f64().unwrap_or(f64::NAN)));
-                summary.entropy_curve.push((step, mean_h));
-                summary.response_length_curve.push((step, tokens as f64 / b as f64));
-                summary.last_batch_entropy = Some(entropy_stats);
+                let grads = GradientsParams::from_grads(grads, &policy);
+                policy = optim.step(lr, policy, grads);
+                if last_epoch {
+                    pg_sum += out.pg_loss;
+                    clip_sum += out.metrics.pg_clipfrac;
+                    clip_low_sum += out.metrics.pg_clipfrac_lower;
+                    kl_sum += out.metrics.ppo_kl;
+                    norm_sum += stats.norm;
+                    ent_sum += out.entropy.unwrap_or(f64::NAN);
+                    kl_loss_sum += out.kl_loss.unwrap_or(0.0);
+                    n_mb += 1;
+                    last_forking = Some(forking);
+                }
             }
         }
+        let entropy_stats = summarize(&old_entropy, &response_mask, &SummaryOptions::default())?;
+        let mean_h = entropy_stats.mean;
+        let tokens: usize = responses.iter().map(|(r, _)| r.len()).sum();
+        let secs = t0.elapsed().as_secs_f64();
+        let n = n_mb.max(1) as f64;
+        let forking = last_forking.ok_or_else(|| TrainerError::Config("no mini-batch was trained".into()))?;
+        let mut last = serde_json::Map::new();
+        for (k, v) in [
+            ("actor/pg_loss", pg_sum / n),
+            ("actor/entropy", mean_h),
+            ("actor/entropy_loss", ent_sum / n),
+            ("actor/pg_clipfrac", clip_sum / n),
+            ("actor/pg_clipfrac_lower", clip_low_sum / n),
+            ("actor/ppo_kl", kl_sum / n),
+            ("actor/kl_loss", kl_loss_sum / n),
+            ("actor/grad_norm", norm_sum / n),
+            ("actor/lr", lr),
+            ("critic/score/mean", rewards.iter().map(|&r| f64::from(r)).sum::<f64>() / b as f64),
+            ("critic/advantages/max", adv.advantages.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(f64::from(x)))),
+            ("response_length/mean", tokens as f64 / b as f64),
+            ("response_length/clip_ratio", responses.iter().filter(|(_, t)| *t).count() as f64 / b as f64),
+            ("frac_reward_zero_std", frac_zero_std_before_filter.unwrap_or(adv.frac_reward_zero_std)),
+            ("forking/threshold", forking.threshold.map_or(f64::NAN, f64::from)),
+            ("forking/frac_selected", forking.frac_selected()),
+            ("rollout/num_responses", b as f64),
+            ("rollout/group_size_max", sizes.iter().copied().max().unwrap_or(0) as f64),
+            ("perf/throughput", tokens as f64 / secs),
+            ("perf/time_per_step", secs),
+        ] {
+            last.insert(k.into(), serde_json::json!(v));
+        }
+        summary.reward_curve.push((step, last["critic/score/mean"].as_f64().unwrap_or(f64::NAN)));
+        summary.entropy_curve.push((step, mean_h));
+        summary.response_length_curve.push((step, tokens as f64 / b as f64));
+        summary.last_batch_entropy = Some(entropy_stats);
         last.insert("phase".into(), "rl".into());
         last.insert("step".into(), step.into());
         if step % config.eval.every.max(1) == 0 || step == rl.steps {
@@ -837,7 +1054,8 @@ pub fn train_with_checkpoints(
         }
         let every = config.checkpoint.every;
         if let Some(dir) = ckpt.dir.as_ref().filter(|_| step == rl.steps || (every > 0 && step % every == 0)) {
-            let state = TrainState { step, config: config.clone(), summary: summary.clone(), metrics_lines: metrics.lines };
+            let state =
+                TrainState { step, config: config.clone(), summary: summary.clone(), metrics_lines: metrics.lines };
             save_checkpoint(dir, config.checkpoint.keep, &policy, &policy_config, &optim, &state)?;
             if ckpt.stop_after == Some(step) {
                 println!("stopping after the checkpoint of RL step {step} (stop_after)");
@@ -886,7 +1104,10 @@ pub fn summary_svg(s: &TrainSummary) -> String {
             hist.edges.iter().zip(&hist.counts).map(|(&lo, &c)| (lo.log10(), c as f64 / total)).collect();
         let top = points.iter().map(|p| p.1).fold(0.0, f64::max);
         panels.push(Panel {
-            title: format!("entropy histogram, last batch ({:.0}% below 1st bin)", 100.0 * hist.underflow as f64 / total),
+            title: format!(
+                "entropy histogram, last batch ({:.0}% below 1st bin)",
+                100.0 * hist.underflow as f64 / total
+            ),
             x_label: "log10 entropy (nats)".into(),
             y_max: top,
             series: vec![Series { name: "share of tokens".into(), points }],

@@ -224,7 +224,9 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("mkdir");
         let path = dir.join("train.jsonl");
         let lines: Vec<String> = (0..50)
-            .map(|i| format!("{{\"question\": \"What is {i} + 1?\", \"answer\": \"{i} + 1 = {}\\n#### {}\"}}", i + 1, i + 1))
+            .map(|i| {
+                format!("{{\"question\": \"What is {i} + 1?\", \"answer\": \"{i} + 1 = {}\\n#### {}\"}}", i + 1, i + 1)
+            })
             .collect();
         std::fs::write(&path, lines.join("\n")).expect("write");
         let task = Task::new(&TaskConfig::Jsonl(JsonlConfig { path, test_share: 0.2, ..JsonlConfig::default() }))

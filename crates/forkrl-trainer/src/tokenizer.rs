@@ -89,8 +89,8 @@ impl HfTokenizer {
 pub enum TextTokenizer {
     /// [`CharTokenizer`].
     Char(CharTokenizer),
-    /// [`HfTokenizer`].
-    Hf(HfTokenizer),
+    /// [`HfTokenizer`] (boxed: it is large, and there is one per run).
+    Hf(Box<HfTokenizer>),
 }
 
 impl TextTokenizer {

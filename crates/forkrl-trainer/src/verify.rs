@@ -57,22 +57,22 @@ impl Rational {
     }
 
     /// `self + o`, `None` on overflow.
-    pub fn add(self, o: Self) -> Option<Self> {
+    pub fn checked_add(self, o: Self) -> Option<Self> {
         Self::new(self.num.checked_mul(o.den)?.checked_add(o.num.checked_mul(self.den)?)?, self.den.checked_mul(o.den)?)
     }
 
     /// `self − o`, `None` on overflow.
-    pub fn sub(self, o: Self) -> Option<Self> {
-        self.add(Self { num: o.num.checked_neg()?, den: o.den })
+    pub fn checked_sub(self, o: Self) -> Option<Self> {
+        self.checked_add(Self { num: o.num.checked_neg()?, den: o.den })
     }
 
     /// `self · o`, `None` on overflow.
-    pub fn mul(self, o: Self) -> Option<Self> {
+    pub fn checked_mul(self, o: Self) -> Option<Self> {
         Self::new(self.num.checked_mul(o.num)?, self.den.checked_mul(o.den)?)
     }
 
     /// `self / o`, `None` on overflow or division by zero.
-    pub fn div(self, o: Self) -> Option<Self> {
+    pub fn checked_div(self, o: Self) -> Option<Self> {
         Self::new(self.num.checked_mul(o.den)?, self.den.checked_mul(o.num)?)
     }
 }
@@ -111,9 +111,7 @@ pub fn parse_number(text: &str) -> Option<Rational> {
         Some(rest) => (true, rest.to_string()),
         None => (false, s.strip_prefix('+').unwrap_or(&s).to_string()),
     };
-    let value = if let Some(rest) =
-        ["\\frac", "\\dfrac", "\\tfrac"].iter().find_map(|p| body.strip_prefix(p))
-    {
+    let value = if let Some(rest) = ["\\frac", "\\dfrac", "\\tfrac"].iter().find_map(|p| body.strip_prefix(p)) {
         // \frac{a}{b} or \frac12
         let (a, b) = if let Some(r) = rest.strip_prefix('{') {
             let (a, r) = r.split_once('}')?;
@@ -124,9 +122,9 @@ pub fn parse_number(text: &str) -> Option<Rational> {
         } else {
             return None;
         };
-        parse_signed(&a)?.div(parse_signed(&b)?)?
+        parse_signed(&a)?.checked_div(parse_signed(&b)?)?
     } else if let Some((a, b)) = body.split_once('/') {
-        parse_decimal(a)?.div(parse_decimal(b)?)?
+        parse_decimal(a)?.checked_div(parse_decimal(b)?)?
     } else {
         parse_decimal(&body)?
     };
@@ -145,10 +143,7 @@ fn parse_signed(s: &str) -> Option<Rational> {
 
 /// The content of the last `\boxed{…}` or `\fbox{…}`, braces balanced (unbalanced → `None`).
 pub fn extract_boxed(text: &str) -> Option<&str> {
-    let start = ["\\boxed", "\\fbox"]
-        .iter()
-        .filter_map(|m| text.rfind(m).map(|i| i + m.len()))
-        .max()?;
+    let start = ["\\boxed", "\\fbox"].iter().filter_map(|m| text.rfind(m).map(|i| i + m.len())).max()?;
     let rest = text[start..].trim_start();
     let offset = text.len() - rest.len();
     if !rest.starts_with('{') {

@@ -77,3 +77,79 @@ fn dynamic_sampling_gives_up_with_a_typed_error_on_an_untrained_policy() {
         other => panic!("unexpected {other:?}"),
     }
 }
+
+/// The loop's options end to end, two RL steps each after a short SFT: HORA (probe), Mixed-CUTS, EAPO and OPEFO token
+/// weighting, query-preserved mini-batches, the KL loss to the reference policy with an entropy bonus, LR warm-up.
+#[test]
+fn every_loop_option_runs_and_shows_in_the_metrics() {
+    // Loop logic, not backend numerics: the CPU backend on every run of the suite.
+    let device = Backend::Cpu.device().expect("cpu");
+    let base = || {
+        let mut c = TrainConfig::default();
+        c.sft.steps = 120;
+        c.rl.steps = 2;
+        c.rl.prompts_per_step = 4;
+        c.eval.size = 8;
+        c.eval.every = 2;
+        c.eval.pass_k = 2;
+        c.eval.pass_k_size = 2;
+        c
+    };
+    let rl_lines = |c: &TrainConfig| -> Vec<serde_json::Value> {
+        let mut metrics = Vec::new();
+        train(c, &device, &mut metrics).expect("trains");
+        String::from_utf8(metrics)
+            .expect("utf-8")
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+            .filter(|l| l["phase"] == "rl")
+            .collect()
+    };
+    let set = |text: &str| -> TrainConfig {
+        let mut c: TrainConfig = toml::from_str(text).expect("valid option");
+        let b = base();
+        c.sft = b.sft;
+        c.rl.steps = b.rl.steps;
+        c.rl.prompts_per_step = b.rl.prompts_per_step;
+        c.eval = b.eval;
+        c
+    };
+
+    // HORA with a probe of 2: every prompt gets at least 2 rollouts and the budget stays 4 × 8.
+    let hora = rl_lines(&set("[rl.hora]\nmin_per_prompt = 2\nsource = { kind = \"probe\", n0 = 2 }\n"));
+    assert!(hora.iter().all(|l| l["rollout/num_responses"].as_f64() == Some(32.0)), "{hora:?}");
+    // Mixed-CUTS: 4 standard + 4 CUTS rollouts per group.
+    let mixed = rl_lines(&set("[rl.mixed_cuts]\ng_std = 4\ng_cuts = 4\n"));
+    assert_eq!(mixed.len(), 2);
+    // Token weighting.
+    for kind in ["eapo", "opefo"] {
+        let lines = rl_lines(&set(&format!("[rl.token_weighting]\nkind = \"{kind}\"\n")));
+        assert!(lines[1]["actor/pg_loss"].is_number(), "{kind}");
+    }
+    // Two mini-batches of 2 prompts per epoch.
+    let mb = rl_lines(&set("[rl]\nppo_mini_batch_size = 2\n"));
+    assert!(mb[1]["actor/grad_norm"].is_number());
+    // KL loss and entropy bonus: after one update the policy has left the reference.
+    let kl = rl_lines(&set(
+        "[rl]\nentropy_coeff = 0.001\n[rl.kl_loss]\nkl_loss_type = \"low_var_kl\"\nkl_loss_coef = 0.01\n",
+    ));
+    // (logged from the last of the 2 epochs, after an update: the policy has already left the reference)
+    assert!(kl.iter().all(|l| l["actor/kl_loss"].as_f64() > Some(0.0)), "{kl:?}");
+    assert!(kl[1]["actor/entropy_loss"].as_f64() > Some(0.0));
+    // verl's warm-up: lr 0 at the first step, lr/2 at the second with 2 warm-up steps.
+    let warm = rl_lines(&set("[rl]\nlr_warmup_steps = 2\n"));
+    assert_eq!(warm[0]["actor/lr"].as_f64(), Some(0.0));
+    assert_eq!(warm[1]["actor/lr"].as_f64(), Some(0.5e-4));
+
+    // Options that cannot work are configuration errors, not crashes.
+    for bad in [
+        "[rl.mixed_cuts]\ng_std = 4\ng_cuts = 2\n",
+        "[rl.hora]\nsource = { kind = \"history\", decay = 1.0 }\n",
+        "[rl]\nppo_mini_batch_size = 0\n",
+    ] {
+        assert!(
+            matches!(train(&set(bad), &device, &mut Vec::new()), Err(forkrl_trainer::TrainerError::Config(_))),
+            "{bad}"
+        );
+    }
+}

@@ -25,7 +25,7 @@ fn scratch(tag: &str) -> PathBuf {
 
 fn small() -> TrainConfig {
     let mut c = TrainConfig::default();
-    c.sft.steps = 40;
+    c.sft.steps = 150;
     c.rl.steps = 4;
     c.rl.prompts_per_step = 4;
     c.rl.group_size = 4;
@@ -86,7 +86,12 @@ fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     let state = read_state(&latest).expect("state");
     assert_eq!(state.step, 2);
     metrics_b.truncate(
-        String::from_utf8(metrics_b.clone()).expect("utf-8").lines().take(state.metrics_lines).map(|l| l.len() + 1).sum(),
+        String::from_utf8(metrics_b.clone())
+            .expect("utf-8")
+            .lines()
+            .take(state.metrics_lines)
+            .map(|l| l.len() + 1)
+            .sum(),
     );
     let resume = Checkpointing { dir: Some(b.clone()), resume: true, stop_after: None };
     let summary_b = train_with_checkpoints(&config, &device, &mut metrics_b, &resume).expect("run b, resumed");
@@ -96,13 +101,29 @@ fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     assert!(final_a.ends_with("step-000004") && final_b.ends_with("step-000004"));
     let (pa, pb) = (params(&final_a), params(&final_b));
     assert!(pa.len() > 10_000);
-    assert!(pa == pb, "parameters are bit-identical ({} of {} differ)", pa.iter().zip(&pb).filter(|(a, b)| a != b).count(), pa.len());
+    assert!(
+        pa == pb,
+        "parameters are bit-identical ({} of {} differ)",
+        pa.iter().zip(&pb).filter(|(a, b)| a != b).count(),
+        pa.len()
+    );
     assert_eq!(comparable(&metrics_a), comparable(&metrics_b), "metrics are identical");
+    // The steps after the resumption really moved the parameters (mixed rewards, non-zero gradients), so the
+    // optimizer state had to be restored for the runs to agree.
+    let late: Vec<serde_json::Value> =
+        comparable(&metrics_a).into_iter().filter(|l| l["phase"] == "rl" && l["step"].as_u64() > Some(2)).collect();
+    assert!(
+        late.iter()
+            .all(|l| l["actor/grad_norm"].as_f64() > Some(0.0) && l["frac_reward_zero_std"].as_f64() < Some(1.0)),
+        "{late:?}"
+    );
     assert_eq!(summary_a.eval_curve, summary_b.eval_curve);
     assert_eq!(summary_a.final_pass_at_k, summary_b.final_pass_at_k);
     // keep = 2: only the two newest checkpoints remain.
-    let mut names: Vec<String> =
-        std::fs::read_dir(&a).expect("ls").map(|e| e.expect("entry").file_name().into_string().expect("utf-8")).collect();
+    let mut names: Vec<String> = std::fs::read_dir(&a)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+        .collect();
     names.sort();
     assert_eq!(names, ["latest", "step-000002", "step-000004"]);
 
@@ -126,7 +147,8 @@ fn a_blow_up_stops_with_a_typed_error_and_keeps_the_last_good_checkpoint() {
     let dir = scratch("nan");
     let ckpt = Checkpointing { dir: Some(dir.clone()), ..Checkpointing::default() };
     let err = train_with_checkpoints(&config, &device, &mut Vec::new(), &ckpt).expect_err("blows up");
-    let typed = matches!(err, TrainerError::NonFinite { .. } | TrainerError::Core(forkrl_core::Error::NonFinite { .. }));
+    let typed =
+        matches!(err, TrainerError::NonFinite { .. } | TrainerError::Core(forkrl_core::Error::NonFinite { .. }));
     assert!(typed, "{err}");
     let latest = latest_checkpoint(&dir).expect("latest").expect("the checkpoint before the blow-up");
     let state = read_state(&latest).expect("readable state");
@@ -140,7 +162,9 @@ fn a_hugging_face_checkpoint_trains_on_a_jsonl_dataset() {
     let dir = scratch("jsonl");
     let data = dir.join("train.jsonl");
     let lines: Vec<String> = (0..40)
-        .map(|i| format!("{{\"question\": \"What is {i} + 7?\", \"answer\": \"{i} + 7 = {}.\\n#### {}\"}}", i + 7, i + 7))
+        .map(|i| {
+            format!("{{\"question\": \"What is {i} + 7?\", \"answer\": \"{i} + 7 = {}.\\n#### {}\"}}", i + 7, i + 7)
+        })
         .collect();
     std::fs::write(&data, lines.join("\n")).expect("write");
     let mut config = small();
@@ -160,8 +184,7 @@ fn a_hugging_face_checkpoint_trains_on_a_jsonl_dataset() {
     config.eval.size = 4;
     let mut metrics = Vec::new();
     let summary = train(&config, &device, &mut metrics).expect("trains");
-    let rl: Vec<serde_json::Value> =
-        comparable(&metrics).into_iter().filter(|l| l["phase"] == "rl").collect();
+    let rl: Vec<serde_json::Value> = comparable(&metrics).into_iter().filter(|l| l["phase"] == "rl").collect();
     assert_eq!(rl.len(), 2);
     assert!(rl[1]["actor/pg_loss"].is_number() && rl[1]["response_length/mean"].as_f64().expect("len") > 0.0);
     assert_eq!(summary.eval_curve.len(), 2, "after SFT and at the last step");

@@ -16,7 +16,9 @@
 use std::{fs, io::Write, path::PathBuf, process::ExitCode};
 
 use forkrl_core::{Backend, report::write_atomic};
-use forkrl_trainer::rlvr::{Checkpointing, TrainConfig, latest_checkpoint, read_state, summary_svg, train_with_checkpoints};
+use forkrl_trainer::rlvr::{
+    Checkpointing, TrainConfig, latest_checkpoint, read_state, summary_svg, train_with_checkpoints,
+};
 
 fn set_path(root: &mut toml::Table, path: &str, value: toml::Value) -> Result<(), String> {
     let mut parts: Vec<&str> = path.split('.').collect();
@@ -117,7 +119,10 @@ fn run() -> Result<(), String> {
             body.push('\n');
         }
         write_atomic(&metrics_path, &body).map_err(|e| format!("{}: {e}", metrics_path.display()))?;
-        fs::OpenOptions::new().append(true).open(&metrics_path).map_err(|e| format!("{}: {e}", metrics_path.display()))?
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&metrics_path)
+            .map_err(|e| format!("{}: {e}", metrics_path.display()))?
     } else {
         if checkpoints.exists() {
             fs::remove_dir_all(&checkpoints).map_err(|e| format!("{}: {e}", checkpoints.display()))?;
@@ -132,6 +137,14 @@ fn run() -> Result<(), String> {
     write_atomic(&dir.join("summary.json"), &json).map_err(|e| format!("{}: {e}", dir.display()))?;
     write_atomic(&dir.join("plot.svg"), &summary_svg(&summary)).map_err(|e| format!("{}: {e}", dir.display()))?;
     let k = config.eval.pass_k;
+    if let Some(step) = stop_after.filter(|&s| s < config.rl.steps) {
+        println!(
+            "\nstopped after RL step {step} of {} (held-out greedy accuracy {:.3}); continue with the same arguments \
+             and --resume instead of --stop-after",
+            config.rl.steps, summary.final_accuracy
+        );
+        return Ok(());
+    }
     println!(
         "\nheld-out greedy accuracy: {:.3} after SFT -> {:.3} after {} RL steps; pass@1 {:.3} -> {:.3}, pass@{k} {:.3} -> {:.3} ({:.0} s).\nWrote {}/{{config.toml, metrics.jsonl, summary.json, plot.svg}}",
         summary.sft_accuracy,
