@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     TrainerError,
     arithmetic::{self, ArithmeticConfig},
-    countdown::{CountdownConfig, countdown_reward},
+    countdown::{CountdownConfig, CountdownProblem, countdown_reward},
     jsonl::{self, JsonlConfig, apply_template},
     verify::{Extraction, math_reward},
 };
@@ -96,6 +96,14 @@ fn from_arithmetic(p: arithmetic::Problem) -> Problem {
     Problem { prompt: p.prompt, solution: Some(p.solution), gold: Gold::LastInteger(p.answer) }
 }
 
+fn from_countdown(p: CountdownProblem, use_all: bool) -> Problem {
+    Problem {
+        prompt: p.prompt,
+        solution: Some(p.solution),
+        gold: Gold::Countdown { numbers: p.numbers, target: p.target, use_all },
+    }
+}
+
 impl Task {
     /// Builds the task (reads the dataset files of a JSONL task).
     ///
@@ -156,15 +164,7 @@ impl Task {
     pub fn sample(&self, n: usize, seed: u64) -> Vec<Problem> {
         match self {
             Task::Arithmetic(c) => c.sample(n, false, seed).into_iter().map(from_arithmetic).collect(),
-            Task::Countdown(c) => c
-                .sample(n, false, seed)
-                .into_iter()
-                .map(|p| Problem {
-                    prompt: p.prompt,
-                    solution: Some(p.solution),
-                    gold: Gold::Countdown { numbers: p.numbers, target: p.target, use_all: c.use_all },
-                })
-                .collect(),
+            Task::Countdown(c) => c.sample(n, false, seed).into_iter().map(|p| from_countdown(p, c.use_all)).collect(),
             Task::Dataset { train, .. } => {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed);
                 (0..n).map(|_| train[rng.random_range(0..train.len())].clone()).collect()
@@ -176,15 +176,7 @@ impl Task {
     pub fn test_set(&self, limit: usize) -> Vec<Problem> {
         match self {
             Task::Arithmetic(c) => c.test_set(limit).into_iter().map(from_arithmetic).collect(),
-            Task::Countdown(c) => c
-                .test_set(limit)
-                .into_iter()
-                .map(|p| Problem {
-                    prompt: p.prompt,
-                    solution: Some(p.solution),
-                    gold: Gold::Countdown { numbers: p.numbers, target: p.target, use_all: c.use_all },
-                })
-                .collect(),
+            Task::Countdown(c) => c.test_set(limit).into_iter().map(|p| from_countdown(p, c.use_all)).collect(),
             Task::Dataset { test, .. } => test.iter().take(limit).cloned().collect(),
         }
     }
