@@ -368,7 +368,18 @@ impl Policy {
         Ctx { positions, mask }
     }
 
-    fn run(&self, tokens: Tensor<2, Int>, ctx: &Ctx, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+    fn run(&self, tokens: Tensor<2, Int>, ctx: &Ctx, cache: Option<&mut KvCache>) -> Tensor<3> {
+        let x = self.trunk(tokens, ctx, cache);
+        let [b, s, d] = x.dims();
+        let embed = self.embed.val();
+        match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => x.reshape([b * s, d]).matmul(embed.clone().transpose()).reshape([b, s, embed.dims()[0]]),
+        }
+    }
+
+    /// The blocks and the final norm: last-layer hidden states `[B, S, D]`.
+    fn trunk(&self, tokens: Tensor<2, Int>, ctx: &Ctx, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let [b, s] = tokens.dims();
         let half = self.head_dim / 2;
         let flat_pos = ctx.positions.clone().reshape([b * s]);
@@ -381,17 +392,24 @@ impl Policy {
             head_dim: self.head_dim,
         };
         let embed = self.embed.val();
-        let [v, d] = embed.dims();
-        let mut x = embed.clone().select(0, tokens.reshape([b * s])).reshape([b, s, d]);
+        let d = embed.dims()[1];
+        let mut x = embed.select(0, tokens.reshape([b * s])).reshape([b, s, d]);
         for (i, block) in self.blocks.iter().enumerate() {
             let past = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = block.forward(x, &sh, past);
         }
-        let x = self.norm.forward(x);
-        match &self.lm_head {
-            Some(head) => head.forward(x),
-            None => x.reshape([b * s, d]).matmul(embed.transpose()).reshape([b, s, v]),
-        }
+        self.norm.forward(x)
+    }
+
+    /// Last-layer hidden states `[B, T, D]` (after the final norm) of right-padded token ids, as SHEAR reads them.
+    ///
+    /// # Errors
+    /// [`TrainerError::ContextOverflow`] when `T` exceeds the RoPE tables.
+    pub fn hidden_states(&self, tokens: Tensor<2, Int>) -> Result<Tensor<3>, TrainerError> {
+        let [b, t] = tokens.dims();
+        self.check_len(t)?;
+        let ctx = self.ctx(&vec![0; b], t, 0, &tokens.device());
+        Ok(self.trunk(tokens, &ctx, None))
     }
 
     /// Next-token logits `[B, T, V]` for right-padded token ids `[B, T]` (positions `0..T`, causal mask).

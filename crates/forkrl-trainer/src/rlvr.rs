@@ -24,10 +24,12 @@ use burn::{
     tensor::{Bool, Device, Int, Tensor, TensorData},
 };
 use forkrl_advantage::{
-    ActorLossConfig, AdvantageConfig, AggMode, EapoConfig, ForkingDenominator, KlLossConfig, PolicyInputs, PolicyLoss,
-    PpoClipConfig, actor_loss, eapo_advantages, forking_loss_mask, group_advantages, opefo_advantages,
-    query_preserved_minibatches,
+    ActorLoss, ActorLossConfig, AdvantageConfig, AggMode, EapoConfig, ForkingDenominator, HtpoConfig, HtpoTokenGroups,
+    KlLossConfig, PolicyInputs, PolicyLoss, PpoClipConfig, ShearConfig, actor_loss, aggregate, balance_per_query,
+    eapo_advantages, forking_loss_mask, group_advantages, htpo_loss, htpo_token_groups, opefo_advantages,
+    query_preserved_minibatches, shear_weights,
 };
+use forkrl_core::BatchLayout;
 use forkrl_core::report::{Panel, Series, line_chart_svg, write_atomic};
 use forkrl_entropy::{
     SelectionRule,
@@ -185,6 +187,26 @@ pub struct RlConfig {
     /// KL loss to the reference policy, the policy as RL starts (verl `use_kl_loss`, `kl_loss_type`,
     /// `kl_loss_coef`); `None` = off (every RLVR recipe of the methods reference).
     pub kl_loss: Option<KlLossConfig>,
+    /// HTPO's hierarchical token-level loss (`forkrl_advantage::htpo`) instead of `policy_loss`: token groups from each
+    /// mini-batch's entropies (per sequence, over its response tokens) and the group accuracy, then `token-mean`.
+    /// The forking mask is not applied (HTPO partitions by entropy itself); not combinable with `kl_loss` or
+    /// `entropy_coeff`.
+    pub htpo: Option<HtpoConfig>,
+    /// Reward-balanced training rows: `per_query` keeps, in each group, as many positive- as non-positive-advantage
+    /// rollouts (the first of each sign) and drops the rest from the loss (`forkrl_advantage::balance_per_query`);
+    /// a group whose rollouts share one sign is dropped.
+    pub balance: Balance,
+}
+
+/// Which rollouts of a batch enter the loss.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// All of them.
+    #[default]
+    None,
+    /// Per query, equally many of each advantage sign.
+    PerQuery,
 }
 
 /// Per-token reweighting of the sequence advantages.
@@ -198,6 +220,10 @@ pub enum TokenWeighting {
     Eapo(EapoConfig),
     /// OPEFO entropy-flow weights (`forkrl_advantage::opefo`).
     Opefo,
+    /// SHEAR span-level Wasserstein weights (`forkrl_advantage::shear`) from the rollout policy's last-layer hidden
+    /// states. RECONSTRUCTION choice: the hidden state of a response token is the one that emitted it (position
+    /// `t − 1`).
+    Shear(ShearConfig),
 }
 
 /// The rollouts of one prompt.
@@ -231,6 +257,8 @@ impl Default for RlConfig {
             lr_warmup_steps: 0,
             entropy_coeff: 0.0,
             kl_loss: None,
+            htpo: None,
+            balance: Balance::None,
         }
     }
 }
@@ -475,6 +503,18 @@ impl Metrics<'_> {
     }
 }
 
+/// Prints a progress line: on a terminal, steps overwrite each other in place and `keep` lines (evaluations) stay;
+/// elsewhere (a log file, CI) every line is kept.
+fn progress(line: &str, keep: bool) {
+    use std::io::IsTerminal;
+    if std::io::stdout().is_terminal() {
+        print!("\r\x1b[2K{line}{}", if keep { "\n" } else { "" });
+        let _ = std::io::stdout().flush();
+    } else {
+        println!("{line}");
+    }
+}
+
 /// A 20-character progress bar, `[#####---------------]`.
 fn bar(done: usize, total: usize) -> String {
     let filled = (done * 20).checked_div(total).unwrap_or(20).min(20);
@@ -523,6 +563,14 @@ fn validate(config: &TrainConfig) -> Result<()> {
             )));
         }
     }
+    if let Some(h) = &rl.htpo {
+        h.validate()?;
+        if rl.kl_loss.is_some() || rl.entropy_coeff != 0.0 {
+            return Err(TrainerError::Config(
+                "rl.htpo replaces the actor loss: unset rl.kl_loss and rl.entropy_coeff".into(),
+            ));
+        }
+    }
     if rl.ppo_mini_batch_size == Some(0) {
         return Err(TrainerError::Config("rl.ppo_mini_batch_size must be >= 1 prompt".into()));
     }
@@ -533,6 +581,76 @@ fn validate(config: &TrainConfig) -> Result<()> {
         return Err(TrainerError::Config(format!("rl.kl_loss.kl_loss_coef = {} must be >= 0", kl.kl_loss_coef)));
     }
     Ok(())
+}
+
+/// HTPO's token groups for a `[B, W]` mini-batch whose response tokens (`mask`) sit after the prompt: the
+/// partition is computed on the response tokens moved to the left of each row, then mapped back.
+fn htpo_groups(
+    entropy: &[f32],
+    mask: &[bool],
+    w: usize,
+    group_sizes: &[usize],
+    correct: &[bool],
+    config: &HtpoConfig,
+) -> Result<HtpoTokenGroups> {
+    let b = mask.len() / w.max(1);
+    let positions: Vec<Vec<usize>> = (0..b).map(|r| (r * w..(r + 1) * w).filter(|&i| mask[i]).collect()).collect();
+    let lengths: Vec<usize> = positions.iter().map(Vec::len).collect();
+    let width = lengths.iter().copied().max().unwrap_or(0).max(1);
+    let mut compact = vec![0.0f32; b * width];
+    for (r, pos) in positions.iter().enumerate() {
+        for (j, &i) in pos.iter().enumerate() {
+            compact[r * width + j] = entropy[i];
+        }
+    }
+    let layout = BatchLayout::from_lengths(group_sizes, &lengths, width)?;
+    let g = htpo_token_groups(&compact, &layout, correct, config)?;
+    let mut out = HtpoTokenGroups {
+        hard_correct_high: vec![false; b * w],
+        wrong_high: vec![false; b * w],
+        dropped: vec![false; b * w],
+        hard: g.hard.clone(),
+    };
+    for (r, pos) in positions.iter().enumerate() {
+        for (j, &i) in pos.iter().enumerate() {
+            out.hard_correct_high[i] = g.hard_correct_high[r * width + j];
+            out.wrong_high[i] = g.wrong_high[r * width + j];
+            out.dropped[i] = g.dropped[r * width + j];
+        }
+    }
+    Ok(out)
+}
+
+/// SHEAR's per-token weights ω for a `[B, W]` batch whose response tokens (`mask`) sit after the prompt: computed on
+/// the response tokens' hidden states moved to the left of each row, then mapped back (1 off the response).
+fn shear_token_weights(
+    hidden: &[f32],
+    dim: usize,
+    mask: &[bool],
+    w: usize,
+    group_sizes: &[usize],
+    advantages: &[f32],
+    config: &ShearConfig,
+) -> Result<Vec<f32>> {
+    let b = mask.len() / w.max(1);
+    let positions: Vec<Vec<usize>> = (0..b).map(|r| (r * w..(r + 1) * w).filter(|&i| mask[i]).collect()).collect();
+    let lengths: Vec<usize> = positions.iter().map(Vec::len).collect();
+    let width = lengths.iter().copied().max().unwrap_or(0).max(1);
+    let mut compact = vec![0.0f32; b * width * dim];
+    for (r, pos) in positions.iter().enumerate() {
+        for (j, &i) in pos.iter().enumerate() {
+            compact[(r * width + j) * dim..(r * width + j + 1) * dim].copy_from_slice(&hidden[i * dim..(i + 1) * dim]);
+        }
+    }
+    let layout = BatchLayout::from_lengths(group_sizes, &lengths, width)?;
+    let omega = shear_weights(&compact, dim, &layout, advantages, config)?;
+    let mut out = vec![1.0f32; b * w];
+    for (r, pos) in positions.iter().enumerate() {
+        for (j, &i) in pos.iter().enumerate() {
+            out[i] = omega[r * width + j];
+        }
+    }
+    Ok(out)
 }
 
 /// Samples the rollout groups of one generation batch: per prompt, `group_size` rollouts (Mixed-CUTS: `g_std` with
@@ -796,7 +914,8 @@ pub fn train_with_checkpoints(
             let grads = GradientsParams::from_grads(loss.backward(), &policy);
             policy = sft_optim.step(sft.lr, policy, grads);
             if step % 25 == 0 || step + 1 == sft.steps {
-                println!("sft {} {step:>4}/{} loss {value:.4}", bar(step + 1, sft.steps), sft.steps);
+                let line = format!("sft {} {step:>4}/{} loss {value:.4}", bar(step + 1, sft.steps), sft.steps);
+                progress(&line, step + 1 == sft.steps);
                 metrics.write(serde_json::json!({"phase": "sft", "step": step, "sft/loss": value}))?;
             }
         }
@@ -907,7 +1026,26 @@ pub fn train_with_checkpoints(
             TokenWeighting::None => seq_adv,
             TokenWeighting::Eapo(c) => eapo_advantages(&seq_adv, &old_entropy, &response_mask, &c)?,
             TokenWeighting::Opefo => opefo_advantages(&seq_adv, &old_log_prob, &old_entropy, &response_mask)?.0,
+            TokenWeighting::Shear(c) => {
+                let snapshot = policy.valid();
+                let ids = ids_tensor(&seqs, &snapshot.device());
+                let hidden = snapshot.hidden_states(ids.narrow(1, 0, w))?;
+                let dim = hidden.dims()[2];
+                let omega =
+                    shear_token_weights(&host_f32(hidden)?, dim, &response_mask, w, &sizes, &adv.advantages, &c)?;
+                seq_adv.iter().zip(&omega).map(|(a, o)| a * o).collect()
+            }
         };
+        // The rows that enter the loss.
+        let mut train_mask = response_mask.clone();
+        if rl.balance == Balance::PerQuery {
+            let positive: Vec<bool> = adv.advantages.iter().map(|&a| a > 0.0).collect();
+            let keep = balance_per_query(&positive, &sizes)?;
+            for (r, _) in keep.iter().enumerate().filter(|(_, k)| !**k) {
+                train_mask[r * w..(r + 1) * w].fill(false);
+            }
+        }
+        let group_of: Vec<usize> = sizes.iter().enumerate().flat_map(|(g, &n)| std::iter::repeat_n(g, n)).collect();
         let actor = ActorLossConfig {
             policy_loss: rl.policy_loss.clone(),
             loss_agg_mode: rl.loss_agg_mode,
@@ -942,14 +1080,18 @@ pub fn train_with_checkpoints(
                     idx.iter().flat_map(|&r| v[r * w..(r + 1) * w].iter().copied()).collect()
                 };
                 let mb_mask: Vec<bool> =
-                    idx.iter().flat_map(|&r| response_mask[r * w..(r + 1) * w].iter().copied()).collect();
+                    idx.iter().flat_map(|&r| train_mask[r * w..(r + 1) * w].iter().copied()).collect();
+                if !mb_mask.iter().any(|&m| m) {
+                    continue; // every row of this mini-batch was balanced away
+                }
                 let mb_seqs: Vec<Vec<u32>> = idx.iter().map(|&r| seqs[r].clone()).collect();
                 let ids = ids_tensor(&mb_seqs, &device);
                 let tensor = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [mb, w]), &device);
                 let logits = policy.forward(ids.clone().narrow(1, 0, w))?;
                 let (entropy, log_prob) = entropy_and_logprobs(logits, ids.narrow(1, 1, w), temperature, 4096)?;
                 let h = host_f32(entropy.clone().detach())?;
-                let forking = top_entropy_mask(&h, &mb_mask, rl.top_entropy_ratio, SelectionRule::TopK)?;
+                let rho = if rl.htpo.is_some() { 1.0 } else { rl.top_entropy_ratio };
+                let forking = top_entropy_mask(&h, &mb_mask, rho, SelectionRule::TopK)?;
                 let loss_mask = forking_loss_mask(&mb_mask, &forking, w, rl.forking_denominator)?;
                 let inputs = PolicyInputs {
                     log_prob,
@@ -957,15 +1099,32 @@ pub fn train_with_checkpoints(
                     advantages: tensor(take(&token_adv)),
                     mask: Tensor::from_data(TensorData::new(loss_mask.loss_mask.clone(), [mb, w]), &device),
                 };
-                let out = actor_loss(
-                    &actor,
-                    &inputs,
-                    Some(entropy),
-                    ref_log_prob.as_ref().map(|r| tensor(take(r))),
-                    &loss_mask.denominators,
-                    step as u64,
-                    config.run.seed ^ step as u64,
-                )?;
+                let out = match &rl.htpo {
+                    None => actor_loss(
+                        &actor,
+                        &inputs,
+                        Some(entropy),
+                        ref_log_prob.as_ref().map(|r| tensor(take(r))),
+                        &loss_mask.denominators,
+                        step as u64,
+                        config.run.seed ^ step as u64,
+                    )?,
+                    Some(hc) => {
+                        let correct: Vec<bool> = idx.iter().map(|&r| rewards[r] > 0.0).collect();
+                        let mut mb_sizes: Vec<usize> = Vec::new();
+                        for (k, &r) in idx.iter().enumerate() {
+                            match mb_sizes.len() {
+                                n if n > 0 && group_of[idx[k - 1]] == group_of[r] => mb_sizes[n - 1] += 1,
+                                _ => mb_sizes.push(1),
+                            }
+                        }
+                        let groups = htpo_groups(&h, &mb_mask, w, &mb_sizes, &correct, hc)?;
+                        let token = htpo_loss(&inputs, &groups, hc)?;
+                        let loss = aggregate(token.loss, &inputs.mask, AggMode::TokenMean, &loss_mask.denominators)?;
+                        let pg_loss = f64::from(host_f32(loss.clone())?[0]);
+                        ActorLoss { loss, pg_loss, entropy: None, kl_loss: None, metrics: token.metrics }
+                    }
+                };
                 check_finite("RL policy loss", out.pg_loss as f32)?;
                 let loss_value = host_f32(out.loss.clone())?[0];
                 check_finite("RL actor loss", loss_value)?;
@@ -994,7 +1153,6 @@ pub fn train_with_checkpoints(
         let tokens: usize = responses.iter().map(|(r, _)| r.len()).sum();
         let secs = t0.elapsed().as_secs_f64();
         let n = n_mb.max(1) as f64;
-        let forking = last_forking.ok_or_else(|| TrainerError::Config("no mini-batch was trained".into()))?;
         let mut last = serde_json::Map::new();
         for (k, v) in [
             ("actor/pg_loss", pg_sum / n),
@@ -1011,8 +1169,13 @@ pub fn train_with_checkpoints(
             ("response_length/mean", tokens as f64 / b as f64),
             ("response_length/clip_ratio", responses.iter().filter(|(_, t)| *t).count() as f64 / b as f64),
             ("frac_reward_zero_std", frac_zero_std_before_filter.unwrap_or(adv.frac_reward_zero_std)),
-            ("forking/threshold", forking.threshold.map_or(f64::NAN, f64::from)),
-            ("forking/frac_selected", forking.frac_selected()),
+            ("forking/threshold", last_forking.as_ref().and_then(|f| f.threshold).map_or(f64::NAN, f64::from)),
+            ("forking/frac_selected", last_forking.as_ref().map_or(0.0, |f| f.frac_selected())),
+            (
+                "rollout/frac_trained",
+                train_mask.iter().filter(|&&m| m).count() as f64
+                    / response_mask.iter().filter(|&&m| m).count().max(1) as f64,
+            ),
             ("rollout/num_responses", b as f64),
             ("rollout/group_size_max", sizes.iter().copied().max().unwrap_or(0) as f64),
             ("perf/throughput", tokens as f64 / secs),
@@ -1034,7 +1197,7 @@ pub fn train_with_checkpoints(
         }
         let done = step + 1 - first_step;
         let eta = rl_start.elapsed().as_secs_f64() / done as f64 * (rl.steps - step) as f64;
-        println!(
+        let line = format!(
             "rl {} {step:>4}/{} reward {:.3} entropy {:.3} clipfrac {:.3}{} eta {eta:.0}s",
             bar(step, rl.steps),
             rl.steps,
@@ -1043,6 +1206,7 @@ pub fn train_with_checkpoints(
             last["actor/pg_clipfrac"].as_f64().unwrap_or(f64::NAN),
             last.get("eval/acc").and_then(|v| v.as_f64()).map_or(String::new(), |a| format!(" held-out acc {a:.3}"))
         );
+        progress(&line, last.contains_key("eval/acc") || step == rl.steps);
         metrics.write(serde_json::Value::Object(last))?;
         if step == rl.steps {
             summary.final_pass_at_k = evaluate_pass_at_k(&policy, &vocab, pass_set, k, rl, config.run.seed)?;

@@ -57,13 +57,15 @@ fn unknown_config_keys_are_errors_naming_the_key() {
 }
 
 #[test]
-fn dynamic_sampling_gives_up_with_a_typed_error_on_an_untrained_policy() {
-    // Without SFT the policy is never right, every group is all-wrong, and one allowed generation batch is not enough.
+fn dynamic_sampling_gives_up_with_a_typed_error_when_no_group_has_mixed_outcomes() {
+    // Greedy decoding makes the 8 responses of a group identical, so every group has one outcome and is filtered out;
+    // one allowed generation batch is then not enough.
     let device = Backend::from_env().expect("known backend").device().expect("compiled backend");
     let mut config = TrainConfig::default();
     config.sft.steps = 0;
     config.rl.steps = 1;
     config.rl.prompts_per_step = 2;
+    config.rl.decoding = forkrl_rollout::Decoding::Greedy;
     config.eval.size = 4;
     config.eval.pass_k_size = 2;
     config.rl.dynamic_sampling =
@@ -122,7 +124,7 @@ fn every_loop_option_runs_and_shows_in_the_metrics() {
     let mixed = rl_lines(&set("[rl.mixed_cuts]\ng_std = 4\ng_cuts = 4\n"));
     assert_eq!(mixed.len(), 2);
     // Token weighting.
-    for kind in ["eapo", "opefo"] {
+    for kind in ["eapo", "opefo", "shear"] {
         let lines = rl_lines(&set(&format!("[rl.token_weighting]\nkind = \"{kind}\"\n")));
         assert!(lines[1]["actor/pg_loss"].is_number(), "{kind}");
     }
@@ -141,11 +143,18 @@ fn every_loop_option_runs_and_shows_in_the_metrics() {
     assert_eq!(warm[0]["actor/lr"].as_f64(), Some(0.0));
     assert_eq!(warm[1]["actor/lr"].as_f64(), Some(0.5e-4));
 
+    // HTPO in place of the policy loss; per-query reward balance (some rows leave the loss).
+    let htpo = rl_lines(&set("[rl.htpo]\nclip_ratio_c = 10.0\n"));
+    assert!(htpo.iter().all(|l| l["actor/pg_loss"].is_number()), "{htpo:?}");
+    let balanced = rl_lines(&set("[rl]\nbalance = \"per_query\"\n"));
+    assert!(balanced.iter().all(|l| l["rollout/frac_trained"].as_f64() < Some(1.0)), "{balanced:?}");
+
     // Options that cannot work are configuration errors, not crashes.
     for bad in [
         "[rl.mixed_cuts]\ng_std = 4\ng_cuts = 2\n",
         "[rl.hora]\nsource = { kind = \"history\", decay = 1.0 }\n",
         "[rl]\nppo_mini_batch_size = 0\n",
+        "[rl.htpo]\n[rl.kl_loss]\nkl_loss_coef = 0.01\n",
     ] {
         assert!(
             matches!(train(&set(bad), &device, &mut Vec::new()), Err(forkrl_trainer::TrainerError::Config(_))),
