@@ -5,10 +5,9 @@
 //!   or loaded from a Hugging Face directory ([`hf`], with [`tokenizer::HfTokenizer`]);
 //! - batched generation with a KV cache and left padding ([`sampler`]);
 //! - atomic checkpoints of our own ([`checkpoint`]);
-//! - the built-in task ([`arithmetic`], [`tokenizer::CharTokenizer`]) and the SFT + RLVR loop ([`rlvr`], run by
-//!   `cargo xtask train`); the backend smoke check ([`smoke`]).
-//!
-//! Not yet here: training a Hugging Face checkpoint on a JSONL dataset, resume, the Countdown task.
+//! - tasks ([`task`]: [`arithmetic`], [`countdown`], [`jsonl`] datasets) and their verifiers ([`verify`]);
+//! - the SFT + RLVR loop with checkpoints and resume ([`rlvr`], run by `cargo xtask train`); the backend smoke check
+//!   ([`smoke`]).
 
 pub mod arithmetic;
 pub mod checkpoint;

@@ -1,15 +1,16 @@
-//! The RLVR loop on the built-in task: SFT warm start, then GRPO steps with the 80/20 forking-token mask.
+//! The RLVR loop: SFT warm start on the task's worked solutions, then RL steps (GRPO with the 80/20 forking-token
+//! mask by default).
 //!
-//! One RL step: sample `prompts_per_step` training prompts × `group_size` responses with the decoding operator
-//! (`forkrl_rollout::decode_rows`, seeded per row and position) → verify (last number = answer) → GRPO advantages on the
-//! full groups (`forkrl_advantage::group_advantages`) → for each of `ppo_epochs` passes: the training forward, entropy
-//! and log-probs of exactly the response tokens at the rollout temperature (`forkrl_entropy::tensor`) → the top-ρ
-//! forking mask over the batch's response tokens (`forkrl_entropy::top_entropy_mask`), folded into the loss mask with
-//! the chosen denominator (`forkrl_advantage::forking_loss_mask`) → the policy loss and its aggregation
-//! (`forkrl_advantage::PolicyLoss`) → AdamW with gradient-norm clipping. `log π_old` is the first pass's log-prob, so
-//! the first epoch is exactly on-policy and later epochs move the ratios off 1.
-//!
-//! Sampling uses the KV-cache sampler ([`crate::sampler`]) on an autodiff-free snapshot of the policy.
+//! One RL step: draw `prompts_per_step` training problems → allocate rollouts (uniform `group_size`, HORA after an
+//! in-step probe, DAPO dynamic sampling over several generation batches) and sample them with the KV-cache sampler
+//! ([`crate::sampler`]) on an autodiff-free snapshot of the policy, each row with its decoding operator (Mixed-CUTS
+//! mixes two) and its own (seed, step, row, position) stream → verify ([`crate::task::Problem::reward`]) → group
+//! advantages (`forkrl_advantage::group_advantages`) → the rollout policy's log-probs and entropies of the response
+//! tokens (`log π_old`, and the inputs of EAPO / OPEFO; SHEAR reads its last-layer hidden states) and the reference
+//! policy's log-probs when the KL loss is on → for each of `ppo_epochs` passes over query-preserved mini-batches: the
+//! training forward, entropy and log-probs of exactly the response tokens at the rollout temperature, the top-ρ forking
+//! mask with its denominator, the actor loss (any `PolicyLoss` or HTPO, aggregation, entropy bonus, KL loss) → AdamW
+//! with gradient-norm clipping and warm-up. Checkpoints after SFT, every `checkpoint.every` steps and at the end.
 
 use std::{
     io::Write,
