@@ -369,7 +369,11 @@ impl Policy {
     }
 
     fn run(&self, tokens: Tensor<2, Int>, ctx: &Ctx, cache: Option<&mut KvCache>) -> Tensor<3> {
-        let x = self.trunk(tokens, ctx, cache);
+        self.head(self.trunk(tokens, ctx, cache))
+    }
+
+    /// Logits `[B, S, V]` of hidden states `[B, S, D]`.
+    fn head(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, s, d] = x.dims();
         let embed = self.embed.val();
         match &self.lm_head {
@@ -436,7 +440,9 @@ impl Policy {
         Ok(self.run(tokens, &ctx, None))
     }
 
-    /// Runs a left-padded prompt batch and returns its logits `[B, T, V]` and the KV cache for [`Policy::decode`].
+    /// Runs a left-padded prompt batch and returns the logits of its last position `[B, 1, V]` (the only ones
+    /// generation needs: with a 150k vocabulary, all `[B, T, V]` of a long prompt batch would not fit in memory) and
+    /// the KV cache for [`Policy::decode`].
     ///
     /// # Errors
     /// As [`Policy::forward_left_padded`].
@@ -449,9 +455,9 @@ impl Policy {
         let mut cache =
             KvCache { layers: vec![(empty.clone(), empty); self.blocks.len()], pads: pads.to_vec(), len: 0 };
         let ctx = self.ctx(pads, t, 0, &device);
-        let logits = self.run(tokens, &ctx, Some(&mut cache));
+        let hidden = self.trunk(tokens, &ctx, Some(&mut cache));
         cache.len = t;
-        Ok((logits, cache))
+        Ok((self.head(hidden.narrow(1, t - 1, 1)), cache))
     }
 
     /// Logits `[B, S, V]` of `S` new tokens per row after the cached ones; extends the cache.

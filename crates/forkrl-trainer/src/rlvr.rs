@@ -21,7 +21,7 @@ use std::{
 use burn::{
     grad_clipping::GradientClippingConfig,
     module::Module,
-    optim::{AdamWConfig, GradientsParams},
+    optim::{AdamWConfig, GradientsAccumulator, GradientsParams},
     tensor::{Bool, Device, Int, Tensor, TensorData},
 };
 use forkrl_advantage::{
@@ -48,7 +48,7 @@ use crate::{
     TrainerError, checkpoint, hf,
     policy::{Policy, PolicyConfig},
     sampler::{self, SampleRow, SamplerConfig},
-    smoke::gradient_stats,
+    smoke::gradient_params_stats,
     task::{Problem, Task, TaskConfig},
     tokenizer::{CharTokenizer, EOS, HfTokenizer, PAD, TextTokenizer},
 };
@@ -180,6 +180,11 @@ pub struct RlConfig {
     /// Prompts per optimiser mini-batch (verl `ppo_mini_batch_size`); `None` = the whole rollout batch. Groups are
     /// never split (query-preserved mini-batches), and the order of the groups is shuffled per epoch.
     pub ppo_mini_batch_size: Option<usize>,
+    /// Rows per forward + backward inside a mini-batch (verl `ppo_micro_batch_size_per_gpu`); gradients are
+    /// accumulated over the micro-batches and each divides by the mini-batch's global denominators, so the update is
+    /// the mini-batch's (up to rounding; Clip-Cov / KL-Cov select their tokens per micro-batch). The forking mask
+    /// then comes from an extra forward without a graph over the mini-batch. `None` = one pass per mini-batch.
+    pub ppo_micro_batch_size: Option<usize>,
     /// Linear learning-rate warm-up over this many RL steps, as verl's constant-with-warm-up schedule (stepped once
     /// per RL step, `lr · min(1, (step − 1)/warmup)`); 0 = none (the 80/20 paper).
     pub lr_warmup_steps: usize,
@@ -255,6 +260,7 @@ impl Default for RlConfig {
             mixed_cuts: None,
             token_weighting: TokenWeighting::None,
             ppo_mini_batch_size: None,
+            ppo_micro_batch_size: None,
             lr_warmup_steps: 0,
             entropy_coeff: 0.0,
             kl_loss: None,
@@ -571,6 +577,9 @@ fn validate(config: &TrainConfig) -> Result<()> {
                 "rl.htpo replaces the actor loss: unset rl.kl_loss and rl.entropy_coeff".into(),
             ));
         }
+    }
+    if rl.ppo_micro_batch_size == Some(0) {
+        return Err(TrainerError::Config("rl.ppo_micro_batch_size must be >= 1 row".into()));
     }
     if rl.ppo_mini_batch_size == Some(0) {
         return Err(TrainerError::Config("rl.ppo_mini_batch_size must be >= 1 prompt".into()));
@@ -1077,39 +1086,41 @@ pub fn train_with_checkpoints(
             let last_epoch = epoch + 1 == rl.ppo_epochs;
             for idx in &batches {
                 let mb = idx.len();
-                let take = |v: &[f32]| -> Vec<f32> {
-                    idx.iter().flat_map(|&r| v[r * w..(r + 1) * w].iter().copied()).collect()
-                };
                 let mb_mask: Vec<bool> =
                     idx.iter().flat_map(|&r| train_mask[r * w..(r + 1) * w].iter().copied()).collect();
                 if !mb_mask.iter().any(|&m| m) {
                     continue; // every row of this mini-batch was balanced away
                 }
-                let mb_seqs: Vec<Vec<u32>> = idx.iter().map(|&r| seqs[r].clone()).collect();
-                let ids = ids_tensor(&mb_seqs, &device);
-                let tensor = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [mb, w]), &device);
-                let logits = policy.forward(ids.clone().narrow(1, 0, w))?;
-                let (entropy, log_prob) = entropy_and_logprobs(logits, ids.narrow(1, 1, w), temperature, 4096)?;
-                let h = host_f32(entropy.clone().detach())?;
+                let micro = rl.ppo_micro_batch_size.unwrap_or(mb).clamp(1, mb);
+                // Rows `rows` (indices into `idx`) of a [B, W] host array, and its tensor.
+                let take = |v: &[f32], rows: &[usize]| -> Vec<f32> {
+                    rows.iter().flat_map(|&k| v[idx[k] * w..(idx[k] + 1) * w].iter().copied()).collect()
+                };
+                let tensor = |v: Vec<f32>, n: usize| Tensor::<2>::from_data(TensorData::new(v, [n, w]), &device);
+                let forward = |p: &Policy, rows: &[usize]| -> Result<(Tensor<2>, Tensor<2>)> {
+                    let chunk: Vec<Vec<u32>> = rows.iter().map(|&k| seqs[idx[k]].clone()).collect();
+                    let ids = ids_tensor(&chunk, &p.device());
+                    let logits = p.forward(ids.clone().narrow(1, 0, w))?;
+                    Ok(entropy_and_logprobs(logits, ids.narrow(1, 1, w), temperature, 4096)?)
+                };
+                let all: Vec<usize> = (0..mb).collect();
+                // The forking mask and the denominators cover the whole mini-batch and come from the current
+                // policy's entropy: from the training forward itself when the mini-batch is one micro-batch, else
+                // from a forward without a graph first.
+                let mut whole = None;
+                let h = if micro == mb {
+                    let (entropy, log_prob) = forward(&policy, &all)?;
+                    let h = host_f32(entropy.clone().detach())?;
+                    whole = Some((entropy, log_prob));
+                    h
+                } else {
+                    host_f32(forward(&policy.valid(), &all)?.0)?
+                };
                 let rho = if rl.htpo.is_some() { 1.0 } else { rl.top_entropy_ratio };
                 let forking = top_entropy_mask(&h, &mb_mask, rho, SelectionRule::TopK)?;
                 let loss_mask = forking_loss_mask(&mb_mask, &forking, w, rl.forking_denominator)?;
-                let inputs = PolicyInputs {
-                    log_prob,
-                    old_log_prob: tensor(take(&old_log_prob)),
-                    advantages: tensor(take(&token_adv)),
-                    mask: Tensor::from_data(TensorData::new(loss_mask.loss_mask.clone(), [mb, w]), &device),
-                };
-                let out = match &rl.htpo {
-                    None => actor_loss(
-                        &actor,
-                        &inputs,
-                        Some(entropy),
-                        ref_log_prob.as_ref().map(|r| tensor(take(r))),
-                        &loss_mask.denominators,
-                        step as u64,
-                        config.run.seed ^ step as u64,
-                    )?,
+                let htpo_groups_mb = match &rl.htpo {
+                    None => None,
                     Some(hc) => {
                         let correct: Vec<bool> = idx.iter().map(|&r| rewards[r] > 0.0).collect();
                         let mut mb_sizes: Vec<usize> = Vec::new();
@@ -1119,31 +1130,84 @@ pub fn train_with_checkpoints(
                                 _ => mb_sizes.push(1),
                             }
                         }
-                        let groups = htpo_groups(&h, &mb_mask, w, &mb_sizes, &correct, hc)?;
-                        let token = htpo_loss(&inputs, &groups, hc)?;
-                        let loss = aggregate(token.loss, &inputs.mask, AggMode::TokenMean, &loss_mask.denominators)?;
-                        let pg_loss = f64::from(host_f32(loss.clone())?[0]);
-                        ActorLoss { loss, pg_loss, entropy: None, kl_loss: None, metrics: token.metrics }
+                        Some(htpo_groups(&h, &mb_mask, w, &mb_sizes, &correct, hc)?)
                     }
                 };
-                check_finite("RL policy loss", out.pg_loss as f32)?;
-                let loss_value = host_f32(out.loss.clone())?[0];
-                check_finite("RL actor loss", loss_value)?;
-                let grads = out.loss.backward();
-                let stats = gradient_stats(&policy, &grads);
+                let mut accumulator = GradientsAccumulator::<Policy>::new();
+                let (mut mb_pg, mut mb_ent, mut mb_kl_loss) = (0.0, 0.0, 0.0);
+                let (mut mb_clip, mut mb_clip_low, mut mb_kl, mut mb_tokens) = (0.0, 0.0, 0.0, 0usize);
+                for rows in all.chunks(micro) {
+                    let n = rows.len();
+                    let (entropy, log_prob) = match whole.take() {
+                        Some(t) => t,
+                        None => forward(&policy, rows)?,
+                    };
+                    let chunk_mask: Vec<bool> =
+                        rows.iter().flat_map(|&k| loss_mask.loss_mask[k * w..(k + 1) * w].iter().copied()).collect();
+                    let chunk_tokens = chunk_mask.iter().filter(|&&m| m).count();
+                    let inputs = PolicyInputs {
+                        log_prob,
+                        old_log_prob: tensor(take(&old_log_prob, rows), n),
+                        advantages: tensor(take(&token_adv, rows), n),
+                        mask: Tensor::from_data(TensorData::new(chunk_mask, [n, w]), &device),
+                    };
+                    // Every micro-batch divides by the mini-batch's denominators, so the accumulated gradient is the
+                    // mini-batch's.
+                    let out = match (&rl.htpo, &htpo_groups_mb) {
+                        (Some(hc), Some(groups)) => {
+                            let pick = |v: &[bool]| -> Vec<bool> {
+                                rows.iter().flat_map(|&k| v[k * w..(k + 1) * w].iter().copied()).collect()
+                            };
+                            let chunk_groups = HtpoTokenGroups {
+                                hard_correct_high: pick(&groups.hard_correct_high),
+                                wrong_high: pick(&groups.wrong_high),
+                                dropped: pick(&groups.dropped),
+                                hard: rows.iter().map(|&k| groups.hard[k]).collect(),
+                            };
+                            let token = htpo_loss(&inputs, &chunk_groups, hc)?;
+                            let loss =
+                                aggregate(token.loss, &inputs.mask, AggMode::TokenMean, &loss_mask.denominators)?;
+                            let pg_loss = f64::from(host_f32(loss.clone())?[0]);
+                            ActorLoss { loss, pg_loss, entropy: None, kl_loss: None, metrics: token.metrics }
+                        }
+                        _ => actor_loss(
+                            &actor,
+                            &inputs,
+                            Some(entropy),
+                            ref_log_prob.as_ref().map(|r| tensor(take(r, rows), n)),
+                            &loss_mask.denominators,
+                            step as u64,
+                            config.run.seed ^ step as u64,
+                        )?,
+                    };
+                    check_finite("RL policy loss", out.pg_loss as f32)?;
+                    let loss_value = host_f32(out.loss.clone())?[0];
+                    check_finite("RL actor loss", loss_value)?;
+                    accumulator.accumulate(&policy, GradientsParams::from_grads(out.loss.backward(), &policy));
+                    mb_pg += out.pg_loss;
+                    mb_ent += out.entropy.unwrap_or(f64::NAN);
+                    mb_kl_loss += out.kl_loss.unwrap_or(0.0);
+                    let t = chunk_tokens as f64;
+                    mb_clip += out.metrics.pg_clipfrac * t;
+                    mb_clip_low += out.metrics.pg_clipfrac_lower * t;
+                    mb_kl += out.metrics.ppo_kl * t;
+                    mb_tokens += chunk_tokens;
+                }
+                let grads = accumulator.grads();
+                let stats = gradient_params_stats(&policy, &grads);
                 if let Some(v) = stats.first_non_finite {
                     return Err(TrainerError::NonFinite { what: "RL gradient", value: v });
                 }
-                let grads = GradientsParams::from_grads(grads, &policy);
                 policy = optim.step(lr, policy, grads);
                 if last_epoch {
-                    pg_sum += out.pg_loss;
-                    clip_sum += out.metrics.pg_clipfrac;
-                    clip_low_sum += out.metrics.pg_clipfrac_lower;
-                    kl_sum += out.metrics.ppo_kl;
+                    let t = mb_tokens.max(1) as f64;
+                    pg_sum += mb_pg;
+                    clip_sum += mb_clip / t;
+                    clip_low_sum += mb_clip_low / t;
+                    kl_sum += mb_kl / t;
                     norm_sum += stats.norm;
-                    ent_sum += out.entropy.unwrap_or(f64::NAN);
-                    kl_loss_sum += out.kl_loss.unwrap_or(0.0);
+                    ent_sum += mb_ent;
+                    kl_loss_sum += mb_kl_loss;
                     n_mb += 1;
                     last_forking = Some(forking);
                 }

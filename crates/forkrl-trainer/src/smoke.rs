@@ -205,7 +205,7 @@ fn scalar(t: Tensor<1>) -> Result<f32, TrainerError> {
 }
 
 /// Gradient statistics of a module: global L2 norm, parameters with a gradient, first non-finite entry.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct GradientStats {
     /// Global L2 norm over every parameter's gradient.
     pub norm: f64,
@@ -227,6 +227,41 @@ pub fn gradient_stats<M: Module>(module: &M, grads: &Gradients) -> GradientStats
         with_grad: visitor.with_grad,
         total: visitor.total,
         first_non_finite: visitor.first_bad,
+    }
+}
+
+/// [`gradient_stats`] of gradients already taken out of the graph ([`GradientsParams`], e.g. accumulated over
+/// micro-batches).
+pub fn gradient_params_stats<M: Module>(module: &M, grads: &GradientsParams) -> GradientStats {
+    let mut visitor = ParamsGradVisitor { grads, stats: GradientStats::default(), sum_sq: 0.0 };
+    module.visit(&mut visitor);
+    GradientStats { norm: visitor.sum_sq.sqrt(), ..visitor.stats }
+}
+
+struct ParamsGradVisitor<'a> {
+    grads: &'a GradientsParams,
+    stats: GradientStats,
+    sum_sq: f64,
+}
+
+impl ModuleVisitor for ParamsGradVisitor<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.stats.total += 1;
+        let Some(grad) = self.grads.get::<D>(param.id) else { return };
+        self.stats.with_grad += 1;
+        match grad.into_data().try_to_vec::<f32>() {
+            Ok(values) => {
+                for v in values {
+                    if !v.is_finite() {
+                        self.stats.first_non_finite.get_or_insert(f64::from(v));
+                    }
+                    self.sum_sq += f64::from(v) * f64::from(v);
+                }
+            }
+            Err(_) => {
+                self.stats.first_non_finite.get_or_insert(f64::NAN);
+            }
+        }
     }
 }
 

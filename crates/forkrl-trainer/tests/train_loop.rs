@@ -84,6 +84,9 @@ fn dynamic_sampling_gives_up_with_a_typed_error_when_no_group_has_mixed_outcomes
 /// weighting, query-preserved mini-batches, the KL loss to the reference policy with an entropy bonus, LR warm-up.
 #[test]
 fn every_loop_option_runs_and_shows_in_the_metrics() {
+    if !on_the_cpu_suite() {
+        return;
+    }
     // Loop logic, not backend numerics: the CPU backend on every run of the suite.
     let device = Backend::Cpu.device().expect("cpu");
     let base = || {
@@ -128,6 +131,13 @@ fn every_loop_option_runs_and_shows_in_the_metrics() {
         let lines = rl_lines(&set(&format!("[rl.token_weighting]\nkind = \"{kind}\"\n")));
         assert!(lines[1]["actor/pg_loss"].is_number(), "{kind}");
     }
+    // Micro-batches of 8 rows with gradient accumulation give the update of the whole batch (up to rounding).
+    let whole = rl_lines(&set(""));
+    let micro = rl_lines(&set("[rl]\nppo_micro_batch_size = 8\n"));
+    for key in ["actor/pg_loss", "actor/grad_norm", "actor/pg_clipfrac", "actor/ppo_kl", "critic/score/mean"] {
+        let (a, m) = (whole[0][key].as_f64().expect(key), micro[0][key].as_f64().expect(key));
+        assert!((a - m).abs() <= 1e-4 * (1.0 + a.abs()), "{key}: whole batch {a}, micro-batches {m}");
+    }
     // Two mini-batches of 2 prompts per epoch.
     let mb = rl_lines(&set("[rl]\nppo_mini_batch_size = 2\n"));
     assert!(mb[1]["actor/grad_norm"].is_number());
@@ -161,4 +171,14 @@ fn every_loop_option_runs_and_shows_in_the_metrics() {
             "{bad}"
         );
     }
+}
+
+/// These tests exercise the loop's logic on the CPU backend whatever `FORKRL_BACKEND` says; `cargo xtask test` runs
+/// the suite once per backend, and running them again in the wgpu pass would only repeat the CPU run.
+fn on_the_cpu_suite() -> bool {
+    let backend = Backend::from_env().expect("known backend");
+    if backend != Backend::Cpu {
+        eprintln!("CPU-backend test: checked in the FORKRL_BACKEND=cpu run, skipped in the {backend} run");
+    }
+    backend == Backend::Cpu
 }
