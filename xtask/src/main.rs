@@ -225,8 +225,14 @@ fn vulkan_available() -> Result<(), String> {
 }
 
 fn train(args: &[String]) -> Result<(), String> {
-    // Built with the test suite's feature set (`--workspace --all-targets`), so burn is compiled once for both.
-    run(&cargo(), &["build", "--workspace", "--all-targets", "--quiet"], &[])?;
+    // Built with the test suite's feature set (`--workspace --all-targets`), so burn is compiled once for both; a CUDA
+    // run adds the `cuda` feature (a separate, full build of burn's CUDA stack, on a machine with the CUDA toolkit).
+    let cuda = args.windows(2).any(|w| w[0] == "--backend" && w[1] == "cuda");
+    let mut build = vec!["build", "--workspace", "--all-targets", "--quiet"];
+    if cuda {
+        build.extend(["--features", "forkrl-trainer/cuda"]);
+    }
+    run(&cargo(), &build, &[])?;
     let target = env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace_root().join("target"));
     let binary = target.join("debug").join(format!("forkrl-train{}", env::consts::EXE_SUFFIX));
     let binary = binary.to_str().ok_or("target path is not UTF-8")?;

@@ -1,8 +1,9 @@
-//! The built-in verifiable task: two-step arithmetic with a chain-of-thought target, and its verifier.
+//! The built-in verifiable task: multi-step arithmetic with a chain-of-thought target, and its verifier.
 //!
-//! A problem is `a ± b ± c` with `a, b ∈ [0, max_operand]` written with a fixed number of digits (zero-padded, so every
-//! prompt has the same length) and `c` one digit. The prompt is `"aa+bb-c="`; the chain-of-thought target is the
-//! intermediate result, `|`, the final result: `"42|34"`. The verifier extracts the **last number** of the response
+//! A problem of `operations = k` steps is `a + b ± c₁ … ± c_{k−1}` with `a, b ∈ [0, max_operand]` written with two
+//! digits (zero-padded, so every prompt of a configuration has the same length) and each `cᵢ` one digit. The prompt is
+//! `"aa+bb-c="` for the default k = 2; the chain-of-thought target is every intermediate result, `|`-separated, then
+//! the final result: `"42|34"`. The verifier extracts the **last number** of the response
 //! and compares it with the true value; the response is untrusted model output, so extraction never panics and reads
 //! at most the response once.
 //!
@@ -30,31 +31,57 @@ pub struct Problem {
 pub struct ArithmeticConfig {
     /// Largest first and second operand (at most 99: two digits).
     pub max_operand: u32,
+    /// Operations per problem, 2 to 6 (each one a step of the chain of thought; raise `rl.max_response_len` with it:
+    /// about 4 tokens per step).
+    pub operations: usize,
     /// Share of the problem space held out for evaluation.
     pub test_share: f64,
 }
 
 impl Default for ArithmeticConfig {
     fn default() -> Self {
-        Self { max_operand: 49, test_share: 0.2 }
+        Self { max_operand: 49, operations: 2, test_share: 0.2 }
     }
 }
 
 impl ArithmeticConfig {
+    /// Checks the knobs.
+    ///
+    /// # Errors
+    /// A message naming the bad knob.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_operand > 99 || !(2..=6).contains(&self.operations) || !(0.0..1.0).contains(&self.test_share) {
+            return Err(format!(
+                "task: max_operand = {} must be at most 99, operations = {} in 2..=6 and test_share = {} in [0, 1)",
+                self.max_operand, self.operations, self.test_share
+            ));
+        }
+        Ok(())
+    }
+
     fn space(&self) -> u64 {
         let m = u64::from(self.max_operand) + 1;
-        m * m * 10 * 2
+        m * m * 20u64.pow(self.operations.saturating_sub(1) as u32)
     }
 
     fn problem(&self, index: u64) -> Problem {
         let m = u64::from(self.max_operand) + 1;
         let (a, rest) = (index % m, index / m);
-        let (b, rest) = (rest % m, rest / m);
-        let (c, op) = (rest % 10, rest / 10 % 2);
-        let (a, b, c) = (a as i64, b as i64, c as i64);
-        let x = a + b;
-        let (sign, y) = if op == 0 { ('+', x + c) } else { ('-', x - c) };
-        Problem { prompt: format!("{a:02}+{b:02}{sign}{c}="), solution: format!("{x}|{y}"), answer: y }
+        let (b, mut rest) = (rest % m, rest / m);
+        let mut prompt = format!("{a:02}+{b:02}");
+        let mut value = (a + b) as i64;
+        let mut steps = vec![value.to_string()];
+        for _ in 1..self.operations.max(2) {
+            let (c, op) = ((rest % 10) as i64, rest / 10 % 2);
+            rest /= 20;
+            let sign = if op == 0 { '+' } else { '-' };
+            value = if op == 0 { value + c } else { value - c };
+            prompt.push(sign);
+            prompt.push_str(&c.to_string());
+            steps.push(value.to_string());
+        }
+        prompt.push('=');
+        Problem { prompt, solution: steps.join("|"), answer: value }
     }
 
     fn is_test(&self, index: u64) -> bool {
@@ -74,8 +101,20 @@ impl ArithmeticConfig {
         out
     }
 
-    /// The whole test split in a fixed order (at most `limit` problems, evenly spaced over the space).
+    /// The whole test split in a fixed order (at most `limit` problems, evenly spaced over the space); for spaces
+    /// over a million problems, `limit` distinct test problems drawn with a fixed seed.
     pub fn test_set(&self, limit: usize) -> Vec<Problem> {
+        if self.space() > 1_000_000 {
+            let mut rng = ChaCha8Rng::seed_from_u64(0x7E57);
+            let mut picked: Vec<u64> = Vec::with_capacity(limit);
+            while picked.len() < limit {
+                let i = rng.random_range(0..self.space());
+                if self.is_test(i) && !picked.contains(&i) {
+                    picked.push(i);
+                }
+            }
+            return picked.into_iter().map(|i| self.problem(i)).collect();
+        }
         let all: Vec<u64> = (0..self.space()).filter(|&i| self.is_test(i)).collect();
         let step = (all.len() / limit.max(1)).max(1);
         all.iter().step_by(step).take(limit).map(|&i| self.problem(i)).collect()
@@ -128,6 +167,25 @@ mod tests {
         assert!(train.iter().all(|t| t.prompt.len() == 8));
         assert_eq!(reward("42|34", 34), 1.0);
         assert_eq!(reward("42|35", 34), 0.0);
+    }
+
+    #[test]
+    fn more_operations_give_longer_chains() {
+        let cfg = ArithmeticConfig { operations: 4, ..ArithmeticConfig::default() };
+        let train = cfg.sample(300, false, 2);
+        let test = cfg.test_set(100);
+        assert_eq!(test.len(), 100);
+        assert!(train.iter().all(|t| !test.contains(t)));
+        for p in train.iter().chain(&test) {
+            assert_eq!(p.prompt.len(), 12, "{p:?}");
+            assert_eq!(p.solution.split('|').count(), 4, "{p:?}");
+            assert_eq!(reward(&p.solution, p.answer), 1.0);
+        }
+        // The first problem of the space by hand: 00+00+0+0+0 = 0.
+        let p = cfg.problem(0);
+        assert_eq!((p.prompt.as_str(), p.solution.as_str(), p.answer), ("00+00+0+0+0=", "0|0|0|0", 0));
+        assert!(ArithmeticConfig { operations: 7, ..cfg }.validate().is_err());
+        assert!(ArithmeticConfig { max_operand: 100, ..cfg }.validate().is_err());
     }
 
     #[test]

@@ -113,12 +113,7 @@ impl Task {
     pub fn new(config: &TaskConfig) -> Result<Self, TrainerError> {
         match config {
             TaskConfig::Arithmetic(c) => {
-                if c.max_operand > 99 || !(0.0..1.0).contains(&c.test_share) {
-                    return Err(TrainerError::Config(format!(
-                        "task: max_operand = {} must be at most 99 and test_share = {} in [0, 1)",
-                        c.max_operand, c.test_share
-                    )));
-                }
+                c.validate().map_err(TrainerError::Config)?;
                 Ok(Task::Arithmetic(*c))
             }
             TaskConfig::Countdown(c) => {
