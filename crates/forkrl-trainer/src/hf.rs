@@ -211,11 +211,18 @@ pub fn read_config(dir: &Path, max_len: Option<usize>) -> Result<HfConfig> {
     Ok(HfConfig { architecture, policy, special, max_position_embeddings })
 }
 
-/// The checkpoint's safetensors files, read into memory.
+/// Where one tensor lies: its file, dtype, shape and byte range in the file.
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: std::ops::Range<usize>,
+}
+
+/// The checkpoint's safetensors files, read into memory, with each file's header parsed (and validated) once.
 struct Weights {
-    files: Vec<(PathBuf, Vec<u8>)>,
-    /// Tensor name → file index.
-    index: BTreeMap<String, usize>,
+    files: Vec<Vec<u8>>,
+    index: BTreeMap<String, Entry>,
     dir: PathBuf,
 }
 
@@ -253,33 +260,40 @@ impl Weights {
         for (i, name) in names.iter().enumerate() {
             let path = dir.join(name);
             let bytes = std::fs::read(&path).map_err(|source| TrainerError::Io { path: path.clone(), source })?;
-            let st = SafeTensors::deserialize(&bytes)
+            // Checks the header and that the data section has exactly the bytes the header describes.
+            let (header, meta) = SafeTensors::read_metadata(&bytes)
                 .map_err(|e| TrainerError::Safetensors { path: path.clone(), reason: e.to_string() })?;
-            for n in st.names() {
-                index.insert(n.to_string(), i);
+            let data_start = 8 + header;
+            for (n, info) in meta.tensors() {
+                let (a, b) = info.data_offsets;
+                let entry = Entry {
+                    file: i,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    bytes: data_start + a..data_start + b,
+                };
+                index.insert(n, entry);
             }
-            files.push((path, bytes));
+            files.push(bytes);
         }
         Ok(Self { files, index, dir: dir.to_path_buf() })
     }
 
     /// The tensor `name` as f32 values, checked against `shape`.
     fn take(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let missing = || TrainerError::MissingTensor { name: name.into(), path: self.dir.clone() };
-        let &i = self.index.get(name).ok_or_else(missing)?;
-        let (path, bytes) = &self.files[i];
-        let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| TrainerError::Safetensors { path: path.clone(), reason: e.to_string() })?;
-        let view = st.tensor(name).map_err(|_| missing())?;
-        if view.shape() != shape {
+        let entry = self
+            .index
+            .get(name)
+            .ok_or_else(|| TrainerError::MissingTensor { name: name.into(), path: self.dir.clone() })?;
+        if entry.shape != shape {
             return Err(TrainerError::TensorMismatch {
                 name: name.into(),
                 expected: format!("shape {shape:?}"),
-                found: format!("shape {:?}", view.shape()),
+                found: format!("shape {:?}", entry.shape),
             });
         }
-        let data = view.data();
-        let values = match view.dtype() {
+        let data = &self.files[entry.file][entry.bytes.clone()];
+        let values = match entry.dtype {
             Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             Dtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             Dtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
