@@ -593,6 +593,16 @@ fn validate(config: &TrainConfig) -> Result<()> {
     Ok(())
 }
 
+/// The flat positions of each row's response tokens in a row-major `[B, W]` mask, the rows' lengths, and the longest
+/// (at least 1): the layout of the same tokens moved to the left of each row, as `BatchLayout` expects them.
+fn response_positions(mask: &[bool], w: usize) -> (Vec<Vec<usize>>, Vec<usize>, usize) {
+    let b = mask.len() / w.max(1);
+    let positions: Vec<Vec<usize>> = (0..b).map(|r| (r * w..(r + 1) * w).filter(|&i| mask[i]).collect()).collect();
+    let lengths: Vec<usize> = positions.iter().map(Vec::len).collect();
+    let width = lengths.iter().copied().max().unwrap_or(0).max(1);
+    (positions, lengths, width)
+}
+
 /// HTPO's token groups for a `[B, W]` mini-batch whose response tokens (`mask`) sit after the prompt: the
 /// partition is computed on the response tokens moved to the left of each row, then mapped back.
 fn htpo_groups(
@@ -603,10 +613,8 @@ fn htpo_groups(
     correct: &[bool],
     config: &HtpoConfig,
 ) -> Result<HtpoTokenGroups> {
-    let b = mask.len() / w.max(1);
-    let positions: Vec<Vec<usize>> = (0..b).map(|r| (r * w..(r + 1) * w).filter(|&i| mask[i]).collect()).collect();
-    let lengths: Vec<usize> = positions.iter().map(Vec::len).collect();
-    let width = lengths.iter().copied().max().unwrap_or(0).max(1);
+    let (positions, lengths, width) = response_positions(mask, w);
+    let b = positions.len();
     let mut compact = vec![0.0f32; b * width];
     for (r, pos) in positions.iter().enumerate() {
         for (j, &i) in pos.iter().enumerate() {
@@ -642,10 +650,8 @@ fn shear_token_weights(
     advantages: &[f32],
     config: &ShearConfig,
 ) -> Result<Vec<f32>> {
-    let b = mask.len() / w.max(1);
-    let positions: Vec<Vec<usize>> = (0..b).map(|r| (r * w..(r + 1) * w).filter(|&i| mask[i]).collect()).collect();
-    let lengths: Vec<usize> = positions.iter().map(Vec::len).collect();
-    let width = lengths.iter().copied().max().unwrap_or(0).max(1);
+    let (positions, lengths, width) = response_positions(mask, w);
+    let b = positions.len();
     let mut compact = vec![0.0f32; b * width * dim];
     for (r, pos) in positions.iter().enumerate() {
         for (j, &i) in pos.iter().enumerate() {
