@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use burn::tensor::Device;
+use burn::{optim::GradientsParams, tensor::Device};
 use forkrl_trainer::smoke::{TinyLmConfig, gradient_stats, smoke_batch};
 
 const WARMUP: usize = 3;
@@ -31,7 +31,7 @@ fn time_fwd_bwd(name: &str, device: Device, config: &TinyLmConfig, batch: usize,
     for i in 0..WARMUP + ITERS {
         let start = Instant::now();
         let loss = model.loss(tokens.clone());
-        let grads = loss.backward();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
         // Reading the gradients back forces the whole backward pass to finish on asynchronous backends.
         let stats = gradient_stats(&model, &grads);
         assert!(stats.first_non_finite.is_none(), "{name}: non-finite gradient");

@@ -127,5 +127,10 @@ pub enum TrainerError {
     Tokenizer(String),
 }
 
+/// The values of a tensor on the host as f32.
+pub(crate) fn host_f32<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<Vec<f32>> {
+    t.into_data().try_into_vec_as::<f32>().map_err(|e| TrainerError::Backend(format!("{e:?}")))
+}
+
 /// `Result` with [`TrainerError`].
 pub type Result<T> = std::result::Result<T, TrainerError>;

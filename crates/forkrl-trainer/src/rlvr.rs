@@ -45,10 +45,10 @@ use forkrl_rollout::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    TrainerError, checkpoint, hf,
+    TrainerError, checkpoint, hf, host_f32,
     policy::{Policy, PolicyConfig},
     sampler::{self, SampleRow, SamplerConfig},
-    smoke::gradient_params_stats,
+    smoke::gradient_stats,
     task::{Problem, Task, TaskConfig},
     tokenizer::{CharTokenizer, EOS, HfTokenizer, PAD, TextTokenizer},
 };
@@ -389,10 +389,6 @@ pub fn read_state(checkpoint: &Path) -> Result<TrainState> {
     serde_json::from_str(&text).map_err(|e| TrainerError::Checkpoint { path, reason: e.to_string() })
 }
 
-fn host_f32<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
-    t.into_data().try_into_vec_as::<f32>().map_err(|e| TrainerError::Backend(format!("{e:?}")))
-}
-
 fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Tensor<2, Int> {
     let width = rows.first().map_or(0, Vec::len);
     let flat: Vec<i64> = rows.iter().flat_map(|r| r.iter().map(|&t| i64::from(t))).collect();
@@ -413,6 +409,14 @@ fn training_batch(rows: &[(Vec<u32>, Vec<u32>)], pad: u32) -> (Vec<Vec<u32>>, Ve
         mask.extend((1..width).map(|pos| pos >= p.len() && pos < p.len() + r.len()));
     }
     (seqs, mask, width - 1)
+}
+
+/// Entropy and log-prob `[B, W]` of every next token of right-padded sequences `[B, W + 1]` at `temperature`, on the
+/// policy's device (with a graph when the policy is on an autodiff device).
+fn response_token_stats(p: &Policy, seqs: &[Vec<u32>], w: usize, temperature: f32) -> Result<(Tensor<2>, Tensor<2>)> {
+    let ids = ids_tensor(seqs, &p.device());
+    let logits = p.forward(ids.clone().narrow(1, 0, w))?;
+    Ok(entropy_and_logprobs(logits, ids.narrow(1, 1, w), temperature, 4096)?)
 }
 
 /// The policy's tokenizer and special ids.
@@ -1030,9 +1034,7 @@ pub fn train_with_checkpoints(
         // The rollout policy's log-probs and entropy of the response tokens (no graph): `log π_old` of every
         // mini-batch, and the inputs of token weighting. The reference policy's log-probs for the KL loss.
         let no_grad = |p: &Policy| -> Result<(Vec<f32>, Vec<f32>)> {
-            let ids = ids_tensor(&seqs, &p.device());
-            let logits = p.forward(ids.clone().narrow(1, 0, w))?;
-            let (h, lp) = entropy_and_logprobs(logits, ids.narrow(1, 1, w), temperature, 4096)?;
+            let (h, lp) = response_token_stats(p, &seqs, w, temperature)?;
             Ok((host_f32(h)?, host_f32(lp)?))
         };
         let (old_entropy, old_log_prob) = no_grad(&policy.valid())?;
@@ -1105,9 +1107,7 @@ pub fn train_with_checkpoints(
                 let tensor = |v: Vec<f32>, n: usize| Tensor::<2>::from_data(TensorData::new(v, [n, w]), &device);
                 let forward = |p: &Policy, rows: &[usize]| -> Result<(Tensor<2>, Tensor<2>)> {
                     let chunk: Vec<Vec<u32>> = rows.iter().map(|&k| seqs[idx[k]].clone()).collect();
-                    let ids = ids_tensor(&chunk, &p.device());
-                    let logits = p.forward(ids.clone().narrow(1, 0, w))?;
-                    Ok(entropy_and_logprobs(logits, ids.narrow(1, 1, w), temperature, 4096)?)
+                    response_token_stats(p, &chunk, w, temperature)
                 };
                 let all: Vec<usize> = (0..mb).collect();
                 // The forking mask and the denominators cover the whole mini-batch and come from the current
@@ -1200,7 +1200,7 @@ pub fn train_with_checkpoints(
                     mb_tokens += chunk_tokens;
                 }
                 let grads = accumulator.grads();
-                let stats = gradient_params_stats(&policy, &grads);
+                let stats = gradient_stats(&policy, &grads);
                 if let Some(v) = stats.first_non_finite {
                     return Err(TrainerError::NonFinite { what: "RL gradient", value: v });
                 }

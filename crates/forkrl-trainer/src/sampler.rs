@@ -19,7 +19,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use forkrl_rollout::{Decoding, RowRequest, decode_rows};
 use serde::{Deserialize, Serialize};
 
-use crate::{TrainerError, policy::Policy};
+use crate::{TrainerError, host_f32, policy::Policy};
 
 type Result<T> = std::result::Result<T, TrainerError>;
 
@@ -90,10 +90,6 @@ impl Generation {
     pub fn num_tokens(&self) -> usize {
         self.tokens.iter().map(Vec::len).sum()
     }
-}
-
-fn host_f32(t: Tensor<2>) -> Result<Vec<f32>> {
-    t.into_data().try_into_vec_as::<f32>().map_err(|e| TrainerError::Backend(format!("{e:?}")))
 }
 
 fn ids_tensor(flat: Vec<i64>, b: usize, w: usize, device: &Device) -> Tensor<2, Int> {

@@ -10,7 +10,7 @@ use burn::{
     module::{Module, ModuleVisitor, Param},
     nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig, loss::CrossEntropyLossConfig},
     optim::{AdamWConfig, GradientsParams},
-    tensor::{Bool, Device, Gradients, Int, Tensor, TensorData, activation},
+    tensor::{Bool, Device, Int, Tensor, TensorData, activation},
 };
 
 use crate::TrainerError;
@@ -181,7 +181,7 @@ pub fn smoke_step(device: &Device, seed: u64) -> Result<SmokeReport, TrainerErro
     if !loss_before.is_finite() {
         return Err(TrainerError::NonFinite { what: "smoke loss before the step", value: loss_before as f64 });
     }
-    let grads = loss.backward();
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
     let stats = gradient_stats(&model, &grads);
     if let Some(value) = stats.first_non_finite {
         return Err(TrainerError::NonFinite { what: "smoke gradient", value });
@@ -190,7 +190,6 @@ pub fn smoke_step(device: &Device, seed: u64) -> Result<SmokeReport, TrainerErro
     let (params_with_grad, params_total) = (stats.with_grad, stats.total);
 
     let mut optim = AdamWConfig::new().init();
-    let grads = GradientsParams::from_grads(grads, &model);
     let model = optim.step(1e-2, model, grads);
     let loss_after = scalar(model.loss(tokens))?;
     if !loss_after.is_finite() {
@@ -219,20 +218,7 @@ pub struct GradientStats {
 
 /// Reads every parameter's gradient back to the host (which also waits for an asynchronous backward to finish) and
 /// summarises it.
-pub fn gradient_stats<M: Module>(module: &M, grads: &Gradients) -> GradientStats {
-    let mut visitor = GradVisitor { grads, sum_sq: 0.0, with_grad: 0, total: 0, first_bad: None };
-    module.visit(&mut visitor);
-    GradientStats {
-        norm: visitor.sum_sq.sqrt(),
-        with_grad: visitor.with_grad,
-        total: visitor.total,
-        first_non_finite: visitor.first_bad,
-    }
-}
-
-/// [`gradient_stats`] of gradients already taken out of the graph ([`GradientsParams`], e.g. accumulated over
-/// micro-batches).
-pub fn gradient_params_stats<M: Module>(module: &M, grads: &GradientsParams) -> GradientStats {
+pub fn gradient_stats<M: Module>(module: &M, grads: &GradientsParams) -> GradientStats {
     let mut visitor = ParamsGradVisitor { grads, stats: GradientStats::default(), sum_sq: 0.0 };
     module.visit(&mut visitor);
     GradientStats { norm: visitor.sum_sq.sqrt(), ..visitor.stats }
@@ -260,35 +246,6 @@ impl ModuleVisitor for ParamsGradVisitor<'_> {
             }
             Err(_) => {
                 self.stats.first_non_finite.get_or_insert(f64::NAN);
-            }
-        }
-    }
-}
-
-struct GradVisitor<'a> {
-    grads: &'a Gradients,
-    sum_sq: f64,
-    with_grad: usize,
-    total: usize,
-    first_bad: Option<f64>,
-}
-
-impl ModuleVisitor for GradVisitor<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.total += 1;
-        let Some(grad) = param.val().grad(self.grads) else { return };
-        self.with_grad += 1;
-        match grad.into_data().try_to_vec::<f32>() {
-            Ok(values) => {
-                for v in values {
-                    if !v.is_finite() {
-                        self.first_bad.get_or_insert(f64::from(v));
-                    }
-                    self.sum_sq += f64::from(v) * f64::from(v);
-                }
-            }
-            Err(_) => {
-                self.first_bad.get_or_insert(f64::NAN);
             }
         }
     }
