@@ -751,6 +751,15 @@ fn build_model(config: &TrainConfig, device: &Device) -> Result<(Policy, PolicyC
         Some(dir) => {
             let model = hf::load(dir, Some(m.max_len.unwrap_or(4096)), device)?;
             let tok = HfTokenizer::from_file(&dir.join("tokenizer.json"))?;
+            // Every id the tokenizer can produce must have an embedding row.
+            if tok.vocab_size() > model.config.policy.vocab_size {
+                return Err(TrainerError::Tokenizer(format!(
+                    "{}: the tokenizer has {} ids, the model's embedding only {} rows",
+                    dir.display(),
+                    tok.vocab_size(),
+                    model.config.policy.vocab_size
+                )));
+            }
             let eos = model.config.special.eos.clone();
             let Some(&first_eos) = eos.first() else {
                 return Err(TrainerError::HfConfig {
