@@ -37,6 +37,26 @@ pub fn read_floor<E: LogitElement>(data: &[E], vocab: usize, threads: usize) -> 
     threaded_rows(data, vocab, threads, sum)
 }
 
+/// The read-and-write floor of a backward pass: copies `src` (widened to f32) into `dst`, with the same threading and
+/// instruction sets as [`read_floor`]. A pass that reads every logit and writes its gradient cannot be faster.
+pub fn copy_floor<E: LogitElement>(src: &[E], dst: &mut [f32], vocab: usize, threads: usize) {
+    let rows = src.len() / vocab.max(1);
+    let per = rows.div_ceil(threads.max(1)).max(1) * vocab;
+    let copy = floor_sum::select_copy::<E>();
+    std::thread::scope(|s| {
+        for (src, dst) in src.chunks(per).zip(dst.chunks_mut(per)) {
+            s.spawn(move || copy(src, dst));
+        }
+    });
+}
+
+#[inline(always)]
+fn plain_copy<E: LogitElement>(src: &[E], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
 /// Four independent 16-lane accumulators over the chunk (`#[inline(always)]` so that it is compiled with the features
 /// of the function it lands in).
 #[inline(always)]
@@ -51,7 +71,7 @@ fn plain_sum<E: LogitElement>(chunk: &[E]) -> f32 {
 
 #[allow(unsafe_code)]
 mod floor_sum {
-    use super::{LogitElement, plain_sum};
+    use super::{LogitElement, plain_copy, plain_sum};
 
     /// The widest variant of [`plain_sum`] this CPU runs.
     pub(super) fn select<E: LogitElement>() -> fn(&[E]) -> f32 {
@@ -65,6 +85,40 @@ mod floor_sum {
             }
         }
         plain_sum::<E>
+    }
+
+    /// The widest variant of [`plain_copy`] this CPU runs.
+    pub(super) fn select_copy<E: LogitElement>() -> fn(&[E], &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return copy_avx512::<E>;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                return copy_avx2::<E>;
+            }
+        }
+        plain_copy::<E>
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn copy_avx512<E: LogitElement>(src: &[E], dst: &mut [f32]) {
+        #[target_feature(enable = "avx512f,avx2")]
+        fn inner<E: LogitElement>(src: &[E], dst: &mut [f32]) {
+            plain_copy(src, dst)
+        }
+        // SAFETY: `select_copy` returns this function only after `is_x86_feature_detected!("avx512f")`.
+        unsafe { inner(src, dst) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn copy_avx2<E: LogitElement>(src: &[E], dst: &mut [f32]) {
+        #[target_feature(enable = "avx2")]
+        fn inner<E: LogitElement>(src: &[E], dst: &mut [f32]) {
+            plain_copy(src, dst)
+        }
+        // SAFETY: `select_copy` returns this function only after `is_x86_feature_detected!("avx2")`.
+        unsafe { inner(src, dst) }
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -259,18 +259,32 @@ fn bench(args: &[String]) -> Result<(), String> {
     }
 
     let target = env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace_root().join("target"));
-    println!("\nentropy kernel, [512, 151936] (criterion mean of this run):");
-    println!("| input | path | ms | GB/s | ratio to read floor |");
+    println!(
+        "\nentropy kernel, [512, 151936] (criterion mean of this run; GB/s counts the bytes read, and written for"
+    );
+    println!(
+        "the backward pass; each path against its floor: read_floor for the forward, copy_floor for the backward):"
+    );
+    println!("| input | path | ms | GB/s | ratio to its floor |");
     println!("|---|---|---|---|---|");
-    for (group, bytes) in
-        [("entropy_kernel_f32", 512.0 * 151_936.0 * 4.0), ("entropy_kernel_bf16", 512.0 * 151_936.0 * 2.0)]
-    {
-        let Some(floor) = criterion_mean_ns(&target, group, "read_floor") else { continue };
-        for name in ["read_floor", "forkrl", "naive_materialising"] {
-            if let Some(ns) = criterion_mean_ns(&target, group, name) {
-                let input = group.trim_start_matches("entropy_kernel_");
-                println!("| {input} | {name} | {:.1} | {:.2} | {:.3} |", ns / 1e6, bytes / ns, floor / ns);
-            }
+    let elements = 512.0 * 151_936.0;
+    for (group, input_bytes) in [("entropy_kernel_f32", 4.0), ("entropy_kernel_bf16", 2.0)] {
+        let rows = [
+            ("read_floor", "read_floor", input_bytes),
+            ("forkrl", "read_floor", input_bytes),
+            ("naive_materialising", "read_floor", input_bytes),
+            ("copy_floor", "copy_floor", input_bytes + 4.0),
+            ("forkrl_backward", "copy_floor", input_bytes + 4.0),
+        ];
+        for (name, floor_name, bytes_per_element) in rows {
+            let (Some(ns), Some(floor)) =
+                (criterion_mean_ns(&target, group, name), criterion_mean_ns(&target, group, floor_name))
+            else {
+                continue;
+            };
+            let input = group.trim_start_matches("entropy_kernel_");
+            let gbs = elements * bytes_per_element / ns;
+            println!("| {input} | {name} | {:.1} | {gbs:.2} | {:.3} |", ns / 1e6, floor / ns);
         }
     }
     println!("\ntiny policy throughput (criterion mean of this run):");
@@ -288,8 +302,17 @@ fn bench(args: &[String]) -> Result<(), String> {
             }
         }
     }
-    let tables: [(&str, &str, &[&str]); 6] = [
-        ("entropy_tensor_path_512x151936", "read_floor_sum", &["read_floor_sum", "chunked", "reference_log_softmax"]),
+    let tables: [(&str, &str, &[&str]); 7] = [
+        (
+            "entropy_tensor_path_512x151936",
+            "read_floor_sum",
+            &["read_floor_sum", "chunked", "composed", "reference_log_softmax"],
+        ),
+        (
+            "entropy_tensor_path_fwd_bwd_512x151936",
+            "reference_log_softmax",
+            &["chunked", "composed", "reference_log_softmax"],
+        ),
         ("hora_1m_rollouts_100k_prompts", "uniform", &["uniform", "hora"]),
         (
             "decode_row_151936",

@@ -34,9 +34,8 @@
 //!   [`reference_row_stats`].
 //! - **Memory and arithmetic overlap.** Pass 1 also asks for the cache lines [`PREFETCH_AHEAD`] bytes ahead (a
 //!   prefetch hint, x86-64 only). Without it the hardware prefetcher sat idle during pass 2 and a row from memory
-//!   cost the sum of its read time and its arithmetic (0.70 ns per f32 value and core on the project's machine,
-//!   against 0.36 ns for the read alone and 0.22 ns for the arithmetic on cached data); with it, about the larger
-//!   of the two.
+//!   cost about the sum of its read time and its arithmetic (0.61 ns per f32 value on one core of the project's
+//!   machine, against 0.35 ns for a plain read and 0.22 ns for the arithmetic on cached rows); with it, 0.39 ns.
 //! - **Instruction sets.** x86-64 picks AVX-512, then AVX2 + FMA, then the SSE2 baseline at run time
 //!   (`is_x86_feature_detected!`). The FMA paths use fused multiply-adds and give bit-identical results to each
 //!   other; the baseline rounds each product and sum separately (results agree to ~1e-7 relative).
@@ -132,42 +131,13 @@ pub fn token_stats<E: LogitElement>(
     targets: Option<&[u32]>,
     options: KernelOptions,
 ) -> Result<TokenStats> {
-    if vocab == 0 {
-        return Err(Error::invalid_parameter("vocab", 0, "must be at least 1"));
-    }
+    let rows = check_inputs(logits, vocab, targets, options.temperature)?;
     let t = options.temperature;
-    if !(t.is_finite() && t > 0.0) {
-        return Err(Error::invalid_parameter("temperature", t, "must be finite and > 0"));
-    }
-    if !logits.len().is_multiple_of(vocab) {
-        return Err(Error::ShapeMismatch {
-            op: "token_stats logits [N, vocab]",
-            expected: vec![logits.len() / vocab, vocab],
-            actual: vec![logits.len()],
-        });
-    }
-    let rows = logits.len() / vocab;
-    if let Some(targets) = targets {
-        if targets.len() != rows {
-            return Err(Error::ShapeMismatch {
-                op: "token_stats targets",
-                expected: vec![rows],
-                actual: vec![targets.len()],
-            });
-        }
-        if let Some((row, &id)) = targets.iter().enumerate().find(|&(_, &id)| id as usize >= vocab) {
-            return Err(Error::invalid_parameter("target id", id, format!("row {row}: must be < vocab = {vocab}")));
-        }
-    }
 
     let mut entropy = vec![0.0f32; rows];
     let mut logsumexp = vec![0.0f32; rows];
     let mut logprob = targets.map(|_| vec![0.0f32; rows]);
-    let requested = match options.threads {
-        0 => std::thread::available_parallelism().map_or(1, usize::from),
-        n => n,
-    };
-    let threads = requested.min(rows).min(logits.len().div_ceil(MIN_ELEMENTS_PER_THREAD)).max(1);
+    let threads = thread_count(options.threads, rows, logits.len());
     let rows_per_thread = rows.div_ceil(threads).max(1);
     let work = select_worker::<E>();
     let job =
@@ -199,6 +169,48 @@ pub fn token_stats<E: LogitElement>(
         return Err(err);
     }
     Ok(TokenStats { entropy, logsumexp, target_logprob: logprob })
+}
+
+/// Checks what [`token_stats`] and [`token_stats_backward`] share; returns the number of rows.
+fn check_inputs<E>(logits: &[E], vocab: usize, targets: Option<&[u32]>, temperature: f32) -> Result<usize> {
+    if vocab == 0 {
+        return Err(Error::invalid_parameter("vocab", 0, "must be at least 1"));
+    }
+    let t = temperature;
+    if !(t.is_finite() && t > 0.0) {
+        return Err(Error::invalid_parameter("temperature", t, "must be finite and > 0"));
+    }
+    if !logits.len().is_multiple_of(vocab) {
+        return Err(Error::ShapeMismatch {
+            op: "token_stats logits [N, vocab]",
+            expected: vec![logits.len() / vocab, vocab],
+            actual: vec![logits.len()],
+        });
+    }
+    let rows = logits.len() / vocab;
+    if let Some(targets) = targets {
+        if targets.len() != rows {
+            return Err(Error::ShapeMismatch {
+                op: "token_stats targets",
+                expected: vec![rows],
+                actual: vec![targets.len()],
+            });
+        }
+        if let Some((row, &id)) = targets.iter().enumerate().find(|&(_, &id)| id as usize >= vocab) {
+            return Err(Error::invalid_parameter("target id", id, format!("row {row}: must be < vocab = {vocab}")));
+        }
+    }
+    Ok(rows)
+}
+
+/// Worker threads for `rows` rows of `elements` logits in all: at most the request (0 = all cores), one per row,
+/// and one per [`MIN_ELEMENTS_PER_THREAD`] logits.
+fn thread_count(requested: usize, rows: usize, elements: usize) -> usize {
+    let requested = match requested {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    requested.min(rows).min(elements.div_ceil(MIN_ELEMENTS_PER_THREAD)).max(1)
 }
 
 fn worker_panicked() -> Error {
@@ -252,48 +264,78 @@ type Worker<E> = fn(Job<'_, E>) -> Option<Error>;
 /// `-C target-feature=+fma` or a `target-cpu` that has it). Without one, `f32::mul_add` is a libm call per element.
 const BASELINE_FMA: bool = cfg!(any(target_arch = "aarch64", target_feature = "fma"));
 
-/// Picks the widest instruction set this CPU supports: AVX-512, then AVX2 + FMA, then the baseline build (SSE2 on
-/// x86-64). All paths run the same code on the same 16 explicit lanes in the same order; the FMA paths are
-/// bit-identical to each other.
-fn select_worker<E: LogitElement>() -> Worker<E> {
+/// The instruction set the host kernels run on, detected at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Avx512,
+    Avx2Fma,
+    Baseline,
+}
+
+/// The widest instruction set this CPU supports: AVX-512, then AVX2 + FMA, then the baseline build (SSE2 on x86-64).
+fn detect_isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
-            return simd::worker_avx512::<E>;
+        let avx2_fma = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+        if avx2_fma && std::arch::is_x86_feature_detected!("avx512f") {
+            return Isa::Avx512;
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            return simd::worker_avx2::<E>;
+        if avx2_fma {
+            return Isa::Avx2Fma;
         }
     }
-    worker::<E, BASELINE_FMA>
+    Isa::Baseline
+}
+
+/// The forward worker for this CPU. All paths run the same code on the same 16 explicit lanes in the same order; the
+/// FMA paths are bit-identical to each other.
+fn select_worker<E: LogitElement>() -> Worker<E> {
+    match detect_isa() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => simd::worker_avx512::<E>,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => simd::worker_avx2::<E>,
+        _ => worker::<E, BASELINE_FMA>,
+    }
+}
+
+/// The backward worker for this CPU (as [`select_worker`]).
+fn select_grad_worker<E: LogitElement>() -> GradWorker<E> {
+    match detect_isa() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => simd::grad_worker_avx512::<E>,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => simd::grad_worker_avx2::<E>,
+        _ => grad_worker::<E, BASELINE_FMA>,
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod simd {
-    use super::{Error, Job, LogitElement, worker};
+    use super::{Error, GradJob, Job, LogitElement, grad_worker, worker};
 
     macro_rules! dispatch {
-        ($name:ident, $features:literal) => {
-            pub(super) fn $name<E: LogitElement>(job: Job<'_, E>) -> Option<Error> {
+        ($name:ident, $worker:ident, $job:ident, $out:ty, $features:literal) => {
+            pub(super) fn $name<E: LogitElement>(job: $job<'_, E>) -> $out {
                 #[target_feature(enable = $features)]
-                fn inner<E: LogitElement>(job: Job<'_, E>) -> Option<Error> {
-                    // `worker` and everything below it are `#[inline(always)]`, so they are compiled here with the
+                fn inner<E: LogitElement>(job: $job<'_, E>) -> $out {
+                    // The worker and everything below it are `#[inline(always)]`, so they are compiled here with the
                     // enabled features.
-                    worker::<E, true>(job)
+                    $worker::<E, true>(job)
                 }
-                // SAFETY: `select_worker` returns this function only after `is_x86_feature_detected!` confirmed every
-                // feature in `$features` on the running CPU; it is not reachable any other way (private module).
+                // SAFETY: `select_worker` / `select_grad_worker` return this function only after
+                // `is_x86_feature_detected!` confirmed every feature in `$features` on the running CPU; it is not
+                // reachable any other way (private module).
                 unsafe { inner(job) }
             }
         };
     }
 
-    dispatch!(worker_avx512, "avx512f,avx2,fma");
-    dispatch!(worker_avx2, "avx2,fma");
+    dispatch!(worker_avx512, worker, Job, Option<Error>, "avx512f,avx2,fma");
+    dispatch!(worker_avx2, worker, Job, Option<Error>, "avx2,fma");
+    dispatch!(grad_worker_avx512, grad_worker, GradJob, (), "avx512f,avx2,fma");
+    dispatch!(grad_worker_avx2, grad_worker, GradJob, (), "avx2,fma");
 
     /// Asks for the cache line at `p` to be brought into L1.
     #[inline(always)]
@@ -546,6 +588,195 @@ fn exp_poly<const FMA: bool>(x: f32) -> f32 {
     p * pow2n
 }
 
+/// Upstream gradients of a loss with respect to the per-row outputs of [`token_stats`], for
+/// [`token_stats_backward`].
+#[derive(Debug, Clone, Copy)]
+pub struct StatsGrad<'a> {
+    /// `∂L/∂H` per row.
+    pub entropy: &'a [f32],
+    /// `∂L/∂logsumexp` per row.
+    pub logsumexp: &'a [f32],
+    /// `∂L/∂log p_target` per row (needs the targets).
+    pub target_logprob: Option<&'a [f32]>,
+}
+
+/// The gradient `∂L/∂z` of a loss `L` with respect to every logit, given `∂L` with respect to the entropy,
+/// logsumexp and target log-prob of each row (the backward pass of [`token_stats`]), in one read of each row.
+///
+/// With `log p_i = z_i / T − lse` and `p_i = e^{log p_i}` recomputed from the forward pass's `lse` and `H`:
+///
+/// ```text
+/// ∂L/∂z_i = (1/T) · ( p_i · (g_lse − g_lp − g_H (log p_i + H)) + g_lp · 1[i = y] )
+/// ```
+///
+/// (from `∂H/∂z'_i = −p_i (log p_i + H)`, `∂lse/∂z'_i = p_i`, `∂ log p_y/∂z'_i = 1[i = y] − p_i`,
+/// entropy-and-forking-tokens.md §1.2). Returns a row-major `[N, vocab]` buffer. Threads and instruction sets as
+/// [`token_stats`]. A NaN logit or statistic gives NaN in that row's gradient; a `−inf` logit gets gradient 0.
+///
+/// # Errors
+/// As [`token_stats`] for `vocab`, the temperature, the shape of `logits` and the target ids;
+/// [`Error::ShapeMismatch`] when `stats` or a gradient does not have one value per row, or `grad.target_logprob` is
+/// given without targets.
+pub fn token_stats_backward<E: LogitElement>(
+    logits: &[E],
+    vocab: usize,
+    targets: Option<&[u32]>,
+    stats: &TokenStats,
+    grad: StatsGrad<'_>,
+    options: KernelOptions,
+) -> Result<Vec<f32>> {
+    let mut out = vec![0.0f32; logits.len()];
+    token_stats_backward_into(logits, vocab, targets, stats, grad, options, &mut out)?;
+    Ok(out)
+}
+
+/// [`token_stats_backward`] into a caller's `[N, vocab]` buffer (every value is overwritten).
+///
+/// # Errors
+/// As [`token_stats_backward`]; [`Error::ShapeMismatch`] when `out` does not have one value per logit.
+pub fn token_stats_backward_into<E: LogitElement>(
+    logits: &[E],
+    vocab: usize,
+    targets: Option<&[u32]>,
+    stats: &TokenStats,
+    grad: StatsGrad<'_>,
+    options: KernelOptions,
+    out: &mut [f32],
+) -> Result<()> {
+    let rows = check_inputs(logits, vocab, targets, options.temperature)?;
+    if out.len() != logits.len() {
+        return Err(Error::ShapeMismatch {
+            op: "token_stats_backward_into out [N, vocab]",
+            expected: vec![rows, vocab],
+            actual: vec![out.len()],
+        });
+    }
+    let per_row = [
+        ("token_stats_backward stats.entropy", stats.entropy.len()),
+        ("token_stats_backward stats.logsumexp", stats.logsumexp.len()),
+        ("token_stats_backward grad.entropy", grad.entropy.len()),
+        ("token_stats_backward grad.logsumexp", grad.logsumexp.len()),
+        ("token_stats_backward grad.target_logprob", grad.target_logprob.map_or(rows, <[f32]>::len)),
+    ];
+    if let Some(&(op, len)) = per_row.iter().find(|&&(_, len)| len != rows) {
+        return Err(Error::ShapeMismatch { op, expected: vec![rows], actual: vec![len] });
+    }
+    if grad.target_logprob.is_some() && targets.is_none() {
+        return Err(Error::ShapeMismatch {
+            op: "token_stats_backward targets (needed by grad.target_logprob)",
+            expected: vec![rows],
+            actual: vec![0],
+        });
+    }
+    let threads = thread_count(options.threads, rows, logits.len());
+    let rows_per_thread = rows.div_ceil(threads).max(1);
+    let work = select_grad_worker::<E>();
+    let t = options.temperature;
+    let job = |first, out| GradJob::new(logits, vocab, t, targets, stats, grad, first, out);
+    if threads == 1 {
+        work(job(0, out));
+        return Ok(());
+    }
+    let mut panicked = false;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = out
+            .chunks_mut(rows_per_thread * vocab)
+            .enumerate()
+            .map(|(k, chunk)| {
+                let job = job(k * rows_per_thread, chunk);
+                scope.spawn(move || work(job))
+            })
+            .collect();
+        // Join every worker before answering.
+        let failed: Vec<bool> = handles.into_iter().map(|h| h.join().is_err()).collect();
+        panicked = failed.contains(&true);
+    });
+    if panicked {
+        return Err(worker_panicked());
+    }
+    Ok(())
+}
+
+/// One worker's share of the rows of [`token_stats_backward`].
+struct GradJob<'a, E> {
+    logits: &'a [E],
+    vocab: usize,
+    temperature: f32,
+    targets: Option<&'a [u32]>,
+    entropy: &'a [f32],
+    logsumexp: &'a [f32],
+    g_entropy: &'a [f32],
+    g_logsumexp: &'a [f32],
+    g_logprob: Option<&'a [f32]>,
+    out: &'a mut [f32],
+}
+
+impl<'a, E> GradJob<'a, E> {
+    /// The job of the rows `first..first + out.len() / vocab`.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        logits: &'a [E],
+        vocab: usize,
+        temperature: f32,
+        targets: Option<&'a [u32]>,
+        stats: &'a TokenStats,
+        grad: StatsGrad<'a>,
+        first: usize,
+        out: &'a mut [f32],
+    ) -> Self {
+        let rows = first..first + out.len() / vocab;
+        Self {
+            logits: &logits[rows.start * vocab..rows.end * vocab],
+            vocab,
+            temperature,
+            targets: targets.map(|tg| &tg[rows.clone()]),
+            entropy: &stats.entropy[rows.clone()],
+            logsumexp: &stats.logsumexp[rows.clone()],
+            g_entropy: &grad.entropy[rows.clone()],
+            g_logsumexp: &grad.logsumexp[rows.clone()],
+            g_logprob: grad.target_logprob.map(|g| &g[rows]),
+            out,
+        }
+    }
+}
+
+/// A backward row worker (one per instruction set).
+type GradWorker<E> = fn(GradJob<'_, E>);
+
+#[inline(always)]
+fn grad_worker<E: LogitElement, const FMA: bool>(job: GradJob<'_, E>) {
+    let GradJob { logits, vocab, temperature, targets, entropy, logsumexp, g_entropy, g_logsumexp, g_logprob, out } =
+        job;
+    let inv_t = 1.0 / temperature;
+    for (i, (row, dz)) in logits.chunks_exact(vocab).zip(out.chunks_exact_mut(vocab)).enumerate() {
+        let g_lp = g_logprob.map_or(0.0, |g| g[i]);
+        // ∂L/∂z_j = p_j · (k0 + k1 · log p_j) (+ g_lp / T at the target).
+        let k0 = inv_t * (g_logsumexp[i] - g_lp - g_entropy[i] * entropy[i]);
+        let k1 = -inv_t * g_entropy[i];
+        let lse = logsumexp[i];
+        let (src, src_tail) = row.as_chunks::<LANES>();
+        let (dst, dst_tail) = dz.as_chunks_mut::<LANES>();
+        for (d, z) in dst.iter_mut().zip(src) {
+            prefetch(z.as_ptr().cast::<u8>().wrapping_add(PREFETCH_AHEAD));
+            *d = std::array::from_fn(|l| grad_element::<FMA>(z[l].to_f32(), inv_t, lse, k0, k1));
+        }
+        for (d, z) in dst_tail.iter_mut().zip(src_tail) {
+            *d = grad_element::<FMA>(z.to_f32(), inv_t, lse, k0, k1);
+        }
+        if let Some(tg) = targets {
+            dz[tg[i] as usize] += inv_t * g_lp;
+        }
+    }
+}
+
+/// `p · (k0 + k1 · log p)` with `log p = z·inv_t − lse`, clamped to `[EXP_MIN_ARG, 0]` (a NaN stays NaN).
+#[inline(always)]
+fn grad_element<const FMA: bool>(z: f32, inv_t: f32, lse: f32, k0: f32, k1: f32) -> f32 {
+    let log_p = z * inv_t - lse;
+    let log_p = log_p.clamp(EXP_MIN_ARG, 0.0); // NaN stays NaN
+    exp_poly::<FMA>(log_p) * madd::<FMA>(k1, log_p, k0)
+}
+
 /// Reference two-pass computation in f64, for tests and as the path the fast kernel is checked against.
 ///
 /// Uses `H = Σ_j p_j (lse − z'_j)`, a sum of non-negative terms. verl's algebraically equal form
@@ -561,6 +792,28 @@ pub fn reference_row_stats<E: LogitElement>(row: &[E], temperature: f64, target:
     let entropy: f64 = z.iter().map(|&v| (v - lse).exp() * (lse - v)).sum();
     let lp = target.map_or(f64::NAN, |y| z[y] - lse);
     (entropy, lse, lp)
+}
+
+/// Reference gradient in f64 of `g_H·H + g_lse·lse + g_lp·log p_target` with respect to one row of logits, for tests
+/// of [`token_stats_backward`]: `(1/T)(p_i (g_lse − g_lp − g_H (log p_i + H)) + g_lp 1[i = y])`.
+pub fn reference_row_grad<E: LogitElement>(
+    row: &[E],
+    temperature: f64,
+    target: Option<usize>,
+    [g_h, g_lse, g_lp]: [f64; 3],
+) -> Vec<f64> {
+    let (h, lse, _) = reference_row_stats(row, temperature, target);
+    let mut grad: Vec<f64> = row
+        .iter()
+        .map(|v| {
+            let log_p = f64::from(v.to_f32()) / temperature - lse;
+            log_p.exp() * (g_lse - g_lp - g_h * (log_p + h)) / temperature
+        })
+        .collect();
+    if let Some(y) = target {
+        grad[y] += g_lp / temperature;
+    }
+    grad
 }
 
 #[cfg(test)]
@@ -820,6 +1073,81 @@ mod tests {
         let one = token_stats(&logits, vocab, None, KernelOptions { temperature: 0.9, threads: 1 }).expect("ok");
         let four = token_stats(&logits, vocab, None, KernelOptions { temperature: 0.9, threads: 4 }).expect("ok");
         assert_eq!(one, four);
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_of_the_f64_forward() {
+        // Central differences of g·(H, lse, lp) in f64 check the analytic reference; the kernel matches it.
+        let row: Vec<f32> = vec![1.5, -0.25, 0.75, 3.0, -2.0, 0.0, 1.0];
+        let (t, y, g) = (0.8f64, 3usize, [0.7f64, -0.4, 1.3]);
+        let objective = |z: &[f64]| {
+            let lse = z.iter().map(|v| v / t).fold(f64::NEG_INFINITY, f64::max);
+            let lse = lse + z.iter().map(|v| (v / t - lse).exp()).sum::<f64>().ln();
+            let h: f64 = z.iter().map(|v| (v / t - lse).exp() * (lse - v / t)).sum();
+            g[0] * h + g[1] * lse + g[2] * (z[y] / t - lse)
+        };
+        let z64: Vec<f64> = row.iter().map(|&v| f64::from(v)).collect();
+        let analytic = reference_row_grad(&row, t, Some(y), g);
+        for i in 0..row.len() {
+            let (mut up, mut down) = (z64.clone(), z64.clone());
+            up[i] += 1e-6;
+            down[i] -= 1e-6;
+            let numeric = (objective(&up) - objective(&down)) / 2e-6;
+            assert!((numeric - analytic[i]).abs() < 1e-7, "dz[{i}]: {numeric} vs {analytic:?}");
+        }
+        let stats = token_stats(&row, row.len(), Some(&[y as u32]), opts(t as f32)).expect("valid");
+        let grad = StatsGrad { entropy: &[0.7], logsumexp: &[-0.4], target_logprob: Some(&[1.3]) };
+        let fast = token_stats_backward(&row, row.len(), Some(&[y as u32]), &stats, grad, opts(t as f32)).expect("ok");
+        for (a, b) in fast.iter().zip(&analytic) {
+            assert!((f64::from(*a) - b).abs() <= 1e-6 * b.abs().max(1.0), "{fast:?} vs {analytic:?}");
+        }
+    }
+
+    #[test]
+    fn backward_fma_paths_threads_and_bad_input() {
+        let vocab = 3 * BLOCK + 5;
+        let logits: Vec<f32> = (0..6 * vocab).map(|i| ((i * 2654435761usize) % 10007) as f32 / 300.0 - 15.0).collect();
+        let targets = [0u32, 1, 2, 3, 4, 5];
+        let o = |threads| KernelOptions { temperature: 1.25, threads };
+        let stats = token_stats(&logits, vocab, Some(&targets), o(1)).expect("valid");
+        let (gh, gl, gp) = ([0.5f32, -1.0, 2.0, 0.0, 1.0, -0.5], [1.0f32; 6], [0.25f32, 1.0, -1.0, 0.5, 0.0, 2.0]);
+        let grad = StatsGrad { entropy: &gh, logsumexp: &gl, target_logprob: Some(&gp) };
+        let one = token_stats_backward(&logits, vocab, Some(&targets), &stats, grad, o(1)).expect("valid");
+        let three = token_stats_backward(&logits, vocab, Some(&targets), &stats, grad, o(3)).expect("valid");
+        assert_eq!(one, three, "thread count");
+        let run = |work: GradWorker<f32>| {
+            let mut out = vec![0.0f32; logits.len()];
+            work(GradJob::new(&logits, vocab, 1.25, Some(&targets), &stats, grad, 0, &mut out));
+            out
+        };
+        let plain = run(grad_worker::<f32, false>);
+        for (a, b) in one.iter().zip(&plain) {
+            assert!((a - b).abs() <= 5e-6 * b.abs().max(1e-3), "{a} vs {b}");
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            let avx2 = run(simd::grad_worker_avx2::<f32>);
+            assert_eq!(avx2, run(grad_worker::<f32, true>), "AVX2 vs the portable FMA build");
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                assert_eq!(run(simd::grad_worker_avx512::<f32>), avx2, "AVX-512 vs AVX2");
+            }
+        }
+        let short = StatsGrad { entropy: &gh[..5], logsumexp: &gl, target_logprob: None };
+        assert!(matches!(
+            token_stats_backward(&logits, vocab, None, &stats, short, o(1)),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        let needs_targets = StatsGrad { entropy: &gh, logsumexp: &gl, target_logprob: Some(&gp) };
+        assert!(matches!(
+            token_stats_backward(&logits, vocab, None, &stats, needs_targets, o(1)),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        let bad_id = [0u32, 1, 2, 3, 4, vocab as u32];
+        let no_lp = StatsGrad { entropy: &gh, logsumexp: &gl, target_logprob: None };
+        assert!(matches!(
+            token_stats_backward(&logits, vocab, Some(&bad_id), &stats, no_lp, o(1)),
+            Err(Error::InvalidParameter { .. })
+        ));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Token entropy and log-prob kernels and forking-token masks ("Beyond the 80/20 Rule", arXiv 2506.01939).
 //!
 //! - [`kernel`]: entropy, logsumexp and target log-prob of every row of a host `[N, V]` logits buffer (f32, bf16,
-//!   f16), temperature-scaled, in one read of each row, threaded, never allocating `[N, V]`.
+//!   f16), temperature-scaled, in one read of each row, threaded, never allocating `[N, V]`; and its backward pass
+//!   (`∂L/∂z` from `∂L` with respect to those three), also one read of each row.
 //! - [`forking_mask`]: the batch-global top-ρ entropy mask (official exact top-k and TRL's quantile rule), its
 //!   "bottom 1 − ρ" complement and a per-sequence variant.
 //! - [`entropy_stats`]: percentiles, fractions below thresholds, log-spaced histograms, per token-id aggregates,
@@ -14,12 +15,13 @@
 //!
 //! - [`cancellation`]: how much token credit cancels within groups, per token id.
 //!
-//! - [`entropy_flow`]: OPEFO's per-token entropy change, flows `F+`/`F−`, `λ*` and weights (a reconstruction).
+//! - [`entropy_flow`](mod@entropy_flow): OPEFO's per-token entropy change, flows `F+`/`F−`, `λ*` and weights (a reconstruction).
 //!
 //! - [`rock_tokens`]: rock-token detection (freq × mean reverse KL), persistence, and TokenFreezeKD bypass weights.
 //!
 //! - [`tensor`] (cargo feature `burn`, on by default): entropy and target log-probs on burn tensors, chunked,
-//!   differentiable, any backend.
+//!   differentiable, any backend; [`tensor_op`]: the custom burn operation behind it (its own backward pass; the host
+//!   kernels on the CPU backend).
 
 pub mod cancellation;
 pub mod entropy_flow;
@@ -30,6 +32,8 @@ pub mod polarity_entropy;
 pub mod rock_tokens;
 #[cfg(feature = "burn")]
 pub mod tensor;
+#[cfg(feature = "burn")]
+pub mod tensor_op;
 
 pub use cancellation::{CancellationReport, TokenCredit, cancellation_analysis};
 pub use entropy_flow::{EntropyFlow, entropy_flow};
@@ -40,7 +44,9 @@ pub use entropy_stats::{
 pub use forking_mask::{
     ForkingMask, SelectionRule, bottom_entropy_mask, per_sequence_top_entropy_mask, top_entropy_mask, top_k_count,
 };
-pub use kernel::{KernelOptions, LogitElement, TokenStats, token_stats};
+pub use kernel::{
+    KernelOptions, LogitElement, StatsGrad, TokenStats, token_stats, token_stats_backward, token_stats_backward_into,
+};
 pub use polarity_entropy::{
     EntropyCut, PolarityEntropyQuadrants, QuadrantStats, polarity_entropy_quadrants, token_covariance,
 };

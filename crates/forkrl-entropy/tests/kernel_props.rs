@@ -87,3 +87,33 @@ fn uniform_rows_give_ln_v_and_peaked_rows_give_about_zero() {
         assert!(out.target_logprob.expect("targets")[0].abs() < 1e-6);
     }
 }
+
+proptest! {
+    #[test]
+    fn backward_matches_the_f64_reference_gradient(
+        (logits, rows, vocab) in logits_strategy(),
+        t in 0.3f32..2.5,
+        seed in any::<u32>(),
+        g in prop::array::uniform3(-2.0f32..2.0),
+    ) {
+        use forkrl_entropy::kernel::{StatsGrad, reference_row_grad, token_stats_backward};
+        let targets: Vec<u32> = (0..rows).map(|r| ((seed as usize + r * 31) % vocab) as u32).collect();
+        let stats = token_stats(&logits, vocab, Some(&targets), opts(t, 2)).expect("valid");
+        let (gh, gl, gp) = (vec![g[0]; rows], vec![g[1]; rows], vec![g[2]; rows]);
+        let grad = StatsGrad { entropy: &gh, logsumexp: &gl, target_logprob: Some(&gp) };
+        let dz = token_stats_backward(&logits, vocab, Some(&targets), &stats, grad, opts(t, 2)).expect("valid");
+        let scale = g.iter().map(|v| v.abs()).fold(0.0f32, f32::max).max(1e-3) as f64 / f64::from(t);
+        for r in 0..rows {
+            let row = &logits[r * vocab..(r + 1) * vocab];
+            let reference = reference_row_grad(row, f64::from(t), Some(targets[r] as usize), g.map(f64::from));
+            let mut sum = 0.0f64;
+            for (j, (&fast, &exact)) in dz[r * vocab..(r + 1) * vocab].iter().zip(&reference).enumerate() {
+                // Relative 1e-5 of the largest term a gradient entry can have (|g| / T), per entry.
+                prop_assert!((f64::from(fast) - exact).abs() <= 1e-5 * scale, "row {r} col {j}: {fast} vs {exact}");
+                sum += f64::from(fast);
+            }
+            // H and log p are shift-invariant and ∂lse/∂z sums to 1/T: Σ_j ∂L/∂z_j = g_lse / T.
+            prop_assert!((sum - f64::from(g[1]) / f64::from(t)).abs() <= 1e-5 * scale * vocab as f64);
+        }
+    }
+}

@@ -115,3 +115,110 @@ fn bad_input_and_empty_batches() {
     let empty = Tensor::<3>::zeros([0, 3, 5], &device);
     assert_eq!(token_entropy(empty, 1.0, 8).expect("valid").dims(), [0, 3]);
 }
+
+/// `(H, lse, lp)` per row of `[N, V]` logits by `log_softmax` (the reference for the custom operation's columns).
+fn reference_columns(logits: Tensor<2>, ids: Tensor<1, Int>, temperature: f32) -> Tensor<2> {
+    let [n, v] = logits.dims();
+    let z = logits.div_scalar(temperature);
+    let lsm = burn::tensor::activation::log_softmax(z.clone(), 1); // [N, V]
+    let h = (lsm.clone().exp() * lsm.clone()).sum_dim(1).neg(); // [N, 1]
+    let lse = z.clone() - lsm.clone(); // every column holds lse
+    let lse = lse.slice([0..n, 0..1]);
+    let lp = lsm.gather(1, ids.reshape([n, 1]));
+    assert!(v > 0);
+    Tensor::cat(vec![h, lse, lp], 1)
+}
+
+#[test]
+fn custom_operation_gradients_of_every_column_equal_the_reference() {
+    use burn::backend::Dispatch;
+    use forkrl_entropy::tensor_op::{EntropyBackend, runs_on};
+    let base = device();
+    if !runs_on(base.as_dispatch()) {
+        eprintln!("the custom operation does not run on {base:?} in this build; the composed path is tested instead");
+        return;
+    }
+    for device in [base.clone().autodiff(), base.autodiff().gradient_checkpointing()] {
+        let (n, v, temperature) = (7, 13, 0.6f32);
+        device.seed(7);
+        let logits = Tensor::<2>::random([n, v], Distribution::Normal(0.0, 2.5), &device);
+        let ids =
+            Tensor::<1, Int>::from_data(TensorData::new((0..n as i64).map(|i| (i * 5) % 13).collect(), [n]), &device);
+        let weights: Vec<f32> = (0..n * 3).map(|i| ((i * 37) % 11) as f32 / 5.0 - 1.0).collect();
+        let weights = Tensor::<2>::from_data(TensorData::new(weights, [n, 3]), &device);
+        let run = |custom: bool| {
+            let x = logits.clone().detach().require_grad();
+            let stats = if custom {
+                Tensor::<2>::from_dispatch(<Dispatch as EntropyBackend>::entropy_stats(
+                    x.clone().into_dispatch(),
+                    ids.clone().into_dispatch(),
+                    temperature,
+                    3,
+                ))
+            } else {
+                reference_columns(x.clone(), ids.clone(), temperature)
+            };
+            let values = stats.clone().into_data().try_into_vec_as::<f32>().expect("f32");
+            let grads = (stats * weights.clone()).sum().backward();
+            let g = x.grad(&grads).expect("gradient").into_data().try_into_vec_as::<f32>().expect("f32");
+            (values, g)
+        };
+        let ((values, grad), (values_ref, grad_ref)) = (run(true), run(false));
+        assert_close(&values, &values_ref, 1e-5, "H, lse, lp");
+        assert_close(&grad, &grad_ref, 1e-5, "d (w · [H, lse, lp]) / d logits");
+    }
+}
+
+#[test]
+fn entropy_bonus_gradient_and_checkpointing() {
+    // The entropy alone (verl's entropy_coeff term), on a plain and a gradient-checkpointing autodiff device.
+    let base = device();
+    for device in [base.clone().autodiff(), base.autodiff().gradient_checkpointing()] {
+        let (logits, targets) = random_case(&device, [2, 4, 19]);
+        let grad_of = |fast: bool| {
+            let x = logits.clone().detach().require_grad();
+            let h = if fast {
+                token_entropy(x.clone(), 1.3, 3).expect("valid")
+            } else {
+                entropy_and_logprobs_reference(x.clone(), targets.clone(), 1.3).expect("valid").0
+            };
+            let grads = h.sum().backward();
+            x.grad(&grads).expect("gradient").into_data().try_into_vec_as::<f32>().expect("f32")
+        };
+        assert_close(&grad_of(true), &grad_of(false), 1e-5, "d ΣH / d logits");
+    }
+}
+
+#[test]
+fn target_ids_outside_the_vocabulary_and_an_empty_vocabulary_are_typed_errors() {
+    let device = device();
+    let (logits, _) = random_case(&device, [1, 3, 6]);
+    for bad in [6i64, -1, 100] {
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![0i64, bad, 2], [1, 3]), &device);
+        match entropy_and_logprobs(logits.clone(), ids, 1.0, 8) {
+            Err(Error::InvalidParameter { value, .. }) => assert_eq!(value, bad.to_string()),
+            other => panic!("id {bad}: unexpected {other:?}"),
+        }
+    }
+    let empty_vocab = Tensor::<3>::zeros([1, 3, 0], &device);
+    assert!(matches!(token_entropy(empty_vocab.clone(), 1.0, 8), Err(Error::InvalidParameter { .. })));
+    let ids = Tensor::<2, Int>::zeros([1, 3], &device);
+    assert!(matches!(entropy_and_logprobs(empty_vocab, ids, 1.0, 8), Err(Error::InvalidParameter { .. })));
+}
+
+#[test]
+fn half_precision_logits_are_computed_in_f32() {
+    use burn::tensor::DType;
+    let device = device();
+    if !device.supports_dtype(DType::BF16) {
+        eprintln!("{device:?} has no bf16 tensors; skipped");
+        return;
+    }
+    let (logits, targets) = random_case(&device, [2, 3, 50]);
+    let half = logits.cast(DType::BF16);
+    let widened = half.clone().cast(DType::F32);
+    let (h, lp) = entropy_and_logprobs(half, targets.clone(), 1.0, 4).expect("valid");
+    let (h32, lp32) = entropy_and_logprobs(widened, targets, 1.0, 4).expect("valid");
+    assert_close(&host(h.cast(DType::F32)), &host(h32), 1e-5, "bf16 entropy");
+    assert_close(&host(lp.cast(DType::F32)), &host(lp32), 1e-5, "bf16 log-prob");
+}
