@@ -73,72 +73,61 @@ fn plain_sum<E: LogitElement>(chunk: &[E]) -> f32 {
 mod floor_sum {
     use super::{LogitElement, plain_copy, plain_sum};
 
-    /// The widest variant of [`plain_sum`] this CPU runs.
-    pub(super) fn select<E: LogitElement>() -> fn(&[E]) -> f32 {
+    /// `$name` runs `$body` on `$args` compiled with `$features` (`#[inline(always)]` helpers land in it).
+    macro_rules! with_features {
+        ($name:ident, $features:literal, ($($arg:ident: $ty:ty),*) -> $out:ty, $body:ident) => {
+            #[cfg(target_arch = "x86_64")]
+            fn $name<E: LogitElement>($($arg: $ty),*) -> $out {
+                #[target_feature(enable = $features)]
+                fn inner<E: LogitElement>($($arg: $ty),*) -> $out {
+                    $body($($arg),*)
+                }
+                // SAFETY: `select` / `select_copy` return this function only after `is_x86_feature_detected!`
+                // confirmed the features on the running CPU.
+                unsafe { inner($($arg),*) }
+            }
+        };
+    }
+
+    with_features!(sum_avx512, "avx512f,avx2", (chunk: &[E]) -> f32, plain_sum);
+    with_features!(sum_avx2, "avx2", (chunk: &[E]) -> f32, plain_sum);
+    with_features!(copy_avx512, "avx512f,avx2", (src: &[E], dst: &mut [f32]) -> (), plain_copy);
+    with_features!(copy_avx2, "avx2", (src: &[E], dst: &mut [f32]) -> (), plain_copy);
+
+    /// Which of the builds this CPU runs: 2 = AVX-512, 1 = AVX2, 0 = baseline.
+    fn level() -> u8 {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
-                return avx512::<E>;
+                return 2;
             }
             if std::arch::is_x86_feature_detected!("avx2") {
-                return avx2::<E>;
+                return 1;
             }
         }
-        plain_sum::<E>
+        0
+    }
+
+    /// The widest variant of [`plain_sum`] this CPU runs.
+    pub(super) fn select<E: LogitElement>() -> fn(&[E]) -> f32 {
+        match level() {
+            #[cfg(target_arch = "x86_64")]
+            2 => sum_avx512::<E>,
+            #[cfg(target_arch = "x86_64")]
+            1 => sum_avx2::<E>,
+            _ => plain_sum::<E>,
+        }
     }
 
     /// The widest variant of [`plain_copy`] this CPU runs.
     pub(super) fn select_copy<E: LogitElement>() -> fn(&[E], &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return copy_avx512::<E>;
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                return copy_avx2::<E>;
-            }
+        match level() {
+            #[cfg(target_arch = "x86_64")]
+            2 => copy_avx512::<E>,
+            #[cfg(target_arch = "x86_64")]
+            1 => copy_avx2::<E>,
+            _ => plain_copy::<E>,
         }
-        plain_copy::<E>
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    fn copy_avx512<E: LogitElement>(src: &[E], dst: &mut [f32]) {
-        #[target_feature(enable = "avx512f,avx2")]
-        fn inner<E: LogitElement>(src: &[E], dst: &mut [f32]) {
-            plain_copy(src, dst)
-        }
-        // SAFETY: `select_copy` returns this function only after `is_x86_feature_detected!("avx512f")`.
-        unsafe { inner(src, dst) }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    fn copy_avx2<E: LogitElement>(src: &[E], dst: &mut [f32]) {
-        #[target_feature(enable = "avx2")]
-        fn inner<E: LogitElement>(src: &[E], dst: &mut [f32]) {
-            plain_copy(src, dst)
-        }
-        // SAFETY: `select_copy` returns this function only after `is_x86_feature_detected!("avx2")`.
-        unsafe { inner(src, dst) }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    fn avx512<E: LogitElement>(chunk: &[E]) -> f32 {
-        #[target_feature(enable = "avx512f,avx2")]
-        fn inner<E: LogitElement>(chunk: &[E]) -> f32 {
-            plain_sum(chunk)
-        }
-        // SAFETY: `select` returns this function only after `is_x86_feature_detected!("avx512f")`.
-        unsafe { inner(chunk) }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    fn avx2<E: LogitElement>(chunk: &[E]) -> f32 {
-        #[target_feature(enable = "avx2")]
-        fn inner<E: LogitElement>(chunk: &[E]) -> f32 {
-            plain_sum(chunk)
-        }
-        // SAFETY: `select` returns this function only after `is_x86_feature_detected!("avx2")`.
-        unsafe { inner(chunk) }
     }
 }
 

@@ -87,14 +87,11 @@ pub fn entropy_and_logprobs(
     temperature: f32,
     chunk_rows: usize,
 ) -> Result<(Tensor<2>, Tensor<2>)> {
-    let [b, t, v] = logits.dims();
-    check(temperature, chunk_rows, v)?;
-    check_targets("entropy_and_logprobs targets [B, T]", &targets, [b, t])?;
+    let [b, t, v] = checked(&logits, &targets, temperature, chunk_rows)?;
     let device = logits.device();
     if b * t == 0 {
         return Ok((Tensor::zeros([b, t], &device), Tensor::zeros([b, t], &device)));
     }
-    check_target_ids(&targets, v)?;
     if tensor_op::runs_on(device.as_dispatch()) {
         let n = b * t;
         let stats = custom_op(logits.reshape([n, v]), targets.reshape([n]), temperature, chunk_rows);
@@ -128,13 +125,19 @@ pub fn entropy_and_logprobs_composed(
     temperature: f32,
     chunk_rows: usize,
 ) -> Result<(Tensor<2>, Tensor<2>)> {
+    checked(&logits, &targets, temperature, chunk_rows)?;
+    Ok(composed(logits, targets, temperature, chunk_rows))
+}
+
+/// The checks of [`entropy_and_logprobs`]; returns `[B, T, V]`.
+fn checked(logits: &Tensor<3>, targets: &Tensor<2, Int>, temperature: f32, chunk_rows: usize) -> Result<[usize; 3]> {
     let [b, t, v] = logits.dims();
     check(temperature, chunk_rows, v)?;
-    check_targets("entropy_and_logprobs_composed targets [B, T]", &targets, [b, t])?;
+    check_targets("entropy_and_logprobs targets [B, T]", targets, [b, t])?;
     if b * t > 0 {
-        check_target_ids(&targets, v)?;
+        check_target_ids(targets, v)?;
     }
-    Ok(composed(logits, targets, temperature, chunk_rows))
+    Ok([b, t, v])
 }
 
 /// The composed path (arguments already checked).
