@@ -16,10 +16,11 @@
 //! temporaries:
 //! - on the Flex (CPU) backend, and on wgpu / CUDA when this crate's `wgpu` / `cuda` feature is on, one custom
 //!   operation with its own backward pass ([`crate::tensor_op`]). Under autodiff it saves only the logits and three
-//!   numbers per row; the backward pass recomputes the softmax chunk by chunk. On the project's machine, the forward
-//!   and backward of `[1, 2048, 32768]` f32 logits (256 MiB) peaked at 0.78 GiB of process memory this way, against
-//!   1.29 GiB for the composed operations and 1.5 GiB for `log_softmax` (`cargo run --example tensor_memory -p
-//!   forkrl-entropy`, see docs/entropy-kernel.md).
+//!   numbers per row; the backward pass recomputes the softmax (on the CPU backend both passes are the host kernels
+//!   of [`crate::kernel`]). On the project's machine, the forward and backward of `[1, 2048, 32768]` f32 logits
+//!   (256 MiB) peaked at 524 MiB of process memory this way (the logits and their gradient), against 1324 MiB for the
+//!   composed operations and 1548 MiB for `log_softmax` (`cargo run --example tensor_memory -p forkrl-entropy`, see
+//!   docs/entropy-kernel.md).
 //! - elsewhere, the same formulas composed from burn's tensor operations ([`entropy_and_logprobs_composed`]), where
 //!   autodiff keeps `z' − m` and its exponential for each chunk until the backward pass.
 //!
