@@ -176,9 +176,8 @@ fn check_inputs<E>(logits: &[E], vocab: usize, targets: Option<&[u32]>, temperat
     if vocab == 0 {
         return Err(Error::invalid_parameter("vocab", 0, "must be at least 1"));
     }
-    let t = temperature;
-    if !(t.is_finite() && t > 0.0) {
-        return Err(Error::invalid_parameter("temperature", t, "must be finite and > 0"));
+    if !(temperature.is_finite() && temperature > 0.0) {
+        return Err(Error::invalid_parameter("temperature", temperature, "must be finite and > 0"));
     }
     if !logits.len().is_multiple_of(vocab) {
         return Err(Error::ShapeMismatch {

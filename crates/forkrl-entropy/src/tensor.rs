@@ -69,7 +69,7 @@ pub fn token_entropy(logits: Tensor<3>, temperature: f32, chunk_rows: usize) -> 
         // No targets: id 0 for every row, whose log-prob is computed and dropped (its gradient is zero).
         let ids = Tensor::<1, Int>::zeros([b * t], &device);
         let stats = custom_op(logits.reshape([b * t, v]), ids, temperature, chunk_rows);
-        return Ok(stats.slice([0..b * t, tensor_op::ENTROPY..tensor_op::ENTROPY + 1]).reshape([b, t]));
+        return Ok(stats_column(stats, tensor_op::ENTROPY, [b, t]));
     }
     let flat = logits.reshape([b * t, v]); // [N, V]
     let chunks: Vec<Tensor<2>> =
@@ -96,9 +96,8 @@ pub fn entropy_and_logprobs(
     if tensor_op::runs_on(device.as_dispatch()) {
         let n = b * t;
         let stats = custom_op(logits.reshape([n, v]), targets.reshape([n]), temperature, chunk_rows);
-        let h = stats.clone().slice([0..n, tensor_op::ENTROPY..tensor_op::ENTROPY + 1]).reshape([b, t]);
-        let lp = stats.slice([0..n, tensor_op::LOGPROB..tensor_op::LOGPROB + 1]).reshape([b, t]);
-        return Ok((h, lp));
+        let h = stats_column(stats.clone(), tensor_op::ENTROPY, [b, t]);
+        return Ok((h, stats_column(stats, tensor_op::LOGPROB, [b, t])));
     }
     Ok(composed(logits, targets, temperature, chunk_rows))
 }
@@ -112,6 +111,11 @@ fn custom_op(logits: Tensor<2>, ids: Tensor<1, Int>, temperature: f32, chunk_row
         chunk_rows,
     );
     Tensor::from_dispatch(stats)
+}
+
+/// Column `c` of the `[B·T, 3]` statistics of [`custom_op`], as `[B, T]`.
+fn stats_column(stats: Tensor<2>, c: usize, [b, t]: [usize; 2]) -> Tensor<2> {
+    stats.slice([0..b * t, c..c + 1]).reshape([b, t])
 }
 
 /// [`entropy_and_logprobs`] composed from burn's tensor operations on every backend (what it falls back to where the
@@ -161,8 +165,9 @@ fn composed(logits: Tensor<3>, targets: Tensor<2, Int>, temperature: f32, chunk_
 
 /// Every id must index the vocabulary: a gather out of range is undefined on some backends.
 fn check_target_ids(targets: &Tensor<2, Int>, vocab: usize) -> Result<()> {
-    let read = |t: Tensor<1, Int>| t.into_data().try_into_vec_as::<i64>().ok().and_then(|v| v.first().copied());
-    let (Some(lo), Some(hi)) = (read(targets.clone().min()), read(targets.clone().max())) else {
+    // Minimum and maximum in one read-back (each read is a device sync).
+    let range = Tensor::cat(vec![targets.clone().min(), targets.clone().max()], 0);
+    let Some(&[lo, hi]) = range.into_data().try_into_vec_as::<i64>().ok().as_deref() else {
         return Err(Error::invalid_parameter(
             "target ids",
             "unreadable",
