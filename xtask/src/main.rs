@@ -21,7 +21,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Task {
-    /// Format check, clippy with -D warnings, then the workspace tests on the chosen backends.
+    /// Format check, clippy with -D warnings, then the workspace tests on the chosen backends; the CPU pass also runs
+    /// the examples `advantage_only` (forkrl-advantage) and `custom_loop` (forkrl-trainer).
     ///
     /// `--backend all` (the default) runs the test suite on every backend this machine can run and compile-checks
     /// the others; the summary at the end says which backend was run and which was only compiled.
@@ -148,11 +149,15 @@ fn test(backend: BackendArg, no_lints: bool) -> Result<(), String> {
         let outcome = match b {
             BackendArg::Cpu => {
                 run(&cargo, &["test", "--workspace"], &[("FORKRL_BACKEND", "cpu")])?;
+                examples(&cargo)?;
                 Outcome::Ran
             }
             BackendArg::Wgpu => match vulkan_available() {
                 Ok(()) => {
-                    run(&cargo, &["test", "--workspace"], &[("FORKRL_BACKEND", "wgpu")])?;
+                    // Tests named `cpu_backend_*` build a CPU device whatever FORKRL_BACKEND says: the CPU pass ran
+                    // them, so this pass reports them as filtered out instead of passing them a second time.
+                    let args = ["test", "--workspace", "--", "--skip", CPU_ONLY_PREFIX];
+                    run(&cargo, &args, &[("FORKRL_BACKEND", "wgpu")])?;
                     Outcome::Ran
                 }
                 Err(why) if backend == BackendArg::All => {
@@ -180,11 +185,29 @@ fn test(backend: BackendArg, no_lints: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// Prefix of the tests that always run on the CPU backend (the loop's logic, not backend numerics).
+const CPU_ONLY_PREFIX: &str = "cpu_backend_";
+
+/// The examples that CI runs: built with the workspace's feature set (so burn is not rebuilt for a `-p` build), then
+/// run from the target folder.
+const EXAMPLES: [&str; 2] = ["advantage_only", "custom_loop"];
+
+fn examples(cargo: &str) -> Result<(), String> {
+    run(cargo, &["build", "--workspace", "--examples", "--quiet"], &[])?;
+    let target = env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace_root().join("target"));
+    for name in EXAMPLES {
+        let binary = target.join("debug").join("examples").join(format!("{name}{}", env::consts::EXE_SUFFIX));
+        run(binary.to_str().ok_or("target path is not UTF-8")?, &[], &[])?;
+    }
+    Ok(())
+}
+
 /// The CUDA backend: run its tests where a GPU and a full build are possible, otherwise compile-check it.
 fn cuda(cargo: &str, lenient: bool) -> Result<Outcome, String> {
     let gpu = Command::new("nvidia-smi").arg("-L").output().map(|o| o.status.success()).unwrap_or(false);
     if gpu {
-        run(cargo, &["test", "--workspace", "--features", "forkrl-trainer/cuda"], &[("FORKRL_BACKEND", "cuda")])?;
+        let args = ["test", "--workspace", "--features", "forkrl-trainer/cuda", "--", "--skip", CPU_ONLY_PREFIX];
+        run(cargo, &args, &[("FORKRL_BACKEND", "cuda")])?;
         return Ok(Outcome::Ran);
     }
     if !lenient {

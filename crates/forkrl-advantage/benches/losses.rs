@@ -8,7 +8,7 @@ use std::hint::black_box;
 use burn::tensor::{Bool, Distribution, Tensor, TensorData};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use forkrl_advantage::{
-    AggMode, CispoConfig, GlobalDenominators, HolderConfig, PolicyInputs, PolicyLoss, PpoClipConfig,
+    AggMode, CispoConfig, GlobalDenominators, HolderConfig, LossContext, PolicyInputs, PolicyLoss, PpoClipConfig,
 };
 use forkrl_core::Backend;
 
@@ -48,12 +48,18 @@ fn bench(c: &mut Criterion) {
     ];
     for (name, loss) in &losses {
         group.bench_function(format!("{name}_token-mean_fwd"), |b| {
-            b.iter(|| black_box(loss.compute(&inputs(lp.clone()), AggMode::TokenMean, &d, 100, 0).map(|l| l.metrics)))
+            b.iter(|| {
+                black_box(
+                    loss.compute(&inputs(lp.clone()), AggMode::TokenMean, &d, &LossContext::new(100, 0))
+                        .map(|l| l.metrics),
+                )
+            })
         });
         group.bench_function(format!("{name}_token-mean_fwd_bwd"), |b| {
             b.iter(|| {
                 let x = lp.clone().require_grad();
-                let out = loss.compute(&inputs(x.clone()), AggMode::TokenMean, &d, 100, 0).expect("valid");
+                let out =
+                    loss.compute(&inputs(x.clone()), AggMode::TokenMean, &d, &LossContext::new(100, 0)).expect("valid");
                 let grads = out.loss.backward();
                 black_box(x.grad(&grads).map(|g| g.dims()))
             })

@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     aggregation::{AggMode, GlobalDenominators, aggregate},
     kl::{KlLossConfig, kl_penalty},
-    policy_loss::{PolicyInputs, PolicyLoss, PolicyMetrics, host_vec},
+    loss_types::{LossContext, PolicyInputs, PolicyMetrics, host_vec},
+    policy_loss::PolicyLoss,
 };
 
 /// The actor objective's settings (verl names).
@@ -44,6 +45,24 @@ impl Default for ActorLossConfig {
     }
 }
 
+impl ActorLossConfig {
+    /// Checks every part once, where a configuration is built.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] naming the parameter: the policy loss's, a non-finite `entropy_coeff`, a negative
+    /// or non-finite `kl_loss_coef`.
+    pub fn validate(&self) -> Result<()> {
+        self.policy_loss.validate()?;
+        if !self.entropy_coeff.is_finite() {
+            return Err(Error::invalid_parameter("entropy_coeff", self.entropy_coeff, "must be finite"));
+        }
+        if let Some(kl) = self.kl_loss.filter(|kl| !(kl.kl_loss_coef.is_finite() && kl.kl_loss_coef >= 0.0)) {
+            return Err(Error::invalid_parameter("kl_loss_coef", kl.kl_loss_coef, "must be finite and >= 0"));
+        }
+        Ok(())
+    }
+}
+
 /// The objective and its parts (the parts are host numbers for logging: `actor/pg_loss`, `actor/entropy`,
 /// `actor/kl_loss`).
 #[derive(Debug, Clone)]
@@ -61,7 +80,8 @@ pub struct ActorLoss {
 }
 
 /// Computes the actor objective. `entropy` (`[B, T]`) is needed when `entropy_coeff ≠ 0` and logged when given;
-/// `ref_log_prob` is needed when the KL loss is on.
+/// `ref_log_prob` is needed when the KL loss is on; `ctx` carries the step, the seed and the optional per-token inputs
+/// of the policy loss.
 ///
 /// # Errors
 /// [`Error::InvalidParameter`] for a missing entropy or reference log-prob, or a non-finite coefficient; the errors of
@@ -72,14 +92,13 @@ pub fn actor_loss(
     entropy: Option<Tensor<2>>,
     ref_log_prob: Option<Tensor<2>>,
     denominators: &GlobalDenominators,
-    step: u64,
-    seed: u64,
+    ctx: &LossContext<'_>,
 ) -> Result<ActorLoss> {
     if !config.entropy_coeff.is_finite() {
         return Err(Error::invalid_parameter("entropy_coeff", config.entropy_coeff, "must be finite"));
     }
     let mode = config.loss_agg_mode;
-    let pg = config.policy_loss.compute(inputs, mode, denominators, step, seed)?;
+    let pg = config.policy_loss.compute(inputs, mode, denominators, ctx)?;
     let scalar = |t: &Tensor<1>, what| -> Result<f64> {
         Ok(host_vec(what, t.clone().detach())?.first().copied().map_or(f64::NAN, f64::from))
     };

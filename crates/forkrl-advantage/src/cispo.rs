@@ -65,7 +65,7 @@ pub use tensor::cispo_loss;
 #[cfg(feature = "burn")]
 mod tensor {
     use super::CispoConfig;
-    use crate::policy_loss::{PolicyInputs, TokenLoss, metrics};
+    use crate::loss_types::{PolicyInputs, TokenLoss, metrics};
     use forkrl_core::Result;
 
     /// The per-token CISPO loss `[B, T]`.

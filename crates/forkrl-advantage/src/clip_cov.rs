@@ -102,7 +102,7 @@ pub use tensor::clip_cov_loss;
 #[cfg(feature = "burn")]
 mod tensor {
     use super::{ClipCovConfig, clip_cov_selection};
-    use crate::policy_loss::{PolicyInputs, TokenLoss, host_mask, host_vec, mask_tensor, metrics, no_tokens};
+    use crate::loss_types::{PolicyInputs, TokenLoss, host_mask, host_vec, mask_tensor, metrics, no_tokens};
     use forkrl_core::Result;
 
     /// The per-token Clip-Cov loss `[B, T]`. Reads `log π`, `Â` and the mask back to select tokens on the host.

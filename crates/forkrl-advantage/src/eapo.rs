@@ -35,21 +35,32 @@ impl Default for EapoConfig {
     }
 }
 
+impl EapoConfig {
+    /// Checks the ranges.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for α < 0, φ ≤ 0 or ε < 0 (or a non-finite one).
+    pub fn validate(&self) -> Result<()> {
+        if !(self.alpha.is_finite() && self.alpha >= 0.0) {
+            return Err(Error::invalid_parameter("alpha", self.alpha, "must be finite and >= 0"));
+        }
+        if !(self.phi.is_finite() && self.phi > 0.0) {
+            return Err(Error::invalid_parameter("phi", self.phi, "must be finite and > 0"));
+        }
+        if !(self.epsilon.is_finite() && self.epsilon >= 0.0) {
+            return Err(Error::invalid_parameter("epsilon", self.epsilon, "must be finite and >= 0"));
+        }
+        Ok(())
+    }
+}
+
 /// Entropy-aware advantages `Â^CA` per token (0 on padding).
 ///
 /// # Errors
 /// [`Error::ShapeMismatch`] for arrays of different lengths; [`Error::NonFinite`] for NaN/inf on a loss token;
 /// [`Error::InvalidParameter`] for α < 0, φ ≤ 0 or ε < 0.
 pub fn eapo_advantages(advantages: &[f32], entropy: &[f32], mask: &[bool], config: &EapoConfig) -> Result<Vec<f32>> {
-    if !(config.alpha.is_finite() && config.alpha >= 0.0) {
-        return Err(Error::invalid_parameter("alpha", config.alpha, "must be finite and >= 0"));
-    }
-    if !(config.phi.is_finite() && config.phi > 0.0) {
-        return Err(Error::invalid_parameter("phi", config.phi, "must be finite and > 0"));
-    }
-    if !(config.epsilon.is_finite() && config.epsilon >= 0.0) {
-        return Err(Error::invalid_parameter("epsilon", config.epsilon, "must be finite and >= 0"));
-    }
+    config.validate()?;
     check_len("eapo_advantages: advantages vs mask", advantages.len(), mask.len())?;
     check_len("eapo_advantages: entropy vs mask", entropy.len(), mask.len())?;
     check_finite_masked("advantages", advantages, mask)?;

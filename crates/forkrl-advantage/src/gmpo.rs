@@ -76,7 +76,7 @@ pub use tensor::gmpo_loss;
 #[cfg(feature = "burn")]
 mod tensor {
     use super::GmpoConfig;
-    use crate::policy_loss::{PolicyInputs, SequenceLoss, metrics};
+    use crate::loss_types::{PolicyInputs, SequenceLoss, metrics};
     use forkrl_core::Result;
 
     /// The per-sequence GMPO loss `[B]`.

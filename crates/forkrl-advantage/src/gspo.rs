@@ -61,7 +61,7 @@ pub use tensor::gspo_loss;
 #[cfg(feature = "burn")]
 mod tensor {
     use super::GspoConfig;
-    use crate::policy_loss::{PolicyInputs, TokenLoss, metrics, no_tokens};
+    use crate::loss_types::{PolicyInputs, TokenLoss, metrics, no_tokens};
     use forkrl_core::Result;
 
     /// The per-token GSPO-token loss `[B, T]`; aggregate it with `seq-mean-token-mean`

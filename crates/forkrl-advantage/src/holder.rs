@@ -232,7 +232,7 @@ pub use tensor::holder_loss;
 #[cfg(feature = "burn")]
 mod tensor {
     use super::{HolderConfig, HolderVariant, holder_log_mean, holder_weights};
-    use crate::policy_loss::{PolicyInputs, SequenceLoss, host_mask, host_vec, metrics, no_tokens};
+    use crate::loss_types::{PolicyInputs, SequenceLoss, host_mask, host_vec, metrics, no_tokens};
     use burn::tensor::{Tensor, TensorData};
     use forkrl_core::{Error, Result};
 

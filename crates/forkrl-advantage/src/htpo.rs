@@ -182,7 +182,7 @@ pub use tensor::htpo_loss;
 #[cfg(feature = "burn")]
 mod tensor {
     use super::{HtpoConfig, HtpoLowerBranch, HtpoTokenGroups};
-    use crate::policy_loss::{PolicyInputs, TokenLoss, mask_tensor, metrics};
+    use crate::loss_types::{PolicyInputs, TokenLoss, mask_tensor, metrics};
     use forkrl_core::{Result, numeric::check_len};
 
     /// The per-token HTPO loss `[B, T]`; aggregate with `token-mean`.

@@ -71,7 +71,7 @@ pub use tensor::kl_cov_loss;
 #[cfg(feature = "burn")]
 mod tensor {
     use super::{KlCovConfig, kl_cov_selection};
-    use crate::policy_loss::{PolicyInputs, TokenLoss, host_mask, host_vec, mask_tensor, metrics, no_tokens};
+    use crate::loss_types::{PolicyInputs, TokenLoss, host_mask, host_vec, mask_tensor, metrics, no_tokens};
     use forkrl_core::Result;
 
     /// The per-token KL-Cov loss `[B, T]`. Reads `log π`, `Â` and the mask back to select tokens on the host.

@@ -5,12 +5,12 @@
 //! | family | items | where |
 //! |---|---|---|
 //! | advantages (host) | GRPO, Dr. GRPO, RLOO | [`group_advantage`] |
-//! | policy losses (burn) | PPO clip / clip-higher / dual clip, GSPO, CISPO, GMPO, Clip-Cov, KL-Cov, HölderPO | [`ppo_clip`], [`gspo`], [`cispo`], [`gmpo`], [`clip_cov`], [`kl_cov`], [`holder`] |
+//! | policy losses (burn) | PPO clip / clip-higher / dual clip, GSPO, CISPO, GMPO, Clip-Cov, KL-Cov, HölderPO, HTPO; their shared inputs | [`ppo_clip`], [`gspo`], [`cispo`], [`gmpo`], [`clip_cov`], [`kl_cov`], [`holder`], [`htpo`], `policy_loss`, `loss_types` |
 //! | aggregation | verl's five modes with explicit global denominators | [`aggregation`] |
 //! | KL | k1, k2, k3, abs and straight-through `+` variants, KL in reward or loss | [`kl`] |
 //! | actor objective | policy loss − entropy bonus + KL loss, one aggregation | `actor_loss` |
 //! | forking tokens | the 80/20 mask folded into the loss, selected- or all-token denominator | [`forking`] |
-//! | token weighting | EAPO, OPEFO, HTPO, SHEAR, GRPO-VPS, rock-token bypass | [`eapo`], [`opefo`], [`htpo`], [`shear`], [`vps`], [`rock_bypass_weights`] |
+//! | token weighting | EAPO, OPEFO, HTPO, SHEAR, GRPO-VPS, rock-token bypass; one contract over a rollout | [`eapo`], [`opefo`], [`htpo`], [`shear`], [`vps`], [`rock_bypass_weights`], [`token_weighting`] |
 //! | cancellation batching | query-preserved mini-batches, reward-balanced (buffered and per-query) | [`batching`] |
 //!
 //! Losses are minimised (verl's convention). Host functions work on `&[f32]` slices and need no burn; the tensor
@@ -33,11 +33,14 @@ pub mod holder;
 pub mod htpo;
 pub mod kl;
 pub mod kl_cov;
+#[cfg(feature = "burn")]
+pub mod loss_types;
 pub mod opefo;
 #[cfg(feature = "burn")]
 pub mod policy_loss;
 pub mod ppo_clip;
 pub mod shear;
+pub mod token_weighting;
 pub mod vps;
 
 #[cfg(feature = "burn")]
@@ -61,13 +64,14 @@ pub use holder::{HolderConfig, HolderVariant, PSchedule, ScheduleKind, holder_lo
 pub use htpo::{HtpoConfig, HtpoLowerBranch, HtpoTokenGroups, htpo_token_groups};
 pub use kl::{AdaptiveKlController, KlEstimator, KlLossConfig, KlPenalty};
 pub use kl_cov::KlCovConfig;
+#[cfg(feature = "burn")]
+pub use loss_types::{LOG_RATIO_CLAMP, LossContext, PolicyInputs, PolicyMetrics, SequenceLoss, TokenLoss};
 pub use opefo::opefo_advantages;
 #[cfg(feature = "burn")]
-pub use policy_loss::{
-    AggregatedLoss, LOG_RATIO_CLAMP, PolicyInputs, PolicyLoss, PolicyMetrics, SequenceLoss, TokenLoss,
-};
+pub use policy_loss::{AggregatedLoss, PolicyLoss};
 pub use ppo_clip::PpoClipConfig;
 pub use shear::{ShearConfig, SinkhornConfig, shear_spans, shear_weights, sinkhorn_w1};
+pub use token_weighting::{RolloutView, TokenWeighting};
 pub use vps::{VpsConfig, vps_advantages, vps_segments};
 #[cfg(feature = "burn")]
 pub use {

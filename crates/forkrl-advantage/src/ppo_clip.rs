@@ -84,7 +84,7 @@ pub use tensor::ppo_clip_loss;
 #[cfg(feature = "burn")]
 mod tensor {
     use super::PpoClipConfig;
-    use crate::policy_loss::{PolicyInputs, TokenLoss, metrics, no_tokens};
+    use crate::loss_types::{PolicyInputs, TokenLoss, metrics, no_tokens};
     use burn::tensor::{Bool, Tensor};
     use forkrl_core::Result;
 

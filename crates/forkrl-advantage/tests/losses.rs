@@ -7,8 +7,8 @@
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 use forkrl_advantage::{
     AggMode, CispoConfig, ClipCovConfig, GlobalDenominators, GmpoConfig, GspoConfig, HolderConfig, HolderVariant,
-    KlCovConfig, PSchedule, PolicyInputs, PolicyLoss, PpoClipConfig, aggregate_host, cispo, clip_cov, gmpo, gspo,
-    holder, kl_cov, ppo_clip,
+    KlCovConfig, LossContext, PSchedule, PolicyInputs, PolicyLoss, PpoClipConfig, aggregate_host, cispo, clip_cov,
+    gmpo, gspo, holder, kl_cov, ppo_clip,
 };
 use forkrl_core::{Backend, Error};
 
@@ -130,6 +130,8 @@ fn host_loss(loss: &PolicyLoss, c: &Case, mode: AggMode, d: &GlobalDenominators,
             let sel = clip_cov::clip_cov_selection(&cov, &c.mask, &clipped, cfg, seed).expect("valid");
             token(&|i| if sel[i] { 0.0 } else { ppo_clip::ppo_clip_token(dl(i), c.adv[i], &ppo).0 }, mode)
         }
+        // HTPO needs token groups; its own test vector (2.N) and the variant test below check it.
+        PolicyLoss::Htpo(_) => unreachable!("HTPO is not in all_losses()"),
     }
 }
 
@@ -176,7 +178,9 @@ fn tensor_loss(loss: &PolicyLoss, c: &Case, mode: AggMode, seed: u64) -> (f64, V
     let device = device().autodiff();
     let lp: Vec<f64> = c.lp.iter().zip(&c.mask).map(|(&v, &m)| if m { v } else { f64::NAN }).collect();
     let x = tensor(&lp, &device).require_grad();
-    let out = loss.compute(&inputs(c, &device, x.clone()), mode, &denominators(c), 0, seed).expect("valid");
+    let out = loss
+        .compute(&inputs(c, &device, x.clone()), mode, &denominators(c), &LossContext::new(0, seed))
+        .expect("valid");
     let value: f32 = out.loss.clone().into_scalar();
     let grads = out.loss.backward();
     let g = x.grad(&grads).expect("gradient").into_data().try_into_vec_as::<f32>().expect("f32");
@@ -286,7 +290,7 @@ fn test_vector_1_7_gradient_coefficients_through_autodiff() {
             advantages: t(adv.clone()),
             mask: Tensor::from_data(TensorData::new(vec![true; n], [n, 1]), &device),
         };
-        let out = loss.compute(&inputs, AggMode::TokenSum, &d, 0, 0).expect("valid");
+        let out = loss.compute(&inputs, AggMode::TokenSum, &d, &LossContext::new(0, 0)).expect("valid");
         let g = x.grad(&out.loss.backward()).expect("grad").into_data().try_into_vec_as::<f32>().expect("f32");
         for (i, row) in rows.iter().enumerate() {
             let expected = if col == 2 { row.2 } else { row.3 };
@@ -307,7 +311,7 @@ fn shape_mismatch_is_a_typed_error() {
     let mut i = inputs(&c, &device, tensor(&c.lp, &device));
     i.advantages = Tensor::zeros([B, T + 1], &device);
     for loss in all_losses() {
-        let r = loss.compute(&i, AggMode::TokenMean, &denominators(&c), 0, 0);
+        let r = loss.compute(&i, AggMode::TokenMean, &denominators(&c), &LossContext::new(0, 0));
         assert!(matches!(r, Err(Error::ShapeMismatch { .. })), "{}", loss.name());
     }
 }
@@ -354,6 +358,33 @@ fn test_vector_2n_htpo_branches_through_autodiff() {
 }
 
 #[test]
+fn htpo_as_a_policy_loss_variant_equals_the_direct_call_with_token_mean() {
+    use forkrl_advantage::{HtpoConfig, HtpoTokenGroups, aggregate, htpo_loss};
+    let device = device();
+    let c = case(7);
+    let i = inputs(&c, &device, tensor(&c.lp, &device));
+    let d = denominators(&c);
+    let groups = HtpoTokenGroups {
+        hard_correct_high: (0..B * T).map(|k| k % 3 == 0).collect(),
+        wrong_high: (0..B * T).map(|k| k % 5 == 1).collect(),
+        dropped: (0..B * T).map(|k| k % 7 == 2).collect(),
+        hard: (0..B).map(|r| r % 2 == 0).collect(),
+    };
+    let cfg = HtpoConfig::default();
+    let direct = htpo_loss(&i, &groups, &cfg).expect("valid");
+    let expect: f32 = aggregate(direct.loss, &i.mask, AggMode::TokenMean, &d).expect("valid").into_scalar();
+    let loss = PolicyLoss::Htpo(cfg);
+    // Whatever mode is asked for, HTPO aggregates with token-mean (the official code).
+    let ctx = LossContext::new(3, 0).with_htpo_groups(&groups);
+    let got: f32 = loss.compute(&i, AggMode::SeqMeanTokenSum, &d, &ctx).expect("valid").loss.into_scalar();
+    assert_eq!(got.to_bits(), expect.to_bits());
+    assert_eq!(loss.name(), "htpo");
+    // Without its token groups the variant is a typed error naming them.
+    let err = loss.compute(&i, AggMode::TokenMean, &d, &LossContext::new(0, 0)).expect_err("needs groups");
+    assert!(matches!(err, Error::InvalidParameter { name: "htpo_groups", .. }), "{err}");
+}
+
+#[test]
 fn actor_objective_adds_entropy_bonus_and_kl_loss() {
     use forkrl_advantage::{ActorLossConfig, KlLossConfig, actor_loss};
     let device = device();
@@ -362,18 +393,19 @@ fn actor_objective_adds_entropy_bonus_and_kl_loss() {
     let d = denominators(&c);
     let entropy = tensor(&[0.5; B * T], &device);
     let reference = tensor(&c.lp.iter().map(|l| l - 0.25).collect::<Vec<_>>(), &device);
-    let plain = actor_loss(&ActorLossConfig::default(), &i, None, None, &d, 0, 0).expect("valid");
+    let plain = actor_loss(&ActorLossConfig::default(), &i, None, None, &d, &LossContext::new(0, 0)).expect("valid");
     assert_eq!((plain.entropy, plain.kl_loss), (None, None));
     let cfg = ActorLossConfig {
         entropy_coeff: 0.1,
         kl_loss: Some(KlLossConfig { kl_loss_type: "k1".parse().expect("known"), kl_loss_coef: 0.2 }),
         ..ActorLossConfig::default()
     };
-    let full = actor_loss(&cfg, &i, Some(entropy.clone()), Some(reference.clone()), &d, 0, 0).expect("valid");
+    let full = actor_loss(&cfg, &i, Some(entropy.clone()), Some(reference.clone()), &d, &LossContext::new(0, 0))
+        .expect("valid");
     // token-mean of a constant is the constant: entropy 0.5, k1 = 0.25.
     assert!((full.entropy.expect("given") - 0.5).abs() < 1e-6 && (full.kl_loss.expect("on") - 0.25).abs() < 1e-6);
     let total: f32 = full.loss.into_scalar();
     assert!((f64::from(total) - (plain.pg_loss - 0.1 * 0.5 + 0.2 * 0.25)).abs() < 1e-5);
-    assert!(actor_loss(&cfg, &i, None, Some(reference), &d, 0, 0).is_err());
-    assert!(actor_loss(&cfg, &i, Some(entropy), None, &d, 0, 0).is_err());
+    assert!(actor_loss(&cfg, &i, None, Some(reference), &d, &LossContext::new(0, 0)).is_err());
+    assert!(actor_loss(&cfg, &i, Some(entropy), None, &d, &LossContext::new(0, 0)).is_err());
 }

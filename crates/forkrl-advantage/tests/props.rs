@@ -6,8 +6,9 @@
 
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 use forkrl_advantage::{
-    AdvantageConfig, AggMode, GlobalDenominators, GmpoConfig, GspoConfig, HolderConfig, HolderVariant, PSchedule,
-    PolicyInputs, PolicyLoss, PpoClipConfig, StdMode, aggregate, aggregate_host, group_advantages, holder_log_mean,
+    AdvantageConfig, AggMode, GlobalDenominators, GmpoConfig, GspoConfig, HolderConfig, HolderVariant, LossContext,
+    PSchedule, PolicyInputs, PolicyLoss, PpoClipConfig, StdMode, aggregate, aggregate_host, group_advantages,
+    holder_log_mean,
 };
 use forkrl_core::Backend;
 use proptest::prelude::*;
@@ -126,7 +127,7 @@ fn value(loss: &PolicyLoss, i: &PolicyInputs, mode: AggMode) -> f64 {
     let mask: Vec<bool> =
         i.mask.clone().int().into_data().try_into_vec_as::<i64>().expect("ints").into_iter().map(|v| v != 0).collect();
     let d = GlobalDenominators::from_mask(&mask, i.mask.dims()[1]).expect("valid");
-    f64::from(loss.compute(i, mode, &d, 0, 0).expect("valid").loss.into_scalar::<f32>())
+    f64::from(loss.compute(i, mode, &d, &LossContext::new(0, 0)).expect("valid").loss.into_scalar::<f32>())
 }
 
 proptest! {

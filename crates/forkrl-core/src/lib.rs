@@ -7,6 +7,8 @@
 //!   `[B, T]` response masks, lengths and group offsets, validated once at construction, plus the per-group and
 //!   per-sequence iteration helpers the other crates use;
 //! - [`Error`] / [`Result`]: one error enum with structured variants (shapes, positions, parameter names);
+//! - [`ResponseRows`]: response tokens anywhere in `[B, W]` rows ↔ the left-aligned [`BatchLayout`];
+//! - [`derive_seed`] / [`SeedStream`]: one derivation for every named random stream of a run;
 //! - [`numeric`]: finiteness and range checks that name what is wrong;
 //! - `Backend` (cargo feature `burn`, on by default): the burn backends (`cpu` = flex, `wgpu`, `cuda`) and their
 //!   runtime selection.
@@ -17,8 +19,12 @@ pub mod batch;
 pub mod error;
 pub mod numeric;
 pub mod report;
+pub mod response_rows;
+pub mod seed;
 
 #[cfg(feature = "burn")]
 pub use backend::Backend;
 pub use batch::{BatchLayout, Group, Sequence};
 pub use error::{Error, Result};
+pub use response_rows::ResponseRows;
+pub use seed::{SeedStream, derive_seed};

@@ -13,7 +13,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use forkrl_core::Backend;
 use forkrl_entropy::tensor::entropy_and_logprobs;
 use forkrl_rollout::Decoding;
-use forkrl_trainer::{
+use forkrl_trainer::model::{
     policy::PolicyConfig,
     sampler::{SamplerConfig, generate},
     tokenizer::CharTokenizer,

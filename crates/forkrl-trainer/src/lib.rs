@@ -1,131 +1,50 @@
 //! # forkrl-trainer
 //!
-//! The burn-based RLVR trainer of forkrl:
-//! - the policy ([`policy`]): a Llama / Qwen2 / Qwen3 decoder with grouped-query attention, built tiny from scratch
-//!   or loaded from a Hugging Face directory ([`hf`], with [`tokenizer::HfTokenizer`]);
-//! - batched generation with a KV cache and left padding ([`sampler`]);
-//! - atomic checkpoints of our own ([`checkpoint`]);
-//! - tasks ([`task`]: [`arithmetic`], [`countdown`], [`jsonl`] datasets) and their verifiers ([`verify`]);
-//! - the SFT + RLVR loop with checkpoints and resume ([`rlvr`], run by `cargo xtask train`); the backend smoke check
-//!   ([`smoke`]).
+//! The burn-based RLVR trainer of forkrl, as a library a researcher can step through or change one stage of:
+//!
+//! ```text
+//! Trainer::new(config.check()?, &device) | Trainer::resume(checkpoints, &device)
+//!   sft_step()                       sft.rs            supervised warm start on the task's worked solutions
+//!   rollout()  -> RolloutBatch       rl/rollout.rs     allocate -> sample -> verify
+//!   score(&mut RolloutBatch)         rl/score.rs       advantages, log pi_old / pi_ref, entropies, token weighting, loss mask
+//!   update(&RolloutBatch) -> stats   rl/update.rs      PPO epochs x query-preserved mini-batches x micro-batches, optimiser
+//!   evaluate(), save(dir)            eval.rs, rl/state.rs
+//!   events -> impl Observer          rl/metrics.rs     metrics rows (verl names), progress; the library never prints
+//! ```
+//!
+//! - [`config`]: every key of `forkrl-train`, checked once ([`config::TrainConfig::check`]);
+//! - [`batch`]: [`batch::RolloutBatch`], the one type that flows through the stages;
+//! - [`model`]: the Llama / Qwen2 / Qwen3 policy, Hugging Face loading, tokenizers, the KV-cache sampler, checkpoints;
+//! - [`tasks`]: arithmetic, Countdown and JSONL datasets, with their verifiers;
+//! - [`rl`]: the [`Trainer`], its stages, [`Observer`], checkpoint state and the run directory;
+//! - [`smoke`]: the backend smoke check.
+//!
+//! `docs/architecture.md` maps the step to these files; `docs/extending.md` says which files a new loss, token
+//! weighting, task or architecture touches.
 
-pub mod arithmetic;
-pub mod checkpoint;
-pub mod countdown;
-pub mod hf;
-pub mod jsonl;
-pub mod policy;
-pub mod rlvr;
-pub mod sampler;
+pub mod batch;
+pub mod config;
+pub mod error;
+pub mod eval;
+pub mod model;
+pub mod rl;
+pub mod sft;
 pub mod smoke;
-pub mod task;
-pub mod tokenizer;
-pub mod verify;
+pub mod tasks;
 
+pub use config::{CheckedConfig, TrainConfig};
+pub use error::TrainerError;
 pub use forkrl_core::{Backend, Error as CoreError};
+pub use rl::{
+    metrics::{Event, JsonlWriter, MetricsRow, NoObserver, Observer, Recorder, TrainSummary},
+    trainer::{Trainer, train},
+    update::UpdateStats,
+};
 
-/// Errors of the trainer.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum TrainerError {
-    /// An error from forkrl-core (shapes, parameters, backend selection).
-    #[error(transparent)]
-    Core(#[from] CoreError),
-    /// An invalid model or training configuration.
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    /// A loss, gradient or parameter that is NaN or infinite.
-    #[error("non-finite {what}: {value}")]
-    NonFinite {
-        /// What was not finite.
-        what: &'static str,
-        /// The offending value.
-        value: f64,
-    },
-    /// The backend failed to execute or to return data.
-    #[error("backend error: {0}")]
-    Backend(String),
-    /// Tensors or batches of inconsistent shapes.
-    #[error("shape mismatch: {0}")]
-    Shape(String),
-    /// A sequence longer than the model's context (its RoPE tables / `max_len`).
-    #[error("{tokens} tokens exceed the model's context of {context}")]
-    ContextOverflow {
-        /// Tokens asked for (prompt, plus new tokens when generating).
-        tokens: usize,
-        /// The model's `max_len`.
-        context: usize,
-    },
-    /// A file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: std::path::PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// A Hugging Face `config.json` (or generation/tokenizer config) with a missing, mistyped or unsupported entry.
-    #[error("{path}: {reason}")]
-    HfConfig {
-        /// The file.
-        path: std::path::PathBuf,
-        /// What is wrong, naming the key.
-        reason: String,
-    },
-    /// An architecture (`model_type`) this crate does not implement.
-    #[error("unsupported architecture {model_type:?} (supported: llama, qwen2, qwen3)")]
-    UnsupportedArchitecture {
-        /// The `model_type` of `config.json`.
-        model_type: String,
-    },
-    /// A checkpoint tensor that the model needs is absent.
-    #[error("tensor {name:?} is missing from the checkpoint {path}")]
-    MissingTensor {
-        /// The tensor's name.
-        name: String,
-        /// The checkpoint directory or file.
-        path: std::path::PathBuf,
-    },
-    /// A checkpoint tensor with the wrong shape or dtype.
-    #[error("tensor {name:?}: expected {expected}, found {found}")]
-    TensorMismatch {
-        /// The tensor's name.
-        name: String,
-        /// What the model needs.
-        expected: String,
-        /// What the checkpoint holds.
-        found: String,
-    },
-    /// A safetensors file that cannot be parsed (truncated, corrupt header).
-    #[error("{path}: not a valid safetensors file: {reason}")]
-    Safetensors {
-        /// The file.
-        path: std::path::PathBuf,
-        /// The parser's message.
-        reason: String,
-    },
-    /// A checkpoint of ours that cannot be written or read back (truncated, shapes not matching its config).
-    #[error("checkpoint {path}: {reason}")]
-    Checkpoint {
-        /// The file or directory.
-        path: std::path::PathBuf,
-        /// What failed.
-        reason: String,
-    },
-    /// A dataset line that is not a usable record.
-    #[error("{path}:{line}: {reason}")]
-    Dataset {
-        /// The file.
-        path: std::path::PathBuf,
-        /// 1-based line number (0: the file as a whole).
-        line: usize,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A tokenizer that cannot be loaded or that fails on an input.
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
-}
+/// The README's Rust examples, compiled (and run, unless marked `no_run`) as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
 
 /// The values of a tensor on the host as f32.
 pub(crate) fn host_f32<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<Vec<f32>> {

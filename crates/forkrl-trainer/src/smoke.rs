@@ -61,16 +61,17 @@ impl TinyLmConfig {
     /// Builds the model on `device` (pass an autodiff device to train it).
     ///
     /// # Errors
-    /// [`TrainerError::Config`] when `n_heads` does not divide `d_model` or a size is zero.
+    /// [`TrainerError::InvalidConfig`] when `n_heads` does not divide `d_model` or a size is zero.
     pub fn init(&self, device: &Device) -> Result<TinyLm, TrainerError> {
         if self.vocab_size == 0 || self.d_model == 0 || self.d_ff == 0 || self.n_heads == 0 {
-            return Err(TrainerError::Config(format!("TinyLmConfig has a zero size: {self:?}")));
+            return Err(TrainerError::invalid("TinyLmConfig", format!("{self:?}"), "a size is zero"));
         }
         if !self.d_model.is_multiple_of(self.n_heads) {
-            return Err(TrainerError::Config(format!(
-                "TinyLmConfig: n_heads = {} does not divide d_model = {}",
-                self.n_heads, self.d_model
-            )));
+            return Err(TrainerError::invalid(
+                "TinyLmConfig.n_heads",
+                self.n_heads,
+                format!("does not divide d_model = {}", self.d_model),
+            ));
         }
         let linear = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
         let blocks = (0..self.n_layers)

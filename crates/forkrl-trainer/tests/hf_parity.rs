@@ -10,9 +10,11 @@ use forkrl_core::Backend;
 use forkrl_rollout::Decoding;
 use forkrl_trainer::{
     TrainerError,
-    hf::{self, Architecture},
-    sampler::{SamplerConfig, generate},
-    tokenizer::HfTokenizer,
+    model::{
+        hf::{self, Architecture},
+        sampler::{SamplerConfig, generate},
+        tokenizer::HfTokenizer,
+    },
 };
 use safetensors::SafeTensors;
 

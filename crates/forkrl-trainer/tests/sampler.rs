@@ -5,7 +5,7 @@
 use burn::tensor::Device;
 use forkrl_core::Backend;
 use forkrl_rollout::Decoding;
-use forkrl_trainer::{
+use forkrl_trainer::model::{
     policy::{Policy, PolicyConfig},
     sampler::{Generation, SampleRow, SamplerConfig, generate, generate_rows},
 };

@@ -1,6 +1,10 @@
 //! Checkpoints and `--resume` on the CPU backend: a run of N RL steps and a run stopped after k and resumed to N give
 //! bit-identical parameters and metrics (timing metrics aside); a blow-up stops with a typed error and leaves the last
 //! good checkpoint; the loop also runs a Hugging Face checkpoint on a JSONL dataset and the Countdown task.
+//!
+//! These tests build a CPU device whatever `FORKRL_BACKEND` says. `cargo xtask test` runs them in its CPU pass and
+//! filters them out of the other passes by their `cpu_backend_` prefix, so those report them as filtered out, not as
+//! passed again.
 
 use std::path::{Path, PathBuf};
 
@@ -10,10 +14,11 @@ use burn::{
 };
 use forkrl_core::Backend;
 use forkrl_trainer::{
-    TrainerError,
-    checkpoint::{POLICY_FILE, load_policy},
-    rlvr::{Checkpointing, TrainConfig, latest_checkpoint, read_state, train, train_with_checkpoints},
-    task::TaskConfig,
+    JsonlWriter, Recorder, TrainConfig, Trainer, TrainerError,
+    model::checkpoint::{POLICY_FILE, load_policy},
+    rl::state::{latest_checkpoint, read_state},
+    tasks::{TaskConfig, jsonl::JsonlConfig},
+    train,
 };
 
 fn scratch(tag: &str) -> PathBuf {
@@ -69,22 +74,28 @@ fn params(checkpoint: &Path) -> Vec<u32> {
 }
 
 #[test]
-fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
-    if !on_the_cpu_suite() {
-        return;
-    }
+fn cpu_backend_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     let device = Backend::Cpu.device().expect("cpu");
     let config = small();
 
+    let checked = config.clone().check().expect("valid");
+
     let a = scratch("a");
-    let mut metrics_a = Vec::new();
-    let ckpt_a = Checkpointing { dir: Some(a.clone()), ..Checkpointing::default() };
-    let summary_a = train_with_checkpoints(&config, &device, &mut metrics_a, &ckpt_a).expect("run a");
+    let mut metrics_a = JsonlWriter::new(Vec::new(), "a/metrics.jsonl");
+    let summary_a = Trainer::new(checked.clone(), &device)
+        .expect("builds")
+        .with_checkpoints(&a)
+        .run(&mut metrics_a, None)
+        .expect("run a");
+    let metrics_a = metrics_a.into_inner();
 
     let b = scratch("b");
-    let mut metrics_b = Vec::new();
-    let stop = Checkpointing { dir: Some(b.clone()), resume: false, stop_after: Some(2) };
-    train_with_checkpoints(&config, &device, &mut metrics_b, &stop).expect("run b, first half");
+    let mut metrics_b = JsonlWriter::new(Vec::new(), "b/metrics.jsonl");
+    let mut first = Trainer::new(checked.clone(), &device).expect("builds").with_checkpoints(&b);
+    first.run(&mut metrics_b, Some(2)).expect("run b, first half");
+    // An observer that failed after the checkpoint is cut back to the checkpoint's rows: simulate extra lines.
+    let mut metrics_b = metrics_b.into_inner();
+    metrics_b.extend_from_slice(b"{\"phase\":\"rl\",\"step\":3}\n");
     let latest = latest_checkpoint(&b).expect("latest").expect("a checkpoint");
     let state = read_state(&latest).expect("state");
     assert_eq!(state.step, 2);
@@ -96,8 +107,11 @@ fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
             .map(|l| l.len() + 1)
             .sum(),
     );
-    let resume = Checkpointing { dir: Some(b.clone()), resume: true, stop_after: None };
-    let summary_b = train_with_checkpoints(&config, &device, &mut metrics_b, &resume).expect("run b, resumed");
+    let mut resumed = Trainer::resume_with(checked.clone(), &b, &device).expect("resumes");
+    assert_eq!((resumed.step(), resumed.metrics_lines()), (2, state.metrics_lines));
+    let mut writer = JsonlWriter::new(metrics_b, "b/metrics.jsonl");
+    let summary_b = resumed.run(&mut writer, None).expect("run b, resumed");
+    let metrics_b = writer.into_inner();
 
     let final_a = latest_checkpoint(&a).expect("latest").expect("final");
     let final_b = latest_checkpoint(&b).expect("latest").expect("final");
@@ -130,29 +144,41 @@ fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     names.sort();
     assert_eq!(names, ["latest", "step-000002", "step-000004"]);
 
-    // Resuming with another configuration is refused.
+    // Resuming with another configuration is refused; a moved run (another name or folder) and a longer run are not.
     let mut other = config.clone();
     other.rl.lr *= 2.0;
-    let refuse = Checkpointing { dir: Some(b), resume: true, stop_after: None };
-    assert!(matches!(
-        train_with_checkpoints(&other, &device, &mut Vec::new(), &refuse),
-        Err(TrainerError::Checkpoint { .. })
-    ));
+    let refused = Trainer::resume_with(other.check().expect("valid"), &b, &device);
+    assert!(matches!(refused, Err(TrainerError::Checkpoint { .. })), "{refused:?}");
+    let mut moved = config.clone();
+    moved.run.name = "elsewhere".into();
+    moved.run.out_dir = "/moved".into();
+    moved.rl.steps = 6;
+    let moved = Trainer::resume_with(moved.check().expect("valid"), &b, &device).expect("a moved run resumes");
+    assert_eq!(moved.step(), 4);
+    // The checkpoint's own configuration, as `Trainer::resume` reads it.
+    assert_eq!(Trainer::resume(&b, &device).expect("resumes").config().rl, config.rl);
+    // Fewer steps than the checkpoint has done would mislabel the model.
+    let mut shorter = config.clone();
+    shorter.rl.steps = 3;
+    match Trainer::resume_with(shorter.check().expect("valid"), &b, &device) {
+        Err(TrainerError::InvalidConfig { key, .. }) => assert_eq!(key, "rl.steps"),
+        other => panic!("unexpected {other:?}"),
+    }
 }
 
 #[test]
-fn a_blow_up_stops_with_a_typed_error_and_keeps_the_last_good_checkpoint() {
-    if !on_the_cpu_suite() {
-        return;
-    }
+fn cpu_backend_a_blow_up_stops_with_a_typed_error_and_keeps_the_last_good_checkpoint() {
     let device = Backend::Cpu.device().expect("cpu");
     let mut config = small();
     config.sft.steps = 5;
     config.rl.lr = 1e38; // the first update sends the parameters to ±1e38: the next forward overflows.
     config.checkpoint.every = 1;
     let dir = scratch("nan");
-    let ckpt = Checkpointing { dir: Some(dir.clone()), ..Checkpointing::default() };
-    let err = train_with_checkpoints(&config, &device, &mut Vec::new(), &ckpt).expect_err("blows up");
+    let err = Trainer::new(config.check().expect("valid"), &device)
+        .expect("builds")
+        .with_checkpoints(&dir)
+        .run(&mut Recorder::default(), None)
+        .expect_err("blows up");
     let typed =
         matches!(err, TrainerError::NonFinite { .. } | TrainerError::Core(forkrl_core::Error::NonFinite { .. }));
     assert!(typed, "{err}");
@@ -163,10 +189,7 @@ fn a_blow_up_stops_with_a_typed_error_and_keeps_the_last_good_checkpoint() {
 }
 
 #[test]
-fn a_hugging_face_checkpoint_trains_on_a_jsonl_dataset() {
-    if !on_the_cpu_suite() {
-        return;
-    }
+fn cpu_backend_a_hugging_face_checkpoint_trains_on_a_jsonl_dataset() {
     let device = Backend::Cpu.device().expect("cpu");
     let dir = scratch("jsonl");
     let data = dir.join("train.jsonl");
@@ -179,7 +202,7 @@ fn a_hugging_face_checkpoint_trains_on_a_jsonl_dataset() {
     let mut config = small();
     config.model.hf_dir = Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/qwen2-tied"));
     config.model.max_len = Some(128);
-    config.task = TaskConfig::Jsonl(forkrl_trainer::jsonl::JsonlConfig {
+    config.task = TaskConfig::Jsonl(JsonlConfig {
         path: data,
         test_share: 0.2,
         template: "Q: {question}\nA:".into(),
@@ -191,26 +214,23 @@ fn a_hugging_face_checkpoint_trains_on_a_jsonl_dataset() {
     config.rl.steps = 2;
     config.rl.max_response_len = 12;
     config.eval.size = 4;
-    let mut metrics = Vec::new();
-    let summary = train(&config, &device, &mut metrics).expect("trains");
-    let rl: Vec<serde_json::Value> = comparable(&metrics).into_iter().filter(|l| l["phase"] == "rl").collect();
+    let mut recorder = Recorder::default();
+    let summary = train(config.clone().check().expect("valid"), &device, &mut recorder).expect("trains");
+    let rl = recorder.phase("rl");
     assert_eq!(rl.len(), 2);
-    assert!(rl[1]["actor/pg_loss"].is_number() && rl[1]["response_length/mean"].as_f64().expect("len") > 0.0);
+    assert!(rl[1].get("actor/pg_loss").is_some() && rl[1].get("response_length/mean").expect("len") > 0.0);
     assert_eq!(summary.eval_curve.len(), 2, "after SFT and at the last step");
 
     // The same dataset with the character tokenizer of the tiny model is a clear error, not a crash.
     config.model.hf_dir = None;
-    match train(&config, &device, &mut Vec::new()) {
+    match train(config.check().expect("valid"), &device, &mut Recorder::default()) {
         Err(TrainerError::Tokenizer(msg)) => assert!(msg.contains("--model"), "{msg}"),
         other => panic!("expected a tokenizer error, got {other:?}"),
     }
 }
 
 #[test]
-fn countdown_runs_and_sft_teaches_the_format() {
-    if !on_the_cpu_suite() {
-        return;
-    }
+fn cpu_backend_countdown_runs_and_sft_teaches_the_format() {
     let device = Backend::Cpu.device().expect("cpu");
     let mut config = small();
     config.task = TaskConfig::Countdown(Default::default());
@@ -218,22 +238,8 @@ fn countdown_runs_and_sft_teaches_the_format() {
     config.rl.steps = 1;
     config.rl.max_response_len = 28;
     config.eval.every = 1;
-    let mut metrics = Vec::new();
-    train(&config, &device, &mut metrics).expect("trains");
-    let sft: Vec<f64> = comparable(&metrics)
-        .iter()
-        .filter(|l| l["phase"] == "sft")
-        .map(|l| l["sft/loss"].as_f64().expect("loss"))
-        .collect();
+    let mut recorder = Recorder::default();
+    train(config.check().expect("valid"), &device, &mut recorder).expect("trains");
+    let sft: Vec<f64> = recorder.phase("sft").iter().map(|r| r.get("sft/loss").expect("loss")).collect();
     assert!(sft.last() < sft.first(), "SFT loss falls: {sft:?}");
-}
-
-/// These tests exercise the loop's logic on the CPU backend whatever `FORKRL_BACKEND` says; `cargo xtask test` runs
-/// the suite once per backend, and running them again in the wgpu pass would only repeat the CPU run.
-fn on_the_cpu_suite() -> bool {
-    let backend = Backend::from_env().expect("known backend");
-    if backend != Backend::Cpu {
-        eprintln!("CPU-backend test: checked in the FORKRL_BACKEND=cpu run, skipped in the {backend} run");
-    }
-    backend == Backend::Cpu
 }

@@ -1,28 +1,67 @@
-//! `forkrl-train`: the RLVR trainer's command line (`cargo xtask train` builds and runs it).
+//! `forkrl-train`: the RLVR trainer's command line (`cargo xtask train` builds and runs it). A thin shell over the
+//! library: it assembles and checks the configuration, prepares the run folder ([`RunDir`]), runs the [`Trainer`]
+//! and shows progress.
 //!
 //! ```text
 //! forkrl-train [--config FILE.toml] [--set key.path=value]... [--backend cpu|wgpu|cuda] [--name NAME]
-//!              [--model HF_DIR] [--data FILE.jsonl] [--resume] [--stop-after RL_STEP]
+//!              [--model HF_DIR] [--data FILE.jsonl] [--resume | --overwrite] [--stop-after RL_STEP]
 //! ```
 //!
 //! With no arguments it runs the built-in default: the tiny policy on two-step arithmetic, SFT then GRPO with the
-//! forking-token mask (ρ = 0.2). `--model` trains a Hugging Face checkpoint directory (`model.hf_dir`), `--data` a
-//! JSONL dataset (`task.kind = "jsonl"`, `task.path`). Outputs go to `runs/<name>/`: `config.toml` (the resolved
-//! configuration), `metrics.jsonl` (one line per step, verl metric names), `checkpoints/` (`latest` names the newest
-//! complete one), `summary.json` and `plot.svg`. `--resume` continues from `checkpoints/latest` with the same
-//! configuration (`rl.steps` may grow): the result is the one an uninterrupted run gives. `--stop-after K` stops
-//! right after the checkpoint of RL step K (a checkpoint step), as a preempted job would.
+//! forking-token mask (ρ = 0.2). Outputs go to `runs/<name>/`: `config.toml` (the resolved configuration),
+//! `metrics.jsonl` (one line per step, verl metric names), `checkpoints/` (`latest` names the newest complete one),
+//! `summary.json` and `plot.svg`. A folder that already holds a run is never replaced unless `--overwrite` says so.
+//! `--resume` continues from `checkpoints/latest` with the same configuration (`rl.steps` may grow, the run may have
+//! moved): the result is the one an uninterrupted run gives. `--stop-after K` stops right after RL step K with a
+//! checkpoint, as a preempted job would.
 
-use std::{fs, io::Write, path::PathBuf, process::ExitCode};
-
-use forkrl_core::{Backend, report::write_atomic};
-use forkrl_trainer::rlvr::{
-    Checkpointing, TrainConfig, latest_checkpoint, read_state, summary_svg, train_with_checkpoints,
+use std::{
+    fs,
+    io::{IsTerminal, Write},
+    path::PathBuf,
+    process::ExitCode,
 };
+
+use clap::Parser;
+use forkrl_core::Backend;
+use forkrl_trainer::{Event, JsonlWriter, MetricsRow, Observer, TrainConfig, Trainer, TrainerError, rl::state::RunDir};
+
+/// Trains a policy with SFT then RLVR (GRPO with the 80/20 forking-token mask by default).
+#[derive(Parser, Debug)]
+#[command(name = "forkrl-train", version, about)]
+struct Args {
+    /// A TOML configuration (sections run, model, task, sft, rl, eval, checkpoint; docs/trainer.md).
+    #[arg(long, value_name = "FILE.toml")]
+    config: Option<PathBuf>,
+    /// Sets one key, e.g. `--set rl.steps=50` or `--set 'rl.policy_loss={loss_mode="cispo", eps_high=4.0}'`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Backend: cpu, wgpu or cuda (`run.backend`).
+    #[arg(long)]
+    backend: Option<String>,
+    /// Run name: outputs go to `<run.out_dir>/<NAME>/` (`run.name`).
+    #[arg(long)]
+    name: Option<String>,
+    /// A Hugging Face model directory (`model.hf_dir`).
+    #[arg(long, value_name = "HF_DIR")]
+    model: Option<PathBuf>,
+    /// A JSONL dataset (`task.kind = "jsonl"`, `task.path`).
+    #[arg(long, value_name = "FILE.jsonl")]
+    data: Option<PathBuf>,
+    /// Continue the run from its newest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Replace a previous run of the same name (its checkpoints and metrics are deleted).
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
+    /// Stop right after RL step K, with a checkpoint.
+    #[arg(long, value_name = "RL_STEP")]
+    stop_after: Option<usize>,
+}
 
 fn set_path(root: &mut toml::Table, path: &str, value: toml::Value) -> Result<(), String> {
     let mut parts: Vec<&str> = path.split('.').collect();
-    let last = parts.pop().ok_or_else(|| format!("empty key in --set {path}"))?;
+    let last = parts.pop().filter(|p| !p.is_empty()).ok_or_else(|| format!("--set {path}: empty key"))?;
     let mut table = root;
     for p in parts {
         table = table
@@ -43,101 +82,131 @@ fn parse_value(text: &str) -> toml::Value {
         .unwrap_or_else(|| toml::Value::String(text.to_string()))
 }
 
-fn run() -> Result<(), String> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut table = toml::Table::new();
-    let mut sets = Vec::new();
-    let mut resume = false;
-    let mut stop_after = None;
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().cloned().ok_or_else(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--config" => {
-                let path = value()?;
-                let text = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-                table = toml::from_str(&text).map_err(|e| format!("{path}: {e}"))?;
-            }
-            "--set" => sets.push(value()?),
-            "--backend" => sets.push(format!("run.backend=\"{}\"", value()?)),
-            "--name" => sets.push(format!("run.name=\"{}\"", value()?)),
-            "--model" => sets.push(format!("model.hf_dir={}", toml::Value::String(value()?))),
-            "--data" => {
-                sets.push("task.kind=\"jsonl\"".into());
-                sets.push(format!("task.path={}", toml::Value::String(value()?)));
-            }
-            "--resume" => resume = true,
-            "--stop-after" => {
-                let v = value()?;
-                stop_after = Some(v.parse::<usize>().map_err(|e| format!("--stop-after {v}: {e}"))?);
-            }
-            "-h" | "--help" => {
-                println!(
-                    "forkrl-train [--config FILE.toml] [--set key.path=value]... [--backend cpu|wgpu|cuda] [--name NAME]\n\
-                     \x20            [--model HF_DIR] [--data FILE.jsonl] [--resume] [--stop-after RL_STEP]"
-                );
-                return Ok(());
-            }
-            other => return Err(format!("unknown argument {other} (see --help)")),
+/// The configuration from `--config`, the shorthand flags and every `--set`, in that order.
+fn resolve(args: &Args) -> Result<TrainConfig, String> {
+    let mut table = match &args.config {
+        Some(path) => {
+            let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
         }
+        None => toml::Table::new(),
+    };
+    let mut sets: Vec<(String, toml::Value)> = Vec::new();
+    let string = |s: &str| toml::Value::String(s.to_string());
+    if let Some(b) = &args.backend {
+        sets.push(("run.backend".into(), string(b)));
     }
-    for s in sets {
+    if let Some(n) = &args.name {
+        sets.push(("run.name".into(), string(n)));
+    }
+    if let Some(m) = &args.model {
+        sets.push(("model.hf_dir".into(), string(&m.to_string_lossy())));
+    }
+    if let Some(d) = &args.data {
+        sets.push(("task.kind".into(), string("jsonl")));
+        sets.push(("task.path".into(), string(&d.to_string_lossy())));
+    }
+    for s in &args.sets {
         let (k, v) = s.split_once('=').ok_or_else(|| format!("--set {s}: expected key=value"))?;
-        set_path(&mut table, k.trim(), parse_value(v.trim()))?;
+        sets.push((k.trim().to_string(), parse_value(v.trim())));
+    }
+    for (k, v) in sets {
+        set_path(&mut table, &k, v)?;
     }
     // `--set task.x=...` without a kind keeps the default task.
     if let Some(task) = table.get_mut("task").and_then(toml::Value::as_table_mut) {
         task.entry("kind").or_insert_with(|| toml::Value::String("arithmetic".into()));
     }
-    let config: TrainConfig = toml::Value::Table(table).try_into().map_err(|e| format!("configuration: {e}"))?;
+    toml::Value::Table(table).try_into().map_err(|e| format!("configuration: {e}"))
+}
+
+/// `metrics.jsonl` plus a progress display: on a terminal, steps overwrite each other in place and evaluations stay;
+/// elsewhere (a log file, CI) every line is kept.
+struct Progress {
+    jsonl: JsonlWriter<fs::File>,
+    tty: bool,
+}
+
+impl Progress {
+    fn line(&self, line: &str, keep: bool) {
+        if self.tty {
+            print!("\r\x1b[2K{line}{}", if keep { "\n" } else { "" });
+            let _ = std::io::stdout().flush();
+        } else {
+            println!("{line}");
+        }
+    }
+}
+
+/// A 20-character progress bar, `[#####---------------]`.
+fn bar(done: usize, total: usize) -> String {
+    let filled = (done * 20).checked_div(total).unwrap_or(20).min(20);
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(20 - filled))
+}
+
+impl Observer for Progress {
+    fn metrics(&mut self, row: &MetricsRow) -> forkrl_trainer::Result<()> {
+        self.jsonl.metrics(row)
+    }
+
+    fn event(&mut self, event: &Event<'_>) {
+        match *event {
+            Event::Resumed { checkpoint, step } => println!("resuming from {} (RL step {step})", checkpoint.display()),
+            Event::SftStep { step, total, loss } if step.is_multiple_of(25) || step + 1 == total => {
+                self.line(&format!("sft {} {step:>4}/{total} loss {loss:.4}", bar(step + 1, total)), step + 1 == total);
+            }
+            Event::Evaluated { step: 0, accuracy: Some(acc), pass_at_k: Some((k, p1, pk)) } => {
+                println!("held-out after SFT: greedy accuracy {acc:.3}, pass@1 {p1:.3}, pass@{k} {pk:.3}");
+            }
+            Event::Evaluated { accuracy: None, pass_at_k: Some((k, p1, pk)), .. } => {
+                println!("held-out after RL: pass@1 {p1:.3}, pass@{k} {pk:.3}");
+            }
+            Event::RlStep { step, total, row, eta_seconds } => {
+                let acc = row.get("eval/acc");
+                let value = |k: &str| row.get(k).unwrap_or(f64::NAN);
+                let line = format!(
+                    "rl {} {step:>4}/{total} reward {:.3} entropy {:.3} clipfrac {:.3}{} eta {eta_seconds:.0}s",
+                    bar(step, total),
+                    value("critic/score/mean"),
+                    value("actor/entropy"),
+                    value("actor/pg_clipfrac"),
+                    acc.map_or(String::new(), |a| format!(" held-out acc {a:.3}"))
+                );
+                self.line(&line, acc.is_some() || step == total);
+            }
+            Event::Stopped { step } => println!("stopping after the checkpoint of RL step {step} (--stop-after)"),
+            _ => {}
+        }
+    }
+}
+
+fn run() -> Result<(), String> {
+    let args = Args::parse();
+    let config = resolve(&args)?.check().map_err(|e| e.to_string())?;
+    if let Some(k) = args.stop_after.filter(|&k| k == 0 || k > config.rl.steps) {
+        return Err(format!("--stop-after {k}: must be an RL step in 1..={}", config.rl.steps));
+    }
     let backend: Backend = config.run.backend.parse().map_err(|e| format!("{e}"))?;
     let device = backend.device().map_err(|e| format!("{e}"))?;
-    let dir: PathBuf = config.run.out_dir.join(&config.run.name);
-    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let resolved = toml::to_string(&config).map_err(|e| e.to_string())?;
-    write_atomic(&dir.join("config.toml"), &resolved).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let metrics_path = dir.join("metrics.jsonl");
-    let checkpoints = dir.join("checkpoints");
-    let mut metrics = if resume {
-        // Keep exactly the metrics lines the checkpoint had written.
-        let latest = latest_checkpoint(&checkpoints)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("--resume: no checkpoint in {}", checkpoints.display()))?;
-        let state = read_state(&latest).map_err(|e| e.to_string())?;
-        let text = fs::read_to_string(&metrics_path).map_err(|e| format!("{}: {e}", metrics_path.display()))?;
-        let kept: Vec<&str> = text.lines().take(state.metrics_lines).collect();
-        if kept.len() < state.metrics_lines {
-            return Err(format!(
-                "--resume: {} has {} lines, the checkpoint expects {}",
-                metrics_path.display(),
-                kept.len(),
-                state.metrics_lines
-            ));
-        }
-        let mut body = kept.join("\n");
-        if !body.is_empty() {
-            body.push('\n');
-        }
-        write_atomic(&metrics_path, &body).map_err(|e| format!("{}: {e}", metrics_path.display()))?;
-        fs::OpenOptions::new()
-            .append(true)
-            .open(&metrics_path)
-            .map_err(|e| format!("{}: {e}", metrics_path.display()))?
+    let run_dir = RunDir::new(config.run.out_dir.join(&config.run.name));
+    let err = |e: TrainerError| e.to_string();
+    // Everything is checked and loaded before the run folder is touched.
+    let (mut trainer, metrics) = if args.resume {
+        let trainer = Trainer::resume_with(config.clone(), &run_dir.checkpoints(), &device).map_err(err)?;
+        let metrics = run_dir.resume(&config, trainer.metrics_lines()).map_err(err)?;
+        (trainer, metrics)
     } else {
-        if checkpoints.exists() {
-            fs::remove_dir_all(&checkpoints).map_err(|e| format!("{}: {e}", checkpoints.display()))?;
-        }
-        fs::File::create(&metrics_path).map_err(|e| format!("{}: {e}", metrics_path.display()))?
+        run_dir.check_new(args.overwrite).map_err(err)?;
+        let trainer = Trainer::new(config.clone(), &device).map_err(err)?.with_checkpoints(run_dir.checkpoints());
+        (trainer, run_dir.start(&config, args.overwrite).map_err(err)?)
     };
-    println!("training on {backend}; outputs in {}", dir.display());
-    let ckpt = Checkpointing { dir: Some(checkpoints), resume, stop_after };
-    let summary = train_with_checkpoints(&config, &device, &mut metrics, &ckpt).map_err(|e| e.to_string())?;
-    metrics.flush().map_err(|e| format!("{}: {e}", metrics_path.display()))?;
-    let json = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
-    write_atomic(&dir.join("summary.json"), &json).map_err(|e| format!("{}: {e}", dir.display()))?;
-    write_atomic(&dir.join("plot.svg"), &summary_svg(&summary)).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let k = config.eval.pass_k;
-    if let Some(step) = stop_after.filter(|&s| s < config.rl.steps) {
+    println!("training on {backend}; outputs in {}", run_dir.path().display());
+    let tty = std::io::stdout().is_terminal();
+    let mut progress = Progress { jsonl: JsonlWriter::new(metrics, run_dir.metrics_path()), tty };
+    let summary = trainer.run(&mut progress, args.stop_after).map_err(err)?;
+    progress.jsonl.flush().map_err(err)?;
+    run_dir.write_summary(&summary).map_err(err)?;
+    if let Some(step) = args.stop_after.filter(|&s| s < config.rl.steps) {
         println!(
             "\nstopped after RL step {step} of {} (held-out greedy accuracy {:.3}); continue with the same arguments \
              and --resume instead of --stop-after",
@@ -145,6 +214,7 @@ fn run() -> Result<(), String> {
         );
         return Ok(());
     }
+    let k = config.eval.pass_k;
     println!(
         "\nheld-out greedy accuracy: {:.3} after SFT -> {:.3} after {} RL steps; pass@1 {:.3} -> {:.3}, pass@{k} {:.3} -> {:.3} ({:.0} s).\nWrote {}/{{config.toml, metrics.jsonl, summary.json, plot.svg}}",
         summary.sft_accuracy,
@@ -155,7 +225,7 @@ fn run() -> Result<(), String> {
         summary.sft_pass_at_k.1,
         summary.final_pass_at_k.1,
         summary.seconds,
-        dir.display()
+        run_dir.path().display()
     );
     Ok(())
 }

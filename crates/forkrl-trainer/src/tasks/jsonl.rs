@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::{TrainerError, verify::extract_after_hash};
+use crate::{TrainerError, tasks::verify::extract_after_hash};
 
 /// The 80/20 paper's prompt template for math ("Beyond the 80/20 Rule", arXiv 2506.01939, §B).
 pub const DEFAULT_TEMPLATE: &str =
@@ -42,7 +42,7 @@ pub struct JsonlConfig {
     /// Prompt template; `{question}` is replaced by the question.
     pub template: String,
     /// Final-answer extraction of the verifier.
-    pub extraction: crate::verify::Extraction,
+    pub extraction: crate::tasks::verify::Extraction,
 }
 
 impl Default for JsonlConfig {
@@ -52,7 +52,7 @@ impl Default for JsonlConfig {
             test_path: None,
             test_share: 0.1,
             template: DEFAULT_TEMPLATE.into(),
-            extraction: crate::verify::Extraction::Auto,
+            extraction: crate::tasks::verify::Extraction::Auto,
         }
     }
 }

@@ -1,5 +1,5 @@
-//! Tasks of the RLVR loop: the built-in generators ([`crate::arithmetic`], [`crate::countdown`]) and JSONL datasets
-//! ([`crate::jsonl`]), behind one [`Task`] that gives prompts, SFT targets and a verifier per problem.
+//! [`Task`]: the built-in generators ([`crate::tasks::arithmetic`], [`crate::tasks::countdown`]) and JSONL datasets
+//! ([`crate::tasks::jsonl`]) behind one type that gives prompts, SFT targets and a verifier per problem.
 
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -7,10 +7,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     TrainerError,
-    arithmetic::{self, ArithmeticConfig},
-    countdown::{CountdownConfig, CountdownProblem, countdown_reward},
-    jsonl::{self, JsonlConfig, apply_template},
-    verify::{Extraction, math_reward},
+    tasks::{
+        arithmetic::{self, ArithmeticConfig},
+        countdown::{CountdownConfig, CountdownProblem, countdown_reward},
+        jsonl::{self, JsonlConfig, apply_template},
+        verify::{Extraction, math_reward},
+    },
 };
 
 /// Which task, with its knobs. TOML: `[task]` with `kind = "arithmetic" | "countdown" | "jsonl"`.
@@ -108,16 +110,16 @@ impl Task {
     /// Builds the task (reads the dataset files of a JSONL task).
     ///
     /// # Errors
-    /// [`TrainerError::Config`] for bad knobs; the errors of [`jsonl::read`]; a JSONL split that leaves no training or
+    /// [`TrainerError::InvalidConfig`] for bad knobs; the errors of [`jsonl::read`]; a JSONL split that leaves no training or
     /// no held-out problem.
     pub fn new(config: &TaskConfig) -> Result<Self, TrainerError> {
         match config {
             TaskConfig::Arithmetic(c) => {
-                c.validate().map_err(TrainerError::Config)?;
+                c.validate().map_err(|reason| TrainerError::invalid("task", "arithmetic", reason))?;
                 Ok(Task::Arithmetic(*c))
             }
             TaskConfig::Countdown(c) => {
-                c.validate().map_err(TrainerError::Config)?;
+                c.validate().map_err(|reason| TrainerError::invalid("task", "countdown", reason))?;
                 Ok(Task::Countdown(*c))
             }
             TaskConfig::Jsonl(c) => {
@@ -142,13 +144,16 @@ impl Task {
                     }
                 };
                 if train.is_empty() || test.is_empty() {
-                    return Err(TrainerError::Config(format!(
-                        "task: {} gives {} training and {} held-out problems; both must be non-empty (set \
-                         task.test_path or task.test_share)",
+                    return Err(TrainerError::invalid(
+                        "task.path",
                         c.path.display(),
-                        train.len(),
-                        test.len()
-                    )));
+                        format!(
+                            "gives {} training and {} held-out problems; both must be non-empty (set task.test_path \
+                             or task.test_share)",
+                            train.len(),
+                            test.len()
+                        ),
+                    ));
                 }
                 Ok(Task::Dataset { train, test })
             }

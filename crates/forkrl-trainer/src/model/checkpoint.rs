@@ -10,7 +10,7 @@ use burn::{module::Module, tensor::Device};
 
 use crate::{
     TrainerError,
-    policy::{Policy, PolicyConfig},
+    model::policy::{Policy, PolicyConfig},
 };
 
 type Result<T> = std::result::Result<T, TrainerError>;

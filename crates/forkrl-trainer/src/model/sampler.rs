@@ -19,7 +19,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use forkrl_rollout::{Decoding, RowRequest, decode_rows};
 use serde::{Deserialize, Serialize};
 
-use crate::{TrainerError, host_f32, policy::Policy};
+use crate::{TrainerError, host_f32, model::policy::Policy};
 
 type Result<T> = std::result::Result<T, TrainerError>;
 
@@ -106,6 +106,28 @@ pub fn generate(policy: &Policy, prompts: &[Vec<u32>], op: Decoding, config: &Sa
     generate_rows(policy, &rows, config)
 }
 
+/// Checks the rows and the configuration against the policy; returns the longest prompt.
+fn check_rows(policy: &Policy, rows: &[SampleRow<'_>], config: &SamplerConfig) -> Result<usize> {
+    let vocab = policy.vocab_size();
+    for (r, row) in rows.iter().enumerate() {
+        row.op.validate()?;
+        if row.prompt.is_empty() {
+            return Err(TrainerError::Shape(format!("row {r}: empty prompt")));
+        }
+        if let Some(&t) = row.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(TrainerError::Shape(format!("row {r}: prompt id {t} outside the vocabulary of {vocab}")));
+        }
+    }
+    if config.pad as usize >= vocab {
+        return Err(TrainerError::Shape(format!("pad id {} outside the vocabulary of {vocab}", config.pad)));
+    }
+    let width = rows.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+    if width + config.max_new_tokens > policy.max_len() {
+        return Err(TrainerError::ContextOverflow { tokens: width + config.max_new_tokens, context: policy.max_len() });
+    }
+    Ok(width)
+}
+
 /// Continues each row (see the module doc).
 ///
 /// # Errors
@@ -125,23 +147,7 @@ pub fn generate_rows(policy: &Policy, rows: &[SampleRow<'_>], config: &SamplerCo
     if b == 0 {
         return Ok(out);
     }
-    let vocab = policy.vocab_size();
-    for (r, row) in rows.iter().enumerate() {
-        row.op.validate()?;
-        if row.prompt.is_empty() {
-            return Err(TrainerError::Shape(format!("row {r}: empty prompt")));
-        }
-        if let Some(&t) = row.prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(TrainerError::Shape(format!("row {r}: prompt id {t} outside the vocabulary of {vocab}")));
-        }
-    }
-    if config.pad as usize >= vocab {
-        return Err(TrainerError::Shape(format!("pad id {} outside the vocabulary of {vocab}", config.pad)));
-    }
-    let width = rows.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
-    if width + config.max_new_tokens > policy.max_len() {
-        return Err(TrainerError::ContextOverflow { tokens: width + config.max_new_tokens, context: policy.max_len() });
-    }
+    let width = check_rows(policy, rows, config)?;
     let pads: Vec<usize> = rows.iter().map(|r| width - r.prompt.len()).collect();
     // Left-padded sequences, room for every new token (row stride `width + max_new_tokens`).
     let stride = width + config.max_new_tokens;

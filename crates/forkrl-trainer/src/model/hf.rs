@@ -3,7 +3,7 @@
 //! Reads `config.json` (`model_type` ∈ {`llama`, `qwen2`, `qwen3`}; anything else is
 //! [`TrainerError::UnsupportedArchitecture`]), the weights from `model.safetensors` or from the shards listed in
 //! `model.safetensors.index.json` (f32, bf16 or f16, converted exactly to f32), and the special ids from
-//! `generation_config.json` / `config.json`. The tokenizer is [`crate::tokenizer::HfTokenizer`].
+//! `generation_config.json` / `config.json`. The tokenizer is [`crate::model::tokenizer::HfTokenizer`].
 //!
 //! Key mapping (per block `i`, `transformers` name → policy part; linear weights are stored `[out, in]` by PyTorch and
 //! transposed to burn's `[in, out]`):
@@ -30,7 +30,7 @@ use serde_json::Value;
 
 use crate::{
     TrainerError,
-    policy::{Block, Policy, PolicyConfig},
+    model::policy::{Block, Policy, PolicyConfig},
 };
 
 type Result<T> = std::result::Result<T, TrainerError>;

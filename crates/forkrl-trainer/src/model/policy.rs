@@ -1,5 +1,5 @@
 //! The policy: a decoder-only transformer covering the Llama, Qwen2 and Qwen3 architectures, for the built-in tiny
-//! model trained from scratch and for Hugging Face checkpoints ([`crate::hf`]).
+//! model trained from scratch and for Hugging Face checkpoints ([`crate::model::hf`]).
 //!
 //! Per block (pre-norm): `x += o(attn(RoPE(q_norm?(q(n₁x))), RoPE(k_norm?(k(n₁x))), v(n₁x)))`, then
 //! `x += down(silu(gate(n₂x)) ⊙ up(n₂x))`, with RMSNorm `n(x) = x / sqrt(mean(x²) + ε) · γ`; the logits are
@@ -147,7 +147,7 @@ impl PolicyConfig {
     /// Checks sizes: nothing zero, `n_kv_heads | n_heads`, an even head width.
     ///
     /// # Errors
-    /// [`TrainerError::Config`] naming the offending sizes.
+    /// [`TrainerError::InvalidConfig`] naming the offending sizes.
     pub fn validate(&self) -> Result<(), TrainerError> {
         if self.vocab_size == 0
             || self.d_model == 0
@@ -157,23 +157,28 @@ impl PolicyConfig {
             || self.max_len == 0
             || self.head_width() == 0
         {
-            return Err(TrainerError::Config(format!("PolicyConfig has a zero size: {self:?}")));
+            return Err(TrainerError::invalid("model", format!("{self:?}"), "a size of the policy is zero"));
         }
         if self.head_dim.is_none() && !self.d_model.is_multiple_of(self.n_heads) {
-            return Err(TrainerError::Config(format!(
-                "PolicyConfig: n_heads = {} does not divide d_model = {} (and no head_dim is given)",
-                self.n_heads, self.d_model
-            )));
+            return Err(TrainerError::invalid(
+                "model.n_heads",
+                self.n_heads,
+                format!("does not divide d_model = {} (and no head_dim is given)", self.d_model),
+            ));
         }
         if !self.head_width().is_multiple_of(2) {
-            return Err(TrainerError::Config(format!("PolicyConfig: head width {} must be even", self.head_width())));
+            return Err(TrainerError::invalid(
+                "model.head_dim",
+                self.head_width(),
+                "the head width must be even (RoPE)",
+            ));
         }
         if !self.n_heads.is_multiple_of(self.kv_heads()) {
-            return Err(TrainerError::Config(format!(
-                "PolicyConfig: n_kv_heads = {} must divide n_heads = {}",
+            return Err(TrainerError::invalid(
+                "model.n_kv_heads",
                 self.kv_heads(),
-                self.n_heads
-            )));
+                format!("must divide n_heads = {}", self.n_heads),
+            ));
         }
         if self.rope_theta.is_nan()
             || self.rope_theta <= 0.0
@@ -181,10 +186,11 @@ impl PolicyConfig {
             || self.rms_norm_eps.is_nan()
             || self.rms_norm_eps < 0.0
         {
-            return Err(TrainerError::Config(format!(
-                "PolicyConfig: rope_theta = {} must be > 0 and rms_norm_eps = {} >= 0",
-                self.rope_theta, self.rms_norm_eps
-            )));
+            return Err(TrainerError::invalid(
+                "model.rope_theta / rms_norm_eps",
+                format!("{} / {}", self.rope_theta, self.rms_norm_eps),
+                "rope_theta must be finite and > 0, rms_norm_eps >= 0",
+            ));
         }
         Ok(())
     }
@@ -192,7 +198,7 @@ impl PolicyConfig {
     /// Builds the policy on `device` with random weights (embedding N(0, 0.02), burn's default for the linears).
     ///
     /// # Errors
-    /// [`TrainerError::Config`] from [`PolicyConfig::validate`].
+    /// [`TrainerError::InvalidConfig`] from [`PolicyConfig::validate`].
     pub fn init(&self, device: &Device) -> Result<Policy, TrainerError> {
         self.validate()?;
         let (d, dh) = (self.d_model, self.head_width());

@@ -1,0 +1,153 @@
+//! The policy and everything around it: the decoder ([`policy`]), Hugging Face loading ([`hf`]) and tokenizers
+//! ([`tokenizer`]), the KV-cache sampler ([`sampler`]), our checkpoints ([`checkpoint`]), and [`Model`]: a built
+//! policy with its tokenizer and special ids.
+
+pub mod checkpoint;
+pub mod hf;
+pub mod policy;
+pub mod sampler;
+pub mod tokenizer;
+
+use std::sync::Mutex;
+
+use burn::{
+    module::{Module, ModuleVisitor, Param},
+    tensor::{Device, Int, Tensor, TensorData},
+};
+use forkrl_entropy::tensor::entropy_and_logprobs;
+
+use crate::{
+    Result, TrainerError,
+    config::ModelConfig,
+    model::{
+        policy::{Policy, PolicyConfig},
+        tokenizer::{CharTokenizer, EOS, HfTokenizer, PAD, TextTokenizer},
+    },
+};
+
+/// The policy's tokenizer and special ids.
+#[derive(Debug)]
+pub struct Vocab {
+    /// The tokenizer.
+    pub tokenizer: TextTokenizer,
+    /// Ids that end a response (the first one ends SFT targets).
+    pub eos: Vec<u32>,
+    /// The padding id.
+    pub pad: u32,
+}
+
+impl Vocab {
+    /// Token ids of `text`.
+    ///
+    /// # Errors
+    /// [`TrainerError::Tokenizer`] for text the tokenizer cannot encode.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.tokenizer.encode(text)
+    }
+
+    /// The text of a response (up to its first EOS).
+    pub fn text(&self, response: &[u32]) -> String {
+        self.tokenizer.decode_response(response, &self.eos)
+    }
+}
+
+/// A built policy (on the device it was built for), its shape and its vocabulary.
+#[derive(Debug)]
+pub struct Model {
+    /// The policy.
+    pub policy: Policy,
+    /// Its shape.
+    pub config: PolicyConfig,
+    /// Its tokenizer and special ids.
+    pub vocab: Vocab,
+}
+
+/// Serialises seeded builds: burn's CPU backend draws every random tensor from one process-wide generator, so two
+/// builds in parallel threads would interleave their draws.
+static SEEDED_BUILD: Mutex<()> = Mutex::new(());
+
+/// Builds the policy on `device` with the backend's generator seeded by `seed`, and initialises every parameter at
+/// once (burn initialises parameters lazily, on first use): the weights then depend on `seed` alone, not on what else
+/// draws random numbers before the policy is first used.
+///
+/// # Errors
+/// As [`build`].
+pub fn build_seeded(config: &ModelConfig, device: &Device, seed: u64) -> Result<Model> {
+    struct Touch;
+    impl ModuleVisitor for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let _ = param.val();
+        }
+    }
+    let _guard = SEEDED_BUILD.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    device.seed(seed);
+    let model = build(config, device)?;
+    model.policy.visit(&mut Touch);
+    Ok(model)
+}
+
+/// Builds the policy on `device` (an autodiff device to train it): the tiny model with the character tokenizer, or a
+/// Hugging Face directory.
+///
+/// # Errors
+/// The loader's errors; a tokenizer with more ids than the embedding has rows; a checkpoint without an EOS id.
+pub fn build(config: &ModelConfig, device: &Device) -> Result<Model> {
+    match &config.hf_dir {
+        Some(dir) => {
+            let model = hf::load(dir, Some(config.max_len.unwrap_or(4096)), device)?;
+            let tok = HfTokenizer::from_file(&dir.join("tokenizer.json"))?;
+            // Every id the tokenizer can produce must have an embedding row.
+            if tok.vocab_size() > model.config.policy.vocab_size {
+                return Err(TrainerError::Tokenizer(format!(
+                    "{}: the tokenizer has {} ids, the model's embedding only {} rows",
+                    dir.display(),
+                    tok.vocab_size(),
+                    model.config.policy.vocab_size
+                )));
+            }
+            let eos = model.config.special.eos.clone();
+            let Some(&first_eos) = eos.first() else {
+                return Err(TrainerError::HfConfig {
+                    path: dir.join("config.json"),
+                    reason: "no `eos_token_id` in config.json or generation_config.json".into(),
+                });
+            };
+            let pad = model.config.special.pad.unwrap_or(first_eos);
+            let vocab = Vocab { tokenizer: TextTokenizer::Hf(Box::new(tok)), eos, pad };
+            Ok(Model { policy: model.policy, config: model.config.policy, vocab })
+        }
+        None => {
+            let tok = CharTokenizer;
+            let pc = PolicyConfig::new(tok.vocab_size())
+                .with_d_model(config.d_model)
+                .with_n_layers(config.n_layers)
+                .with_n_heads(config.n_heads)
+                .with_d_ff(config.d_ff)
+                .with_max_len(config.max_len.unwrap_or(64));
+            let policy = pc.init(device)?;
+            Ok(Model {
+                policy,
+                config: pc,
+                vocab: Vocab { tokenizer: TextTokenizer::Char(tok), eos: vec![EOS], pad: PAD },
+            })
+        }
+    }
+}
+
+/// `[B, W]` ids as an integer tensor.
+pub fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Tensor<2, Int> {
+    let width = rows.first().map_or(0, Vec::len);
+    let flat: Vec<i64> = rows.iter().flat_map(|r| r.iter().map(|&t| i64::from(t))).collect();
+    Tensor::from_data(TensorData::new(flat, [rows.len(), width]), device)
+}
+
+/// Entropy and log-prob `[B, W]` of every next token of right-padded sequences `[B, W + 1]` at `temperature`, on the
+/// policy's device (with a graph when the policy is on an autodiff device), in one pass over the logits.
+///
+/// # Errors
+/// The policy's and the entropy kernel's errors.
+pub fn token_stats(policy: &Policy, seqs: &[Vec<u32>], w: usize, temperature: f32) -> Result<(Tensor<2>, Tensor<2>)> {
+    let ids = ids_tensor(seqs, &policy.device());
+    let logits = policy.forward(ids.clone().narrow(1, 0, w))?;
+    Ok(entropy_and_logprobs(logits, ids.narrow(1, 1, w), temperature, 4096)?)
+}

@@ -1,0 +1,18 @@
+//! The RL phase, one file per stage of a step (`docs/architecture.md`):
+//!
+//! - [`trainer`]: [`trainer::Trainer`] (holds the policy, the optimisers and the run's state; `rollout → score →
+//!   update`) and [`trainer::train`], the loop over it;
+//! - [`rollout`]: allocate (uniform, HORA after an in-step probe, DAPO dynamic sampling) → sample → verify;
+//! - [`score`]: group advantages, the rollout and reference policies' log-probs and entropies, token weighting, the
+//!   loss rows;
+//! - [`update`]: PPO epochs × query-preserved mini-batches × micro-batches, the forking mask, the actor loss, the
+//!   optimiser step;
+//! - [`metrics`]: [`metrics::Observer`] and its events, the metrics rows (verl names), the run summary;
+//! - [`state`]: what a checkpoint records, atomic checkpoint writes, and the run directory.
+
+pub mod metrics;
+pub mod rollout;
+pub mod score;
+pub mod state;
+pub mod trainer;
+pub mod update;

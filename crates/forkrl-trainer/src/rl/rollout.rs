@@ -1,0 +1,174 @@
+//! Rollout: allocate → sample → verify, for one RL step.
+//!
+//! Each generation batch draws `prompts_per_step` training problems and allocates rollouts per prompt: uniform
+//! (`group_size`), Mixed-CUTS (`g_std` with the rollout decoding, `g_cuts` with CUTS), or HORA (`n0` probe rollouts per
+//! prompt, then the rest of the `prompts_per_step × group_size` budget by `hora_allocate_after_probe`). Rows are
+//! sampled with the KV-cache sampler on an autodiff-free snapshot of the policy, each with its own (seed, row,
+//! position) stream, and verified by the task. With DAPO dynamic sampling, generation batches are drawn until
+//! `prompts_per_step` groups with mixed outcomes are kept.
+
+use burn::module::Module;
+use forkrl_core::{SeedStream, derive_seed};
+use forkrl_rollout::{BetaPosterior, Decoding, DynamicSampler, HoraConfig, PosteriorSource, hora_allocate_after_probe};
+
+use crate::{
+    Result, TrainerError,
+    batch::{Rollout, RolloutBatch},
+    config::CheckedConfig,
+    model::{
+        Vocab,
+        policy::Policy,
+        sampler::{self, SampleRow, SamplerConfig},
+    },
+    tasks::{Problem, Task},
+};
+
+/// The rollouts of one prompt.
+#[derive(Debug, Clone)]
+pub struct Group {
+    /// Its rollouts (at least one).
+    pub rollouts: Vec<Rollout>,
+}
+
+/// Samples the RL batch of step `step` (1-based).
+///
+/// # Errors
+/// [`forkrl_core::Error::SamplingExhausted`] when dynamic sampling gives up; tokenizer and sampler errors.
+pub fn rollout(
+    policy: &Policy,
+    vocab: &Vocab,
+    task: &Task,
+    config: &CheckedConfig,
+    step: usize,
+) -> Result<RolloutBatch> {
+    let rl = &config.rl;
+    let seed = config.run.seed;
+    let roll = |attempt: u64| -> Result<Vec<Group>> {
+        let indices = [step as u64, attempt];
+        let problems = task.sample(rl.prompts_per_step, derive_seed(seed, SeedStream::RlPrompts, &indices));
+        sample_groups(policy, vocab, &problems, config, derive_seed(seed, SeedStream::RolloutSampling, &indices))
+    };
+    let (groups, frac_zero_std) = match rl.dynamic_sampling {
+        None => (roll(0)?, None),
+        Some(ds) => {
+            let mut sampler = DynamicSampler::new(rl.prompts_per_step, ds);
+            let mut attempt = 0;
+            loop {
+                let batch = roll(attempt)?;
+                let acc: Vec<f32> = batch.iter().flat_map(|g| g.rollouts.iter().map(|r| r.reward)).collect();
+                let sizes: Vec<usize> = batch.iter().map(|g| g.rollouts.len()).collect();
+                if let Some(kept) = sampler.add_batch(batch, &acc, &sizes)? {
+                    break (kept, Some(sampler.frac_zero_std()));
+                }
+                attempt += 1;
+            }
+        }
+    };
+    let sizes: Vec<usize> = groups.iter().map(|g| g.rollouts.len()).collect();
+    let rollouts = groups.into_iter().flat_map(|g| g.rollouts).collect();
+    let mut batch = RolloutBatch::new(step, rollouts, sizes, vocab.pad)?;
+    batch.frac_zero_std_before_filter = frac_zero_std;
+    Ok(batch)
+}
+
+/// Samples and verifies the groups of one generation batch. Row ids run over the batch, so every rollout has its own
+/// stream of `seed`.
+///
+/// # Errors
+/// Tokenizer, sampler and allocation errors.
+pub fn sample_groups(
+    policy: &Policy,
+    vocab: &Vocab,
+    problems: &[Problem],
+    config: &CheckedConfig,
+    seed: u64,
+) -> Result<Vec<Group>> {
+    let rl = &config.rl;
+    let prompts: Vec<Vec<u32>> = problems.iter().map(|p| vocab.encode(&p.prompt)).collect::<Result<_>>()?;
+    let ops = match &rl.mixed_cuts {
+        Some(m) => m.operators(rl.decoding),
+        None => vec![rl.decoding; rl.group_size],
+    };
+    let mut sampler = RowSampler {
+        snapshot: policy.valid(),
+        vocab,
+        problems,
+        prompts: &prompts,
+        config: SamplerConfig {
+            max_new_tokens: rl.max_response_len,
+            eos: vocab.eos.clone(),
+            pad: vocab.pad,
+            seed,
+            ..SamplerConfig::default()
+        },
+        next_id: 0,
+        per_prompt: vec![Vec::new(); problems.len()],
+    };
+    let counts: Vec<usize> = match &rl.hora {
+        None => vec![rl.group_size; problems.len()],
+        Some(h) => hora_counts(&mut sampler, h, &ops, rl.group_size)?,
+    };
+    let rest: Vec<(usize, Decoding)> = counts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &c)| (sampler.per_prompt[i].len()..c).map(move |j| (i, j)))
+        .map(|(i, j)| (i, ops[j % ops.len()]))
+        .collect();
+    sampler.run(&rest)?;
+    Ok(sampler.per_prompt.into_iter().filter(|rows| !rows.is_empty()).map(|rollouts| Group { rollouts }).collect())
+}
+
+/// Samples requested rows and files them under their prompt.
+struct RowSampler<'a> {
+    snapshot: Policy,
+    vocab: &'a Vocab,
+    problems: &'a [Problem],
+    prompts: &'a [Vec<u32>],
+    config: SamplerConfig,
+    next_id: u64,
+    per_prompt: Vec<Vec<Rollout>>,
+}
+
+impl RowSampler<'_> {
+    /// One sampler call for `(prompt index, decoding)` requests.
+    fn run(&mut self, requests: &[(usize, Decoding)]) -> Result<()> {
+        let rows: Vec<SampleRow<'_>> = requests
+            .iter()
+            .enumerate()
+            .map(|(k, &(i, op))| SampleRow { prompt: &self.prompts[i], op, row_id: self.next_id + k as u64 })
+            .collect();
+        self.next_id += requests.len() as u64;
+        let out = sampler::generate_rows(&self.snapshot, &rows, &self.config)?;
+        for (&(i, _), (response, truncated)) in requests.iter().zip(out.tokens.into_iter().zip(out.truncated)) {
+            let reward = self.problems[i].reward(&self.vocab.text(&response));
+            self.per_prompt[i].push(Rollout { prompt: self.prompts[i].clone(), response, truncated, reward });
+        }
+        Ok(())
+    }
+}
+
+/// HORA: `n0` probe rollouts per prompt, then the allocation of the whole budget from the probe's Beta posteriors.
+fn hora_counts(
+    sampler: &mut RowSampler<'_>,
+    h: &HoraConfig,
+    ops: &[Decoding],
+    group_size: usize,
+) -> Result<Vec<usize>> {
+    let PosteriorSource::Probe { n0 } = h.source else {
+        return Err(TrainerError::invalid("rl.hora.source", format!("{:?}", h.source), "must be the probe"));
+    };
+    let n = sampler.problems.len();
+    let probe: Vec<(usize, Decoding)> =
+        (0..n).flat_map(|i| (0..n0).map(move |j| (i, j))).map(|(i, j)| (i, ops[j % ops.len()])).collect();
+    sampler.run(&probe)?;
+    let posteriors: Vec<BetaPosterior> = sampler
+        .per_prompt
+        .iter()
+        .map(|rows| {
+            let hits = rows.iter().filter(|r| r.reward > 0.0).count() as f64;
+            BetaPosterior::from_counts(hits, rows.len() as f64 - hits, h.prior_a, h.prior_b)
+        })
+        .collect::<std::result::Result<_, _>>()?;
+    let max = h.max_per_prompt.unwrap_or(4 * group_size);
+    Ok(hora_allocate_after_probe(&posteriors, n * group_size, n0, h.min_per_prompt, max)?.counts)
+}

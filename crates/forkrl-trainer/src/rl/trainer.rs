@@ -1,0 +1,512 @@
+//! [`Trainer`]: a steppable SFT + RLVR run, and [`train`], the loop over it.
+//!
+//! ```text
+//! Trainer::new(config.check()?, &device) | Trainer::resume(checkpoints, &device)
+//!   sft_step() × sft.steps, finish_sft()          warm start, held-out accuracy and pass@k after SFT
+//!   rl_step() = rollout() -> score() -> update()  one RL step (metrics row back)
+//!   evaluate(), evaluate_pass_at_k(), save(dir)
+//! ```
+//!
+//! Every random draw is a pure function of (run seed, stream, step, ...) (`forkrl_core::derive_seed`), so a run
+//! resumed from a checkpoint repeats exactly what an uninterrupted run does (bit-identical on the CPU backend).
+
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use burn::{
+    grad_clipping::GradientClippingConfig,
+    module::Module,
+    optim::{AdamWConfig, GradientsParams, ModuleOptimizer},
+    tensor::Device,
+};
+
+use crate::{
+    Result, TrainerError,
+    batch::RolloutBatch,
+    config::CheckedConfig,
+    eval,
+    model::{
+        self, Vocab, checkpoint,
+        policy::{Policy, PolicyConfig},
+    },
+    rl::{
+        metrics::{Event, MetricsRow, Observer, TrainSummary, rl_step_row},
+        rollout, score,
+        state::{
+            OPTIMIZER_FILE, OptimizerState, TrainState, latest_checkpoint, read_state, resumable, save_checkpoint,
+        },
+        update::{StatsMean, UpdateStats, Updater},
+    },
+    sft::{finite_scalar, sft_batch, sft_loss},
+    smoke::gradient_stats,
+    tasks::{Problem, Task},
+};
+
+/// A training run that a caller steps through: the policy, its optimisers, the task and the run's state.
+pub struct Trainer {
+    config: CheckedConfig,
+    device: Device,
+    task: Task,
+    test: Vec<Problem>,
+    /// `None` only inside [`Trainer::step_policy`], while the optimiser owns it.
+    policy: Option<Policy>,
+    policy_config: PolicyConfig,
+    vocab: Vocab,
+    sft_optim: ModuleOptimizer,
+    optim: ModuleOptimizer,
+    reference: Option<Policy>,
+    sft_steps_done: usize,
+    sft_finished: bool,
+    rl_steps_done: usize,
+    summary: TrainSummary,
+    metrics_lines: usize,
+    checkpoints: Option<PathBuf>,
+    resumed_from: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("config", &self.config)
+            .field("policy_config", &self.policy_config)
+            .field("sft_steps_done", &self.sft_steps_done)
+            .field("rl_steps_done", &self.rl_steps_done)
+            .field("checkpoints", &self.checkpoints)
+            .finish_non_exhaustive()
+    }
+}
+
+fn adamw(grad_clip: f64) -> ModuleOptimizer {
+    AdamWConfig::new().with_grad_clipping(Some(GradientClippingConfig::Norm(grad_clip as f32))).init()
+}
+
+impl Trainer {
+    /// Builds the task and the policy (seeded by `run.seed`) on the autodiff form of `device`. Nothing is written.
+    ///
+    /// # Errors
+    /// Task and model loading errors; [`TrainerError::InvalidConfig`] for SFT on a dataset without solutions.
+    pub fn new(config: CheckedConfig, device: &Device) -> Result<Self> {
+        let task = Task::new(&config.task)?;
+        if config.sft.steps > 0 && !task.has_solutions() {
+            return Err(TrainerError::invalid(
+                "sft.steps",
+                config.sft.steps,
+                "the dataset has no worked solutions (`solution`, or a GSM8K `answer` with ####); set sft.steps = 0",
+            ));
+        }
+        let device = device.clone().autodiff();
+        let built = model::build_seeded(&config.model, &device, config.run.seed)?;
+        let test = task.test_set(config.eval.size);
+        let grad_clip = config.rl.grad_clip;
+        Ok(Self {
+            device,
+            task,
+            test,
+            policy: Some(built.policy),
+            policy_config: built.config,
+            vocab: built.vocab,
+            sft_optim: adamw(grad_clip),
+            optim: adamw(grad_clip),
+            reference: None,
+            sft_steps_done: 0,
+            sft_finished: false,
+            rl_steps_done: 0,
+            summary: TrainSummary::default(),
+            metrics_lines: 0,
+            checkpoints: None,
+            resumed_from: None,
+            config,
+        })
+    }
+
+    /// Saves checkpoints into `dir` during [`Trainer::run`] (after SFT, every `checkpoint.every` RL steps, at the end).
+    #[must_use]
+    pub fn with_checkpoints(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.checkpoints = Some(dir.into());
+        self
+    }
+
+    /// Continues from the newest checkpoint in `checkpoints`, with the configuration it was written with.
+    ///
+    /// # Errors
+    /// [`TrainerError::Checkpoint`] for a missing or unreadable checkpoint; the errors of [`Trainer::new`].
+    pub fn resume(checkpoints: &Path, device: &Device) -> Result<Self> {
+        let (from, state) = newest(checkpoints)?;
+        let config = state.config.clone().check()?;
+        Self::resume_from(config, checkpoints, from, state, device)
+    }
+
+    /// Continues from the newest checkpoint in `checkpoints` with `config`, which must equal the checkpoint's except
+    /// `rl.steps` (a run may be extended) and `run.name` / `run.out_dir` (a run may be moved).
+    ///
+    /// # Errors
+    /// [`TrainerError::Checkpoint`] for another configuration or a missing checkpoint; the errors of [`Trainer::new`].
+    pub fn resume_with(config: CheckedConfig, checkpoints: &Path, device: &Device) -> Result<Self> {
+        let (from, state) = newest(checkpoints)?;
+        if state.step > config.rl.steps {
+            return Err(TrainerError::invalid(
+                "rl.steps",
+                config.rl.steps,
+                format!("the checkpoint {} is already at RL step {}", from.display(), state.step),
+            ));
+        }
+        if !resumable(&state.config, &config) {
+            return Err(TrainerError::Checkpoint {
+                path: from.join(crate::rl::state::STATE_FILE),
+                reason: "the checkpoint was written with another configuration (only rl.steps, run.name and \
+                         run.out_dir may change on resume)"
+                    .into(),
+            });
+        }
+        Self::resume_from(config, checkpoints, from, state, device)
+    }
+
+    fn resume_from(
+        config: CheckedConfig,
+        checkpoints: &Path,
+        from: PathBuf,
+        state: TrainState,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut t = Self::new(config, device)?;
+        let (loaded, loaded_config) = checkpoint::load_policy(&from, &t.device)?;
+        if loaded_config != t.policy_config {
+            return Err(TrainerError::Checkpoint {
+                path: from.join(checkpoint::CONFIG_FILE),
+                reason: "the checkpoint's policy shape differs from the configuration's".into(),
+            });
+        }
+        t.policy = Some(loaded);
+        let fresh = adamw(t.config.rl.grad_clip);
+        t.optim = std::mem::replace(&mut t.optim, fresh).load_from(&from.join(OPTIMIZER_FILE))?;
+        if t.config.rl.kl_loss.is_some() && state.step > 0 {
+            t.reference = Some(checkpoint::load_policy(&checkpoints.join("reference"), &t.device)?.0.valid());
+        }
+        t.sft_steps_done = t.config.sft.steps;
+        t.sft_finished = true;
+        t.rl_steps_done = state.step;
+        t.summary = state.summary;
+        t.metrics_lines = state.metrics_lines;
+        t.checkpoints = Some(checkpoints.to_path_buf());
+        t.resumed_from = Some(from);
+        Ok(t)
+    }
+
+    /// The checked configuration.
+    pub fn config(&self) -> &CheckedConfig {
+        &self.config
+    }
+
+    /// The policy (on the autodiff device).
+    pub fn policy(&self) -> &Policy {
+        // Only `step_policy` takes it out, and it puts it back before returning.
+        self.policy.as_ref().expect("the policy is present outside step_policy")
+    }
+
+    /// The policy's shape.
+    pub fn policy_config(&self) -> &PolicyConfig {
+        &self.policy_config
+    }
+
+    /// The tokenizer and special ids.
+    pub fn vocab(&self) -> &Vocab {
+        &self.vocab
+    }
+
+    /// The task.
+    pub fn task(&self) -> &Task {
+        &self.task
+    }
+
+    /// The held-out problems (`eval.size` of them at most).
+    pub fn test_set(&self) -> &[Problem] {
+        &self.test
+    }
+
+    /// RL steps completed (0 during and right after SFT).
+    pub fn step(&self) -> usize {
+        self.rl_steps_done
+    }
+
+    /// What the run measured so far.
+    pub fn summary(&self) -> &TrainSummary {
+        &self.summary
+    }
+
+    /// Metrics rows [`Trainer::run`] has delivered (a checkpoint records it).
+    pub fn metrics_lines(&self) -> usize {
+        self.metrics_lines
+    }
+
+    /// One optimiser step on the policy with `optim` (SFT's or RL's).
+    fn step_policy(&mut self, sft: bool, lr: f64, grads: GradientsParams) {
+        if let Some(policy) = self.policy.take() {
+            let optim = if sft { &mut self.sft_optim } else { &mut self.optim };
+            self.policy = Some(optim.step(lr, policy, grads));
+        }
+    }
+
+    /// One SFT step on a fresh batch of worked solutions; returns its loss.
+    ///
+    /// # Errors
+    /// [`TrainerError::NonFinite`] for a NaN/inf loss; tokenizer and backend errors.
+    pub fn sft_step(&mut self) -> Result<f64> {
+        let sft = self.config.sft;
+        let batch = sft_batch(&self.task, &self.vocab, sft.batch_size, self.config.run.seed, self.sft_steps_done)?;
+        let loss = sft_loss(self.policy(), &batch)?;
+        let value = finite_scalar("SFT loss", &loss)?;
+        let grads = GradientsParams::from_grads(loss.backward(), self.policy());
+        self.step_policy(true, sft.lr, grads);
+        self.sft_steps_done += 1;
+        Ok(f64::from(value))
+    }
+
+    /// Ends SFT: held-out greedy accuracy and `(pass@1, pass@k)`, which start the summary.
+    ///
+    /// # Errors
+    /// Evaluation errors.
+    pub fn finish_sft(&mut self) -> Result<(f64, (f64, f64))> {
+        let accuracy = self.evaluate()?;
+        let pass = self.evaluate_pass_at_k()?;
+        self.summary = TrainSummary {
+            sft_accuracy: accuracy,
+            final_accuracy: accuracy,
+            sft_pass_at_k: pass,
+            final_pass_at_k: pass,
+            eval_curve: vec![(0, accuracy)],
+            ..TrainSummary::default()
+        };
+        self.sft_finished = true;
+        Ok((accuracy, pass))
+    }
+
+    /// Samples and verifies the batch of the next RL step.
+    ///
+    /// # Errors
+    /// As [`rollout::rollout`].
+    pub fn rollout(&self) -> Result<RolloutBatch> {
+        rollout::rollout(self.policy(), &self.vocab, &self.task, &self.config, self.rl_steps_done + 1)
+    }
+
+    /// Adds advantages, `log π_old`, `log π_ref`, entropies, token advantages and the loss rows to `batch`. The
+    /// reference policy of the KL loss is the policy as RL starts: taken (and saved beside the checkpoints) on the
+    /// first call.
+    ///
+    /// # Errors
+    /// As [`score::score`].
+    pub fn score(&mut self, batch: &mut RolloutBatch) -> Result<()> {
+        if self.config.rl.kl_loss.is_some() && self.reference.is_none() {
+            if let Some(dir) = &self.checkpoints {
+                checkpoint::save_policy(self.policy(), &self.policy_config, &dir.join("reference"))?;
+            }
+            self.reference = Some(self.policy().valid());
+        }
+        score::score(&self.policy().valid(), self.reference.as_ref(), &self.config, batch)
+    }
+
+    /// `ppo_epochs` passes over query-preserved mini-batches of a scored batch, one optimiser step per mini-batch;
+    /// the batch's step is then the last completed RL step.
+    ///
+    /// # Errors
+    /// [`TrainerError::Stage`] for an unscored batch; [`TrainerError::NonFinite`] for a NaN/inf loss or gradient
+    /// (the policy is left as the last finite step made it); backend errors.
+    pub fn update(&mut self, batch: &RolloutBatch) -> Result<UpdateStats> {
+        let lr = self.config.rl_lr(batch.step);
+        let config = self.config.clone();
+        let device = self.device.clone();
+        let updater = Updater::new(&config, batch, &device)?;
+        let mut mean = StatsMean::new(lr);
+        for epoch in 0..config.rl.ppo_epochs {
+            for idx in updater.minibatches(epoch)? {
+                let Some(mb) = updater.prepare(self.policy(), idx)? else { continue };
+                let (grads, stats) = updater.gradients(self.policy(), mb)?;
+                let g = gradient_stats(self.policy(), &grads);
+                if let Some(value) = g.first_non_finite {
+                    return Err(TrainerError::NonFinite { what: "RL gradient", value });
+                }
+                self.step_policy(false, lr, grads);
+                if epoch + 1 == config.rl.ppo_epochs {
+                    mean.add(stats, g.norm);
+                }
+            }
+        }
+        self.rl_steps_done = batch.step;
+        Ok(mean.finish())
+    }
+
+    /// One RL step: `rollout → score → update`; returns its metrics row and records its curves in the summary.
+    ///
+    /// # Errors
+    /// The errors of the three stages.
+    pub fn rl_step(&mut self) -> Result<MetricsRow> {
+        let start = Instant::now();
+        let mut batch = self.rollout()?;
+        self.score(&mut batch)?;
+        let stats = self.update(&batch)?;
+        let (row, entropy) = rl_step_row(&batch, batch.scored("rl_step")?, &stats, start.elapsed().as_secs_f64())?;
+        let step = batch.step;
+        let s = &mut self.summary;
+        s.reward_curve.push((step, row.get("critic/score/mean").unwrap_or(f64::NAN)));
+        s.entropy_curve.push((step, entropy.mean));
+        s.response_length_curve.push((step, row.get("response_length/mean").unwrap_or(f64::NAN)));
+        s.last_batch_entropy = Some(entropy);
+        Ok(row)
+    }
+
+    /// Held-out greedy accuracy.
+    ///
+    /// # Errors
+    /// Tokenizer and sampler errors.
+    pub fn evaluate(&self) -> Result<f64> {
+        eval::greedy_accuracy(self.policy(), &self.vocab, &self.test, self.config.rl.max_response_len)
+    }
+
+    /// Held-out `(pass@1, pass@k)` with `eval.pass_k` samples per problem at the rollout decoding, on the first
+    /// `eval.pass_k_size` test problems.
+    ///
+    /// # Errors
+    /// Tokenizer and sampler errors.
+    pub fn evaluate_pass_at_k(&self) -> Result<(f64, f64)> {
+        let (c, rl) = (&self.config, &self.config.rl);
+        let set = &self.test[..c.eval.pass_k_size.min(self.test.len())];
+        let k = c.eval.pass_k.max(1);
+        eval::pass_at_k(self.policy(), &self.vocab, set, k, rl.decoding, rl.max_response_len, c.run.seed)
+    }
+
+    /// Writes a checkpoint of the current step into `dir` (atomically; `latest` then names it). Returns its
+    /// directory.
+    ///
+    /// # Errors
+    /// [`TrainerError::Io`] / [`TrainerError::Checkpoint`].
+    pub fn save(&self, dir: &Path) -> Result<PathBuf> {
+        let state = TrainState {
+            step: self.rl_steps_done,
+            config: (*self.config).clone(),
+            summary: self.summary.clone(),
+            metrics_lines: self.metrics_lines,
+        };
+        save_checkpoint(dir, self.config.checkpoint.keep, self.policy(), &self.policy_config, &self.optim, &state)
+    }
+
+    /// Runs what is left of the run (SFT unless done or resumed, then RL to `rl.steps`), reporting to `observer` and
+    /// checkpointing into the [`Trainer::with_checkpoints`] folder. `stop_after = Some(k)` stops right after RL step
+    /// `k` with a checkpoint, as a preempted job would.
+    ///
+    /// # Errors
+    /// The errors of the stages and of the observer; a non-finite loss or gradient stops the run (checkpoints
+    /// written before it remain the last good ones).
+    pub fn run(&mut self, observer: &mut impl Observer, stop_after: Option<usize>) -> Result<TrainSummary> {
+        let start = Instant::now();
+        if let Some(from) = self.resumed_from.take() {
+            observer.event(&Event::Resumed { checkpoint: &from, step: self.rl_steps_done });
+        }
+        if !self.sft_finished {
+            self.run_sft(observer)?;
+        }
+        let (rl_start, first) = (Instant::now(), self.rl_steps_done + 1);
+        while self.rl_steps_done < self.config.rl.steps {
+            let row = self.rl_step()?;
+            let step = self.rl_steps_done;
+            let eta =
+                rl_start.elapsed().as_secs_f64() / (step + 1 - first) as f64 * (self.config.rl.steps - step) as f64;
+            self.after_rl_step(observer, row, eta, stop_after)?;
+            if stop_after == Some(step) && step < self.config.rl.steps {
+                observer.event(&Event::Stopped { step });
+                break;
+            }
+        }
+        self.summary.seconds = start.elapsed().as_secs_f64();
+        Ok(self.summary.clone())
+    }
+
+    fn emit(&mut self, observer: &mut impl Observer, row: &MetricsRow) -> Result<()> {
+        observer.metrics(row)?;
+        self.metrics_lines += 1;
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, observer: &mut impl Observer) -> Result<()> {
+        if let Some(dir) = self.checkpoints.clone() {
+            let path = self.save(&dir)?;
+            observer.event(&Event::Checkpoint { step: self.rl_steps_done, path: &path });
+        }
+        Ok(())
+    }
+
+    fn run_sft(&mut self, observer: &mut impl Observer) -> Result<()> {
+        let total = self.config.sft.steps;
+        while self.sft_steps_done < total {
+            let step = self.sft_steps_done;
+            let loss = self.sft_step()?;
+            observer.event(&Event::SftStep { step, total, loss });
+            if step.is_multiple_of(25) || step + 1 == total {
+                self.emit(observer, &MetricsRow::new("sft", step).with("sft/loss", loss))?;
+            }
+        }
+        let (accuracy, (p1, pk)) = self.finish_sft()?;
+        let k = self.config.eval.pass_k.max(1);
+        let row = MetricsRow::new("eval", 0)
+            .with("eval/acc", accuracy)
+            .with("eval/pass@1", p1)
+            .with(format!("eval/pass@{k}"), pk);
+        self.emit(observer, &row)?;
+        observer.event(&Event::Evaluated { step: 0, accuracy: Some(accuracy), pass_at_k: Some((k, p1, pk)) });
+        self.checkpoint(observer)
+    }
+
+    /// Evaluation when due, the step's row and events, the final pass@k, and the checkpoint when due.
+    fn after_rl_step(
+        &mut self,
+        observer: &mut impl Observer,
+        mut row: MetricsRow,
+        eta_seconds: f64,
+        stop_after: Option<usize>,
+    ) -> Result<()> {
+        let (step, total) = (self.rl_steps_done, self.config.rl.steps);
+        let evaluated = step.is_multiple_of(self.config.eval.every.max(1)) || step == total;
+        if evaluated {
+            let accuracy = self.evaluate()?;
+            row.values.insert("eval/acc".into(), accuracy);
+            self.summary.eval_curve.push((step, accuracy));
+            self.summary.final_accuracy = accuracy;
+        }
+        observer.event(&Event::RlStep { step, total, row: &row, eta_seconds });
+        self.emit(observer, &row)?;
+        if evaluated {
+            observer.event(&Event::Evaluated { step, accuracy: row.get("eval/acc"), pass_at_k: None });
+        }
+        if step == total {
+            let (p1, pk) = self.evaluate_pass_at_k()?;
+            self.summary.final_pass_at_k = (p1, pk);
+            let k = self.config.eval.pass_k.max(1);
+            let row = MetricsRow::new("eval", step).with("eval/pass@1", p1).with(format!("eval/pass@{k}"), pk);
+            self.emit(observer, &row)?;
+            observer.event(&Event::Evaluated { step, accuracy: None, pass_at_k: Some((k, p1, pk)) });
+        }
+        let every = self.config.checkpoint.every;
+        if step == total || (every > 0 && step.is_multiple_of(every)) || stop_after == Some(step) {
+            self.checkpoint(observer)?;
+        }
+        Ok(())
+    }
+}
+
+/// The newest checkpoint of a folder and its state.
+fn newest(checkpoints: &Path) -> Result<(PathBuf, TrainState)> {
+    let from = latest_checkpoint(checkpoints)?.ok_or_else(|| TrainerError::Checkpoint {
+        path: checkpoints.to_path_buf(),
+        reason: "--resume: no checkpoint to resume from".into(),
+    })?;
+    let state = read_state(&from)?;
+    Ok((from, state))
+}
+
+/// Runs SFT then RL without checkpoints, reporting to `observer`.
+///
+/// # Errors
+/// As [`Trainer::new`] and [`Trainer::run`].
+pub fn train(config: CheckedConfig, device: &Device, observer: &mut impl Observer) -> Result<TrainSummary> {
+    Trainer::new(config, device)?.run(observer, None)
+}

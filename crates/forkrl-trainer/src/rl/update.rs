@@ -1,0 +1,301 @@
+//! Update: `ppo_epochs` passes over query-preserved mini-batches of the scored batch, each split into micro-batches
+//! whose gradients are accumulated before one optimiser step (verl's `ppo_mini_batch_size` /
+//! `ppo_micro_batch_size_per_gpu`).
+//!
+//! Per mini-batch: the current policy's entropy of its response tokens (from the training forward itself when the
+//! mini-batch is one micro-batch, else from a forward without a graph) → the top-ρ forking mask and its denominators
+//! over the whole mini-batch (`forkrl_entropy::top_entropy_mask`, `forkrl_advantage::forking_loss_mask`) → HTPO's token
+//! groups when the loss is HTPO → per micro-batch: the training forward at the rollout temperature and the actor loss
+//! (`forkrl_advantage::actor_loss`: policy loss − entropy bonus + KL loss), each divided by the mini-batch's global
+//! denominators, so the accumulated gradient is the mini-batch's. The optimiser step itself is the
+//! [`Trainer`](crate::Trainer)'s (it owns the policy).
+
+use burn::{
+    module::Module,
+    optim::{GradientsAccumulator, GradientsParams},
+    tensor::{Device, Tensor, TensorData},
+};
+use forkrl_advantage::{
+    ActorLoss, ForkingLossMask, HtpoTokenGroups, LossContext, PolicyInputs, PolicyLoss, actor_loss, forking_loss_mask,
+    htpo_token_groups, query_preserved_minibatches,
+};
+use forkrl_core::{ResponseRows, SeedStream, derive_seed};
+use forkrl_entropy::{ForkingMask, SelectionRule, top_entropy_mask};
+
+use crate::{
+    Result, TrainerError,
+    batch::{RolloutBatch, Scores},
+    config::CheckedConfig,
+    host_f32,
+    model::{policy::Policy, token_stats},
+};
+
+/// verl's actor metrics of one update (means over the mini-batches of the last PPO epoch) and what the forking mask
+/// selected in the last mini-batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UpdateStats {
+    /// `actor/pg_loss`.
+    pub pg_loss: f64,
+    /// The current policy's entropy, aggregated like the loss (`actor/entropy_loss`).
+    pub entropy: f64,
+    /// `actor/pg_clipfrac` (token-weighted over the micro-batches).
+    pub pg_clipfrac: f64,
+    /// `actor/pg_clipfrac_lower`.
+    pub pg_clipfrac_lower: f64,
+    /// `actor/ppo_kl`.
+    pub ppo_kl: f64,
+    /// `actor/kl_loss` (0 when off).
+    pub kl_loss: f64,
+    /// `actor/grad_norm`: the global L2 norm of the accumulated gradient, before clipping.
+    pub grad_norm: f64,
+    /// `actor/lr`.
+    pub lr: f64,
+    /// `forking/threshold`: the entropy of the last selected token (`None`: nothing selected).
+    pub forking_threshold: Option<f32>,
+    /// `forking/frac_selected`.
+    pub forking_frac_selected: f64,
+    /// Mini-batches that entered the means.
+    pub minibatches: usize,
+}
+
+/// The loss inputs of one mini-batch: its rows, masks and (when it is one micro-batch) its training forward.
+pub(crate) struct Minibatch {
+    idx: Vec<usize>,
+    forking: ForkingMask,
+    loss_mask: ForkingLossMask,
+    htpo: Option<HtpoTokenGroups>,
+    whole: Option<(Tensor<2>, Tensor<2>)>,
+    micro: usize,
+}
+
+/// Sums of one mini-batch's micro-batch metrics.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct MinibatchStats {
+    pg_loss: f64,
+    entropy: f64,
+    kl_loss: f64,
+    clip: f64,
+    clip_lower: f64,
+    ppo_kl: f64,
+    tokens: usize,
+    forking: Option<ForkingMask>,
+}
+
+impl MinibatchStats {
+    fn add(&mut self, out: &ActorLoss, tokens: usize) {
+        let t = tokens as f64;
+        self.pg_loss += out.pg_loss;
+        self.entropy += out.entropy.unwrap_or(f64::NAN);
+        self.kl_loss += out.kl_loss.unwrap_or(0.0);
+        self.clip += out.metrics.pg_clipfrac * t;
+        self.clip_lower += out.metrics.pg_clipfrac_lower * t;
+        self.ppo_kl += out.metrics.ppo_kl * t;
+        self.tokens += tokens;
+    }
+}
+
+/// Means over the mini-batches of the last epoch.
+#[derive(Debug, Clone)]
+pub(crate) struct StatsMean {
+    sum: UpdateStats,
+}
+
+impl StatsMean {
+    pub(crate) fn new(lr: f64) -> Self {
+        Self {
+            sum: UpdateStats {
+                pg_loss: 0.0,
+                entropy: 0.0,
+                pg_clipfrac: 0.0,
+                pg_clipfrac_lower: 0.0,
+                ppo_kl: 0.0,
+                kl_loss: 0.0,
+                grad_norm: 0.0,
+                lr,
+                forking_threshold: None,
+                forking_frac_selected: 0.0,
+                minibatches: 0,
+            },
+        }
+    }
+
+    pub(crate) fn add(&mut self, mb: MinibatchStats, grad_norm: f64) {
+        let (s, t) = (&mut self.sum, mb.tokens.max(1) as f64);
+        s.pg_loss += mb.pg_loss;
+        s.entropy += mb.entropy;
+        s.kl_loss += mb.kl_loss;
+        s.pg_clipfrac += mb.clip / t;
+        s.pg_clipfrac_lower += mb.clip_lower / t;
+        s.ppo_kl += mb.ppo_kl / t;
+        s.grad_norm += grad_norm;
+        s.minibatches += 1;
+        if let Some(f) = mb.forking {
+            s.forking_threshold = f.threshold;
+            s.forking_frac_selected = f.frac_selected();
+        }
+    }
+
+    pub(crate) fn finish(self) -> UpdateStats {
+        let mut s = self.sum;
+        let n = s.minibatches.max(1) as f64;
+        for v in [&mut s.pg_loss, &mut s.entropy, &mut s.kl_loss, &mut s.pg_clipfrac, &mut s.pg_clipfrac_lower] {
+            *v /= n;
+        }
+        s.ppo_kl /= n;
+        s.grad_norm /= n;
+        s
+    }
+}
+
+/// The update's view of one scored batch.
+pub(crate) struct Updater<'a> {
+    config: &'a CheckedConfig,
+    batch: &'a RolloutBatch,
+    scores: &'a Scores,
+    device: &'a Device,
+}
+
+impl<'a> Updater<'a> {
+    pub(crate) fn new(config: &'a CheckedConfig, batch: &'a RolloutBatch, device: &'a Device) -> Result<Self> {
+        Ok(Self { config, batch, scores: batch.scored("update")?, device })
+    }
+
+    /// The rows of each mini-batch of `epoch`: the whole batch, or groups of `ppo_mini_batch_size` prompts in a
+    /// shuffled order (groups are never split).
+    pub(crate) fn minibatches(&self, epoch: usize) -> Result<Vec<Vec<usize>>> {
+        let (rl, sizes) = (&self.config.rl, self.batch.group_sizes());
+        match rl.ppo_mini_batch_size {
+            None => Ok(vec![(0..self.batch.len()).collect()]),
+            Some(prompts) => {
+                let rows = (prompts * rl.group_size).max(sizes.iter().copied().max().unwrap_or(1));
+                let seed = derive_seed(
+                    self.config.run.seed,
+                    SeedStream::MinibatchShuffle,
+                    &[self.batch.step as u64, epoch as u64],
+                );
+                Ok(query_preserved_minibatches(sizes, rows, true, Some(seed))?)
+            }
+        }
+    }
+
+    /// Entropy and log-prob `[n, W]` of the mini-batch rows `rows` (indices into `idx`).
+    fn forward(&self, policy: &Policy, idx: &[usize], rows: &[usize]) -> Result<(Tensor<2>, Tensor<2>)> {
+        let ids = self.batch.ids();
+        let chunk: Vec<Vec<u32>> = rows.iter().map(|&k| ids[idx[k]].clone()).collect();
+        token_stats(policy, &chunk, self.batch.width(), self.config.temperature())
+    }
+
+    /// The masks of mini-batch `idx`; `None` when none of its rows enters the loss.
+    pub(crate) fn prepare(&self, policy: &Policy, idx: Vec<usize>) -> Result<Option<Minibatch>> {
+        let (rl, w) = (&self.config.rl, self.batch.width());
+        let mb_mask = self.batch.gather_rows(&self.scores.train_mask, &idx);
+        if !mb_mask.iter().any(|&m| m) {
+            return Ok(None); // every row was balanced away
+        }
+        let mb = idx.len();
+        let micro = rl.ppo_micro_batch_size.unwrap_or(mb).clamp(1, mb);
+        let all: Vec<usize> = (0..mb).collect();
+        let (entropy, whole) = if micro == mb {
+            let (entropy, log_prob) = self.forward(policy, &idx, &all)?;
+            (host_f32(entropy.clone().detach())?, Some((entropy, log_prob)))
+        } else {
+            (host_f32(self.forward(&policy.valid(), &idx, &all)?.0)?, None)
+        };
+        let forking = top_entropy_mask(&entropy, &mb_mask, self.config.forking_ratio(), SelectionRule::TopK)?;
+        let loss_mask = forking_loss_mask(&mb_mask, &forking, w, rl.forking_denominator)?;
+        let htpo = match &rl.policy_loss {
+            PolicyLoss::Htpo(c) => Some(self.htpo_groups(&idx, &entropy, &mb_mask, c)?),
+            _ => None,
+        };
+        Ok(Some(Minibatch { idx, forking, loss_mask, htpo, whole, micro }))
+    }
+
+    /// HTPO's token groups of a mini-batch: per-sequence entropy ranks over its response tokens and the group
+    /// accuracy of its prompts.
+    fn htpo_groups(
+        &self,
+        idx: &[usize],
+        entropy: &[f32],
+        mask: &[bool],
+        config: &forkrl_advantage::HtpoConfig,
+    ) -> Result<HtpoTokenGroups> {
+        let group_of = self.batch.group_of();
+        let mut sizes: Vec<usize> = Vec::new();
+        for (k, &r) in idx.iter().enumerate() {
+            match sizes.len() {
+                n if n > 0 && group_of[idx[k - 1]] == group_of[r] => sizes[n - 1] += 1,
+                _ => sizes.push(1),
+            }
+        }
+        let correct: Vec<bool> = idx.iter().map(|&r| self.batch.rewards[r] > 0.0).collect();
+        let rows = ResponseRows::new(mask, self.batch.width(), &sizes)?;
+        let g = htpo_token_groups(&rows.compact(entropy, 1)?, rows.layout(), &correct, config)?;
+        Ok(HtpoTokenGroups {
+            hard_correct_high: rows.scatter(&g.hard_correct_high, false)?,
+            wrong_high: rows.scatter(&g.wrong_high, false)?,
+            dropped: rows.scatter(&g.dropped, false)?,
+            hard: g.hard,
+        })
+    }
+
+    /// The accumulated gradient of a mini-batch and its metrics.
+    pub(crate) fn gradients(&self, policy: &Policy, mut mb: Minibatch) -> Result<(GradientsParams, MinibatchStats)> {
+        let mut accumulator = GradientsAccumulator::<Policy>::new();
+        let mut stats = MinibatchStats::default();
+        let all: Vec<usize> = (0..mb.idx.len()).collect();
+        for rows in all.chunks(mb.micro) {
+            let (entropy, log_prob) = match mb.whole.take() {
+                Some(t) => t,
+                None => self.forward(policy, &mb.idx, rows)?,
+            };
+            let (out, tokens) = self.micro_loss(&mb, rows, entropy, log_prob)?;
+            if !out.pg_loss.is_finite() {
+                return Err(TrainerError::NonFinite { what: "RL policy loss", value: out.pg_loss });
+            }
+            crate::sft::finite_scalar("RL actor loss", &out.loss)?;
+            accumulator.accumulate(policy, GradientsParams::from_grads(out.loss.backward(), policy));
+            stats.add(&out, tokens);
+        }
+        stats.forking = Some(mb.forking);
+        Ok((accumulator.grads(), stats))
+    }
+
+    /// The actor loss of micro-batch `rows` (indices into the mini-batch), divided by the mini-batch's denominators,
+    /// and its loss-token count.
+    fn micro_loss(
+        &self,
+        mb: &Minibatch,
+        rows: &[usize],
+        entropy: Tensor<2>,
+        log_prob: Tensor<2>,
+    ) -> Result<(ActorLoss, usize)> {
+        let (w, n) = (self.batch.width(), rows.len());
+        let batch_rows: Vec<usize> = rows.iter().map(|&k| mb.idx[k]).collect();
+        let tensor = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [n, w]), self.device);
+        let pick =
+            |v: &[bool]| -> Vec<bool> { rows.iter().flat_map(|&k| v[k * w..(k + 1) * w].iter().copied()).collect() };
+        let chunk_mask = pick(&mb.loss_mask.loss_mask);
+        let tokens = chunk_mask.iter().filter(|&&m| m).count();
+        let inputs = PolicyInputs {
+            log_prob,
+            old_log_prob: tensor(self.batch.gather_rows(&self.scores.old_log_prob, &batch_rows)),
+            advantages: tensor(self.batch.gather_rows(&self.scores.token_advantages, &batch_rows)),
+            mask: Tensor::from_data(TensorData::new(chunk_mask, [n, w]), self.device),
+        };
+        let htpo = mb.htpo.as_ref().map(|g| HtpoTokenGroups {
+            hard_correct_high: pick(&g.hard_correct_high),
+            wrong_high: pick(&g.wrong_high),
+            dropped: pick(&g.dropped),
+            hard: rows.iter().map(|&k| g.hard[k]).collect(),
+        });
+        let step = self.batch.step as u64;
+        let mut ctx = LossContext::new(step, derive_seed(self.config.run.seed, SeedStream::ClipCov, &[step]));
+        if let Some(g) = &htpo {
+            ctx = ctx.with_htpo_groups(g);
+        }
+        let reference = self.scores.ref_log_prob.as_ref().map(|r| tensor(self.batch.gather_rows(r, &batch_rows)));
+        let out =
+            actor_loss(&self.config.actor_loss(), &inputs, Some(entropy), reference, &mb.loss_mask.denominators, &ctx)?;
+        Ok((out, tokens))
+    }
+}

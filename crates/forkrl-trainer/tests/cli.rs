@@ -1,0 +1,78 @@
+//! `forkrl-train` as a careless user runs it: a finished run is never deleted or overwritten by a second start, a bad
+//! `--set` or a refused `--resume`; every refusal names what to do and happens before any file is touched.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("forkrl-cli-{tag}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("mkdir");
+    dir
+}
+
+/// A finished-looking run `<out>/done/`.
+fn previous_run(out: &Path) -> PathBuf {
+    let run = out.join("done");
+    fs::create_dir_all(run.join("checkpoints/step-000200")).expect("mkdir");
+    fs::write(run.join("checkpoints/step-000200/state.json"), "{}").expect("write");
+    fs::write(run.join("metrics.jsonl"), "{\"phase\":\"rl\",\"step\":200}\n").expect("write");
+    fs::write(run.join("config.toml"), "# the finished run's\n").expect("write");
+    run
+}
+
+/// Every file under `dir` with its bytes.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).expect("ls") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.clone(), fs::read(&p).expect("read")));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn train(out: &Path, args: &[&str]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_forkrl-train"))
+        .args(["--set", &format!("run.out_dir={:?}", out.display().to_string()), "--name", "done"])
+        .args(args)
+        .output()
+        .expect("runs");
+    (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn a_previous_run_survives_every_refused_start() {
+    let out = scratch("survives");
+    let run = previous_run(&out);
+    let before = snapshot(&run);
+    // A bad value: a typed error naming the key, before anything is touched.
+    let (ok, err) = train(&out, &["--set", "rl.group_size=0"]);
+    assert!(!ok && err.contains("rl.group_size"), "{err}");
+    assert_eq!(snapshot(&run), before);
+    // A valid configuration without --resume or --overwrite.
+    let (ok, err) = train(&out, &["--set", "rl.steps=1"]);
+    assert!(!ok && err.contains("--overwrite") && err.contains("--resume"), "{err}");
+    assert_eq!(snapshot(&run), before);
+    // A refused --resume (no `latest` checkpoint) leaves config.toml as it was.
+    let (ok, err) = train(&out, &["--resume"]);
+    assert!(!ok && err.contains("no checkpoint"), "{err}");
+    assert_eq!(snapshot(&run), before);
+    // Flags that contradict each other, and a stop step outside the run.
+    let (ok, _) = train(&out, &["--resume", "--overwrite"]);
+    assert!(!ok);
+    let (ok, err) = train(&out, &["--stop-after", "999"]);
+    assert!(!ok && err.contains("--stop-after"), "{err}");
+    assert_eq!(snapshot(&run), before);
+    let _ = fs::remove_dir_all(&out);
+}
