@@ -338,6 +338,13 @@ impl TrainConfig {
         if let Some(n) = rl.ppo_mini_batch_size {
             at_least("rl.ppo_mini_batch_size", n, 1)?;
         }
+        if let Some(n) = self.model.max_len.filter(|&n| n == 0 || n > crate::model::policy::MAX_CONTEXT) {
+            return Err(TrainerError::invalid(
+                "model.max_len",
+                n,
+                format!("must lie in 1..={}", crate::model::policy::MAX_CONTEXT),
+            ));
+        }
         if !(rl.top_entropy_ratio > 0.0 && rl.top_entropy_ratio <= 1.0) {
             return Err(TrainerError::invalid("rl.top_entropy_ratio", rl.top_entropy_ratio, "must lie in (0, 1]"));
         }

@@ -45,6 +45,14 @@ pub enum TrainerError {
         /// The offending value.
         value: f64,
     },
+    /// A parameter that an optimiser step made NaN or infinite.
+    #[error("a parameter is NaN or infinite after the update of RL step {step} (tensor {tensor} in module order)")]
+    NonFiniteParameters {
+        /// The RL step.
+        step: usize,
+        /// The first tensor with a non-finite value.
+        tensor: usize,
+    },
     /// The backend failed to execute or to return data.
     #[error("backend error: {0}")]
     Backend(String),

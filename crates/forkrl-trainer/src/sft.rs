@@ -25,7 +25,7 @@ pub fn sft_batch(task: &Task, vocab: &Vocab, batch_size: usize, seed: u64, step:
             "the dataset has no worked solutions (`solution`, or a GSM8K `answer` with ####); set sft.steps = 0",
         ));
     }
-    let problems = task.sample(batch_size, derive_seed(seed, SeedStream::SftBatch, &[step as u64]));
+    let problems = task.sample(batch_size, derive_seed(seed, SeedStream::SftBatch, &[step as u64]))?;
     let rollouts = problems
         .iter()
         .map(|p| {

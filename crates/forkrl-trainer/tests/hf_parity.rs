@@ -181,6 +181,24 @@ fn broken_checkpoints_are_typed_errors() {
     let err = hf::load(&dir, None, &device).expect_err("rope scaling");
     assert!(err.to_string().contains("yarn"), "{err}");
 
+    // Sizes that would overflow or exhaust memory, and special ids outside the vocabulary, are errors naming the key.
+    for (key, value, named) in [
+        ("head_dim", serde_json::json!(1u64 << 62), "head_dim"),
+        ("max_position_embeddings", serde_json::json!(1_000_000_000_000u64), "max_len"),
+        ("eos_token_id", serde_json::json!(1_000_000), "eos_token_id"),
+        ("pad_token_id", serde_json::json!(1_000_000), "pad_token_id"),
+    ] {
+        let dir = scratch("llama", key);
+        edit_config(&dir, |c| {
+            c.insert(key.into(), value.clone());
+        });
+        let _ = std::fs::remove_file(dir.join("generation_config.json"));
+        match hf::load(&dir, None, &device) {
+            Err(TrainerError::HfConfig { reason, .. }) => assert!(reason.contains(named), "{key}: {reason}"),
+            other => panic!("{key}: expected HfConfig, got {other:?}"),
+        }
+    }
+
     // A wider MLP in the config than in the weights: the tensor and both shapes are named.
     let dir = scratch("llama", "shape");
     edit_config(&dir, |c| {

@@ -179,13 +179,19 @@ fn cpu_backend_a_blow_up_stops_with_a_typed_error_and_keeps_the_last_good_checkp
         .with_checkpoints(&dir)
         .run(&mut Recorder::default(), None)
         .expect_err("blows up");
-    let typed =
-        matches!(err, TrainerError::NonFinite { .. } | TrainerError::Core(forkrl_core::Error::NonFinite { .. }));
+    let typed = matches!(
+        err,
+        TrainerError::NonFinite { .. }
+            | TrainerError::NonFiniteParameters { .. }
+            | TrainerError::Core(forkrl_core::Error::NonFinite { .. })
+    );
     assert!(typed, "{err}");
     let latest = latest_checkpoint(&dir).expect("latest").expect("the checkpoint before the blow-up");
     let state = read_state(&latest).expect("readable state");
     assert!(state.step <= 1, "{}", state.step);
     load_policy(&latest, &device).expect("the last checkpoint loads");
+    let bits = params(&latest);
+    assert!(bits.iter().all(|&b| f32::from_bits(b).is_finite()), "the last checkpoint's parameters are finite");
 }
 
 #[test]

@@ -214,6 +214,9 @@ fn run() -> Result<(), String> {
         );
         return Ok(());
     }
+    for warning in &summary.warnings {
+        eprintln!("warning: {warning}");
+    }
     let k = config.eval.pass_k;
     println!(
         "\nheld-out greedy accuracy: {:.3} after SFT -> {:.3} after {} RL steps; pass@1 {:.3} -> {:.3}, pass@{k} {:.3} -> {:.3} ({:.0} s).\nWrote {}/{{config.toml, metrics.jsonl, summary.json, plot.svg}}",

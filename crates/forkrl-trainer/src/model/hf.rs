@@ -208,6 +208,13 @@ pub fn read_config(dir: &Path, max_len: Option<usize>) -> Result<HfConfig> {
         special.pad = g.ids("pad_token_id")?.first().copied().or(special.pad);
         special.bos = g.ids("bos_token_id")?.first().copied().or(special.bos);
     }
+    // Every special id is an embedding row: an id outside the vocabulary would fail inside a gather.
+    let ids = special.eos.iter().map(|&i| ("eos_token_id", i)).chain(special.pad.map(|i| ("pad_token_id", i)));
+    for (key, id) in ids.chain(special.bos.map(|i| ("bos_token_id", i))) {
+        if id as usize >= policy.vocab_size {
+            return Err(j.err(format!("`{key}` = {id} is outside the vocabulary of {}", policy.vocab_size)));
+        }
+    }
     Ok(HfConfig { architecture, policy, special, max_position_embeddings })
 }
 

@@ -134,6 +134,28 @@ pub fn build(config: &ModelConfig, device: &Device) -> Result<Model> {
     }
 }
 
+/// Whether every parameter is finite, read back in one transfer: `Σ x·0` is 0 for finite `x` and NaN for ±inf or NaN,
+/// so one elementwise pass per tensor and one scalar per tensor decide it. Returns the index (in module order) of the
+/// first tensor holding a non-finite value.
+///
+/// # Errors
+/// Read-back errors.
+pub fn first_non_finite_parameter(policy: &Policy) -> Result<Option<usize>> {
+    struct Probe(Vec<Tensor<1>>);
+    impl ModuleVisitor for Probe {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0.push(param.val().detach().mul_scalar(0.0).sum());
+        }
+    }
+    let mut probe = Probe(Vec::new());
+    policy.visit(&mut probe);
+    if probe.0.is_empty() {
+        return Ok(None);
+    }
+    let sums = crate::host_f32(Tensor::cat(probe.0, 0))?;
+    Ok(sums.iter().position(|v| !v.is_finite()))
+}
+
 /// `[B, W]` ids as an integer tensor.
 pub fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Tensor<2, Int> {
     let width = rows.first().map_or(0, Vec::len);

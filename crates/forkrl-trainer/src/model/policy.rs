@@ -133,6 +133,9 @@ struct Ctx {
     mask: Tensor<4, Bool>,
 }
 
+/// The longest context a policy may be built for (its RoPE tables hold `max_len × head_dim` values).
+pub const MAX_CONTEXT: usize = 1 << 20;
+
 impl PolicyConfig {
     /// Number of key/value heads.
     pub fn kv_heads(&self) -> usize {
@@ -158,6 +161,21 @@ impl PolicyConfig {
             || self.head_width() == 0
         {
             return Err(TrainerError::invalid("model", format!("{self:?}"), "a size of the policy is zero"));
+        }
+        // Caps far above any released model keep every product of sizes (parameter counts, RoPE tables, KV caches)
+        // inside `usize`, and turn a corrupt or careless size into an error instead of an abort on allocation.
+        for (key, value, cap) in [
+            ("model.max_len", self.max_len, MAX_CONTEXT),
+            ("model.d_model", self.d_model, 1 << 16),
+            ("model.n_heads", self.n_heads, 1 << 12),
+            ("model.head_dim", self.head_width(), 1 << 12),
+            ("model.d_ff", self.d_ff, 1 << 18),
+            ("model.n_layers", self.n_layers, 1 << 12),
+            ("model.vocab_size", self.vocab_size, 1 << 24),
+        ] {
+            if value > cap {
+                return Err(TrainerError::invalid(key, value, format!("must be at most {cap}")));
+            }
         }
         if self.head_dim.is_none() && !self.d_model.is_multiple_of(self.n_heads) {
             return Err(TrainerError::invalid(

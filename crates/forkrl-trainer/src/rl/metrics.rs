@@ -263,6 +263,9 @@ pub struct TrainSummary {
     pub last_batch_entropy: Option<EntropySummary>,
     /// Wall time of SFT and RL, seconds (of this process: a resumed run counts from its resumption).
     pub seconds: f64,
+    /// What looks wrong with the run (e.g. a policy that RL made markedly worse).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// The summary as an SVG chart: reward (train) and held-out accuracy, the entropy of the response tokens and the mean

@@ -45,7 +45,7 @@ pub fn rollout(
     let seed = config.run.seed;
     let roll = |attempt: u64| -> Result<Vec<Group>> {
         let indices = [step as u64, attempt];
-        let problems = task.sample(rl.prompts_per_step, derive_seed(seed, SeedStream::RlPrompts, &indices));
+        let problems = task.sample(rl.prompts_per_step, derive_seed(seed, SeedStream::RlPrompts, &indices))?;
         sample_groups(policy, vocab, &problems, config, derive_seed(seed, SeedStream::RolloutSampling, &indices))
     };
     let (groups, frac_zero_std) = match rl.dynamic_sampling {

@@ -99,6 +99,13 @@ impl Trainer {
         let device = device.clone().autodiff();
         let built = model::build_seeded(&config.model, &device, config.run.seed)?;
         let test = task.test_set(config.eval.size);
+        if test.is_empty() {
+            return Err(TrainerError::invalid(
+                "task.test_share",
+                "(the task's split)",
+                "the task has no held-out problem to evaluate on",
+            ));
+        }
         let grad_clip = config.rl.grad_clip;
         Ok(Self {
             device,
@@ -311,7 +318,8 @@ impl Trainer {
     ///
     /// # Errors
     /// [`TrainerError::Stage`] for an unscored batch; [`TrainerError::NonFinite`] for a NaN/inf loss or gradient
-    /// (the policy is left as the last finite step made it); backend errors.
+    /// or a parameter that the step made non-finite (the run cannot continue; checkpoints written before it are the
+    /// last good ones); backend errors.
     pub fn update(&mut self, batch: &RolloutBatch) -> Result<UpdateStats> {
         let lr = self.config.rl_lr(batch.step);
         let config = self.config.clone();
@@ -327,6 +335,10 @@ impl Trainer {
                     return Err(TrainerError::NonFinite { what: "RL gradient", value });
                 }
                 self.step_policy(false, lr, grads);
+                if let Some(tensor) = model::first_non_finite_parameter(self.policy())? {
+                    // The policy is beyond repair; the checkpoints written before this step stay the last good ones.
+                    return Err(TrainerError::NonFiniteParameters { step: batch.step, tensor });
+                }
                 if epoch + 1 == config.rl.ppo_epochs {
                     mean.add(stats, g.norm);
                 }
@@ -418,6 +430,7 @@ impl Trainer {
             }
         }
         self.summary.seconds = start.elapsed().as_secs_f64();
+        self.summary.warnings = collapse_warning(&self.summary).into_iter().collect();
         Ok(self.summary.clone())
     }
 
@@ -493,6 +506,17 @@ impl Trainer {
     }
 }
 
+/// A policy that RL made markedly worse (held-out accuracy below half of its value after SFT) trains silently: say so.
+fn collapse_warning(s: &TrainSummary) -> Option<String> {
+    (s.eval_curve.len() > 1 && s.sft_accuracy >= 0.05 && s.final_accuracy < 0.5 * s.sft_accuracy).then(|| {
+        format!(
+            "held-out accuracy fell from {:.3} after SFT to {:.3} after RL: the policy collapsed (check rl.lr and \
+             the metrics actor/grad_norm, actor/pg_clipfrac)",
+            s.sft_accuracy, s.final_accuracy
+        )
+    })
+}
+
 /// The newest checkpoint of a folder and its state.
 fn newest(checkpoints: &Path) -> Result<(PathBuf, TrainState)> {
     let from = latest_checkpoint(checkpoints)?.ok_or_else(|| TrainerError::Checkpoint {
@@ -509,4 +533,24 @@ fn newest(checkpoints: &Path) -> Result<(PathBuf, TrainState)> {
 /// As [`Trainer::new`] and [`Trainer::run`].
 pub fn train(config: CheckedConfig, device: &Device, observer: &mut impl Observer) -> Result<TrainSummary> {
     Trainer::new(config, device)?.run(observer, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_collapsed_policy_is_flagged_and_a_learning_one_is_not() {
+        let mut s = TrainSummary { sft_accuracy: 0.6, final_accuracy: 0.05, ..TrainSummary::default() };
+        s.eval_curve = vec![(0, 0.6), (200, 0.05)];
+        assert!(collapse_warning(&s).is_some_and(|w| w.contains("0.600") && w.contains("0.050")));
+        s.final_accuracy = 0.7;
+        assert!(collapse_warning(&s).is_none());
+        // No RL evaluation yet, or nothing learned in SFT to lose: nothing to say.
+        s.final_accuracy = 0.0;
+        s.eval_curve.truncate(1);
+        assert!(collapse_warning(&s).is_none());
+        let untrained = TrainSummary { eval_curve: vec![(0, 0.01), (5, 0.0)], sft_accuracy: 0.01, ..s };
+        assert!(collapse_warning(&untrained).is_none());
+    }
 }

@@ -50,9 +50,13 @@ impl ArithmeticConfig {
     /// # Errors
     /// A message naming the bad knob.
     pub fn validate(&self) -> Result<(), String> {
-        if self.max_operand > 99 || !(2..=6).contains(&self.operations) || !(0.0..1.0).contains(&self.test_share) {
+        if self.max_operand > 99
+            || !(2..=6).contains(&self.operations)
+            || !(self.test_share > 0.0 && self.test_share < 1.0)
+        {
             return Err(format!(
-                "task: max_operand = {} must be at most 99, operations = {} in 2..=6 and test_share = {} in [0, 1)",
+                "task: max_operand = {} must be at most 99, operations = {} in 2..=6 and test_share = {} in (0, 1) \
+                 (a held-out split is needed for evaluation)",
                 self.max_operand, self.operations, self.test_share
             ));
         }
@@ -88,17 +92,27 @@ impl ArithmeticConfig {
         (forkrl_core::numeric::splitmix64(index) as f64 / u64::MAX as f64) < self.test_share
     }
 
-    /// `n` problems of one split drawn with `seed` (with replacement for the train split).
-    pub fn sample(&self, n: usize, test: bool, seed: u64) -> Vec<Problem> {
+    /// `n` problems of one split drawn with `seed` (with replacement), in at most [`max_draws`]`(n)` draws.
+    ///
+    /// # Errors
+    /// A message when the split is too small to fill `n` in that many draws (a tiny space or an extreme
+    /// `test_share`), instead of looping for ever.
+    pub fn sample(&self, n: usize, test: bool, seed: u64) -> Result<Vec<Problem>, String> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut out = Vec::with_capacity(n);
-        while out.len() < n {
+        for _ in 0..max_draws(n) {
+            if out.len() == n {
+                break;
+            }
             let i = rng.random_range(0..self.space());
             if self.is_test(i) == test {
                 out.push(self.problem(i));
             }
         }
-        out
+        if out.len() < n {
+            return Err(split_too_small(test, out.len(), n, self.space()));
+        }
+        Ok(out)
     }
 
     /// The whole test split in a fixed order (at most `limit` problems, evenly spaced over the space); for spaces
@@ -107,7 +121,10 @@ impl ArithmeticConfig {
         if self.space() > 1_000_000 {
             let mut rng = ChaCha8Rng::seed_from_u64(0x7E57);
             let mut picked: Vec<u64> = Vec::with_capacity(limit);
-            while picked.len() < limit {
+            for _ in 0..max_draws(limit) {
+                if picked.len() == limit {
+                    break;
+                }
                 let i = rng.random_range(0..self.space());
                 if self.is_test(i) && !picked.contains(&i) {
                     picked.push(i);
@@ -119,6 +136,22 @@ impl ArithmeticConfig {
         let step = (all.len() / limit.max(1)).max(1);
         all.iter().step_by(step).take(limit).map(|&i| self.problem(i)).collect()
     }
+}
+
+/// The most draws rejection sampling makes for `n` problems of one split: far more than a split of 1 % of the space
+/// needs, and a bound when a split is empty.
+pub fn max_draws(n: usize) -> usize {
+    n.saturating_mul(1000).saturating_add(100_000)
+}
+
+/// The error of a split that rejection sampling could not fill.
+pub(crate) fn split_too_small(test: bool, found: usize, wanted: usize, space: u64) -> String {
+    let split = if test { "held-out" } else { "training" };
+    format!(
+        "the {split} split of the task is too small: {found} of {wanted} problems found in {} draws from a space of \
+         {space} (change task.test_share or enlarge the task)",
+        max_draws(wanted)
+    )
 }
 
 /// The last (optionally signed) integer in `text`, if any. Bounded: one pass, numbers longer than 18 digits are
@@ -154,6 +187,20 @@ pub fn reward(response: &str, answer: i64) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_split_is_an_error_not_an_endless_loop() {
+        let none_held_out = ArithmeticConfig { test_share: 0.0, ..ArithmeticConfig::default() };
+        assert!(none_held_out.validate().is_err());
+        // 20 problems in all, nearly all held out: the training split cannot fill a batch.
+        let tiny = ArithmeticConfig { max_operand: 0, operations: 2, test_share: 0.999 };
+        assert!(tiny.validate().is_ok());
+        let err = tiny.sample(64, false, 0).expect_err("no training problems");
+        assert!(err.contains("training split") && err.contains("test_share"), "{err}");
+        // A huge space with a tiny share: the test set is bounded too (fewer problems, no hang).
+        let sparse = ArithmeticConfig { operations: 6, test_share: 1e-12, ..ArithmeticConfig::default() };
+        assert!(sparse.test_set(10).len() < 10);
+    }
     use proptest::prelude::*;
 
     #[test]
@@ -161,7 +208,7 @@ mod tests {
         let cfg = ArithmeticConfig::default();
         let p = cfg.problem(17 + 25 * 50 + 8 * 2500 + 2500 * 10);
         assert_eq!((p.prompt.as_str(), p.solution.as_str(), p.answer), ("17+25-8=", "42|34", 34));
-        let train = cfg.sample(500, false, 1);
+        let train = cfg.sample(500, false, 1).expect("a large split");
         let test = cfg.test_set(200);
         assert!(train.iter().all(|t| !test.contains(t)));
         assert!(train.iter().all(|t| t.prompt.len() == 8));
@@ -172,7 +219,7 @@ mod tests {
     #[test]
     fn more_operations_give_longer_chains() {
         let cfg = ArithmeticConfig { operations: 4, ..ArithmeticConfig::default() };
-        let train = cfg.sample(300, false, 2);
+        let train = cfg.sample(300, false, 2).expect("a large split");
         let test = cfg.test_set(100);
         assert_eq!(test.len(), 100);
         assert!(train.iter().all(|t| !test.contains(t)));

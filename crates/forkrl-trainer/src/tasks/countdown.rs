@@ -18,7 +18,10 @@ use rand::{RngExt, SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::tasks::verify::Rational;
+use crate::tasks::{
+    arithmetic::{max_draws, split_too_small},
+    verify::Rational,
+};
 
 /// Difficulty knobs.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -64,8 +67,11 @@ impl CountdownConfig {
         if !(2..=6).contains(&self.numbers) || self.max_number == 0 || self.max_target == 0 {
             return Err(format!("countdown: numbers in 2..=6, max_number and max_target >= 1 (got {self:?})"));
         }
-        if !(0.0..1.0).contains(&self.test_share) {
-            return Err(format!("countdown: test_share = {} must be in [0, 1)", self.test_share));
+        if !(self.test_share > 0.0 && self.test_share < 1.0) {
+            return Err(format!(
+                "countdown: test_share = {} must be in (0, 1) (a held-out split is needed for evaluation)",
+                self.test_share
+            ));
         }
         Ok(())
     }
@@ -100,7 +106,7 @@ impl CountdownConfig {
                 .collect();
             let op = ops[rng.random_range(0..ops.len())];
             let next = match op {
-                '+' => value + n,
+                '+' => value.checked_add(n)?,
                 '-' => value - n,
                 '*' => value.checked_mul(n)?,
                 _ => value / n,
@@ -121,16 +127,26 @@ impl CountdownConfig {
         })
     }
 
-    /// `n` problems of one split drawn with `seed`.
-    pub fn sample(&self, n: usize, test: bool, seed: u64) -> Vec<CountdownProblem> {
+    /// `n` problems of one split drawn with `seed`, in at most `arithmetic::max_draws(n)` draws.
+    ///
+    /// # Errors
+    /// A message when the split is too small to fill `n` in that many draws.
+    pub fn sample(&self, n: usize, test: bool, seed: u64) -> Result<Vec<CountdownProblem>, String> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut out = Vec::with_capacity(n);
-        while out.len() < n {
+        for _ in 0..max_draws(n) {
+            if out.len() == n {
+                break;
+            }
             if let Some(p) = self.draw(&mut rng).filter(|p| self.is_test(&p.numbers, p.target) == test) {
                 out.push(p);
             }
         }
-        out
+        if out.len() < n {
+            let space = u64::from(self.max_number).saturating_pow(self.numbers as u32);
+            return Err(split_too_small(test, out.len(), n, space));
+        }
+        Ok(out)
     }
 
     /// A fixed test set of at most `limit` distinct problems.
@@ -314,6 +330,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn numbers_near_u32_max_do_not_overflow_and_small_splits_end() {
+        let huge = CountdownConfig { max_number: u32::MAX, max_target: u32::MAX, ..CountdownConfig::default() };
+        assert!(huge.validate().is_ok());
+        // Sums and products past u32::MAX are discarded draws, not overflows.
+        let problems = huge.sample(20, false, 3).expect("plenty of problems");
+        assert!(problems.iter().all(|p| p.target >= 1 && p.numbers.len() == 3));
+        // Two numbers in 1..=1 with a target of 1 or 2: a space of a handful of problems.
+        let tiny = CountdownConfig { max_number: 1, max_target: 2, numbers: 2, test_share: 0.5, use_all: true };
+        let _ = tiny.sample(4, false, 0); // either fills or says why; never loops for ever
+        assert!(CountdownConfig { test_share: 0.0, ..CountdownConfig::default() }.validate().is_err());
+    }
+
+    #[test]
+    fn expressions_that_reach_i128_min_are_evaluated_without_panic() {
+        // (−2^16) · (2^16)^6 · 2^15 = −2^127 = i128::MIN exactly; the reduction used to call abs() on it.
+        let e = "(0-65536)*65536*65536*65536*65536*65536*65536*32768";
+        let (v, used) = parse_expression(e).expect("a valid expression");
+        assert_eq!(v, Rational::int(i128::MIN));
+        assert_eq!(used.len(), 9);
+        assert_eq!(countdown_reward(e, &[0, 65536, 32768], 24, false), 0.0);
+        // One step further overflows: a typed rejection, not a wrong sign.
+        assert!(parse_expression(&format!("{e}/(0-1)")).is_err());
+        assert!(parse_expression(&format!("({e})*2")).is_err());
+    }
+
+    #[test]
     fn parser_by_hand() {
         let v = |s: &str| parse_expression(s).map(|(v, u)| (v.num, v.den, u));
         assert_eq!(v("(4*6)-3"), Ok((21, 1, vec![4, 6, 3])));
@@ -346,7 +388,7 @@ mod tests {
     #[test]
     fn generated_solutions_verify_and_splits_are_disjoint() {
         let cfg = CountdownConfig::default();
-        let train = cfg.sample(300, false, 9);
+        let train = cfg.sample(300, false, 9).expect("a large split");
         let test = cfg.test_set(100);
         assert_eq!(test.len(), 100);
         for p in train.iter().chain(&test) {
@@ -360,9 +402,12 @@ mod tests {
         };
         assert!(train.iter().all(|a| test.iter().all(|b| key(a) != key(b))));
         let four = CountdownConfig { numbers: 4, ..cfg };
-        assert!(
-            four.sample(50, false, 1).iter().all(|p| countdown_reward(&p.solution, &p.numbers, p.target, true) == 1.0)
-        );
+        assert!(four.sample(50, false, 1).expect("a large split").iter().all(|p| countdown_reward(
+            &p.solution,
+            &p.numbers,
+            p.target,
+            true
+        ) == 1.0));
     }
 
     proptest! {

@@ -161,15 +161,22 @@ impl Task {
     }
 
     /// `n` training problems drawn with `seed` (with replacement).
-    pub fn sample(&self, n: usize, seed: u64) -> Vec<Problem> {
-        match self {
-            Task::Arithmetic(c) => c.sample(n, false, seed).into_iter().map(from_arithmetic).collect(),
-            Task::Countdown(c) => c.sample(n, false, seed).into_iter().map(|p| from_countdown(p, c.use_all)).collect(),
+    ///
+    /// # Errors
+    /// [`TrainerError::InvalidConfig`] (`task.test_share`) when a generated task's training split is too small to
+    /// draw from (bounded rejection sampling, never an endless loop).
+    pub fn sample(&self, n: usize, seed: u64) -> Result<Vec<Problem>, TrainerError> {
+        let small = |reason: String| TrainerError::invalid("task.test_share", "(the task's split)", reason);
+        Ok(match self {
+            Task::Arithmetic(c) => c.sample(n, false, seed).map_err(small)?.into_iter().map(from_arithmetic).collect(),
+            Task::Countdown(c) => {
+                c.sample(n, false, seed).map_err(small)?.into_iter().map(|p| from_countdown(p, c.use_all)).collect()
+            }
             Task::Dataset { train, .. } => {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed);
                 (0..n).map(|_| train[rng.random_range(0..train.len())].clone()).collect()
             }
-        }
+        })
     }
 
     /// The fixed held-out problems (at most `limit`).
@@ -224,7 +231,7 @@ mod tests {
         let task = Task::new(&TaskConfig::Jsonl(JsonlConfig { path, test_share: 0.2, ..JsonlConfig::default() }))
             .expect("task");
         let test = task.test_set(100);
-        let train = task.sample(200, 1);
+        let train = task.sample(200, 1).expect("a large split");
         assert!(!test.is_empty() && test.len() < 50);
         assert!(train.iter().all(|p| !test.contains(p)));
         assert!(task.has_solutions());

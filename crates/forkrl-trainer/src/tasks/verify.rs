@@ -31,9 +31,9 @@ pub struct Rational {
     pub den: i128,
 }
 
-fn gcd(mut a: i128, mut b: i128) -> i128 {
-    a = a.abs();
-    b = b.abs();
+/// The greatest common divisor of `|a|` and `|b|`, over unsigned magnitudes (`|i128::MIN|` = 2¹²⁷ fits a `u128`).
+fn gcd(a: i128, b: i128) -> u128 {
+    let (mut a, mut b) = (a.unsigned_abs(), b.unsigned_abs());
     while b != 0 {
         (a, b) = (b, a % b);
     }
@@ -41,14 +41,17 @@ fn gcd(mut a: i128, mut b: i128) -> i128 {
 }
 
 impl Rational {
-    /// `num / den` reduced; `None` for a zero denominator.
+    /// `num / den` reduced, with a positive denominator; `None` for a zero denominator or a value whose reduced form
+    /// does not fit (`i128::MIN / −1`). Never overflows: the magnitudes are reduced as `u128`, then signed.
     pub fn new(num: i128, den: i128) -> Option<Self> {
         if den == 0 {
             return None;
         }
         let g = gcd(num, den).max(1);
-        let s = if den < 0 { -1 } else { 1 };
-        Some(Self { num: s * num / g, den: s * den / g })
+        let (n, d) = (num.unsigned_abs() / g, den.unsigned_abs() / g);
+        let negative = (num < 0) != (den < 0) && n != 0;
+        let num = if negative { 0i128.checked_sub_unsigned(n)? } else { i128::try_from(n).ok()? };
+        Some(Self { num, den: i128::try_from(d).ok()? })
     }
 
     /// An integer.
@@ -257,6 +260,36 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn rationals_at_the_i128_boundary_reduce_without_overflow() {
+        let min = i128::MIN;
+        assert_eq!(Rational::new(min, 1), Some(Rational { num: min, den: 1 }));
+        assert_eq!(Rational::new(min, 2), Some(Rational { num: min / 2, den: 1 }));
+        assert_eq!(Rational::new(min, min), Some(Rational::int(1)));
+        assert_eq!(Rational::new(min, -1), None, "2^127 does not fit");
+        assert_eq!(Rational::new(1, min), None, "a denominator of 2^127 does not fit");
+        assert_eq!(Rational::new(-1, min), None);
+        assert_eq!(Rational::new(2, min), Some(Rational { num: -1, den: 1i128 << 126 }));
+        assert_eq!(Rational::new(4, -2), Some(Rational::int(-2)));
+        assert_eq!(Rational::new(0, -5), Some(Rational::int(0)));
+        assert_eq!(Rational::new(i128::MAX, i128::MAX), Some(Rational::int(1)));
+        // Exact powers of two reach i128::MIN through checked arithmetic: 2^64 · (−2^63).
+        let big = Rational::int(1i128 << 64).checked_mul(Rational::int(-(1i128 << 63)));
+        assert_eq!(big, Some(Rational::int(min)));
+        assert_eq!(big.and_then(|b| b.checked_div(Rational::int(-1))), None);
+        assert_eq!(big.and_then(|b| b.checked_sub(Rational::int(1))), None);
+    }
+
+    #[test]
+    fn boxed_fractions_that_reach_i128_min_parse_without_panic() {
+        // −2^119 / 2^−8 = −2^127: the answer of a crafted response, or a dataset's gold answer.
+        let frac = "\\frac{-664613997892457936451903530140172288}{0.00390625}";
+        assert_eq!(parse_number(frac), Some(Rational::int(i128::MIN)));
+        assert_eq!(parse_number(&format!("-{frac}")), None, "its negation does not fit");
+        assert_eq!(math_reward(&format!("\\boxed{{{frac}}}"), frac, Extraction::Auto), 1.0);
+        assert_eq!(math_reward("\\boxed{1}", &format!("-{frac}"), Extraction::Auto), 0.0);
+    }
 
     #[test]
     fn extraction() {
