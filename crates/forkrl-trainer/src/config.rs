@@ -124,8 +124,13 @@ pub struct RlConfig {
     /// response tokens) and the group accuracy, then `token-mean`; the forking mask is not applied (HTPO partitions by
     /// entropy itself), and it does not combine with `kl_loss` or `entropy_coeff`.
     pub policy_loss: PolicyLoss,
-    /// Aggregation mode.
+    /// Aggregation mode (verl `loss_agg_mode`: `token-mean`, `token-sum`, `seq-mean-token-sum`, `seq-mean-token-mean`,
+    /// `seq-mean-token-sum-norm`).
     pub loss_agg_mode: AggMode,
+    /// Dr. GRPO's constant `C` of `seq-mean-token-sum-norm` (verl `loss_scale_factor`): the loss is
+    /// `Σ_i Σ_t L / G / C`. Required by that mode and pinned by the user (e.g. to `max_response_len`), never the padded
+    /// width of a batch; ignored by the other modes.
+    pub loss_scale_factor: Option<f64>,
     /// Longest response in tokens (EOS included).
     pub max_response_len: usize,
     /// DAPO dynamic sampling on the verifiable reward (`None` = off): generation batches are drawn until
@@ -189,6 +194,7 @@ impl Default for RlConfig {
             advantage: AdvantageConfig::default(),
             policy_loss: PolicyLoss::Vanilla(PpoClipConfig::clip_higher()),
             loss_agg_mode: AggMode::TokenMean,
+            loss_scale_factor: None,
             max_response_len: 9,
             dynamic_sampling: None,
             hora: None,
@@ -388,6 +394,23 @@ impl TrainConfig {
     fn check_loss(&self) -> Result<()> {
         let rl = &self.rl;
         rl.advantage.validate().map_err(TrainerError::in_section("rl.advantage"))?;
+        match rl.loss_scale_factor {
+            Some(c) if !(c.is_finite() && c > 0.0) => {
+                return Err(TrainerError::invalid("rl.loss_scale_factor", c, "must be finite and > 0"));
+            }
+            None if rl.loss_agg_mode == AggMode::SeqMeanTokenSumNorm => {
+                return Err(TrainerError::invalid(
+                    "rl.loss_scale_factor",
+                    "(unset)",
+                    format!(
+                        "loss_agg_mode = \"seq-mean-token-sum-norm\" (Dr. GRPO) divides by a constant that must be \
+                         pinned, e.g. rl.loss_scale_factor = {} (rl.max_response_len)",
+                        rl.max_response_len
+                    ),
+                ));
+            }
+            _ => {}
+        }
         rl.policy_loss.validate().map_err(TrainerError::in_section("rl.policy_loss"))?;
         rl.token_weighting.validate().map_err(TrainerError::in_section("rl.token_weighting"))?;
         if !rl.entropy_coeff.is_finite() {
@@ -437,6 +460,10 @@ mod tests {
         );
         assert_eq!(key_of("[rl.token_weighting]\nkind = \"eapo\"\nphi = 0.0\n"), "rl.token_weighting.phi");
         assert_eq!(key_of("[rl.kl_loss]\nkl_loss_coef = -0.1\n"), "rl.kl_loss.kl_loss_coef");
+        assert_eq!(key_of("[rl]\nloss_agg_mode = \"seq-mean-token-sum-norm\"\n"), "rl.loss_scale_factor");
+        assert_eq!(key_of("[rl]\nloss_scale_factor = 0.0\n"), "rl.loss_scale_factor");
+        let dr_grpo = "[rl]\nloss_agg_mode = \"seq-mean-token-sum-norm\"\nloss_scale_factor = 9.0\n";
+        assert!(toml::from_str::<TrainConfig>(dr_grpo).expect("parses").check().is_ok());
         assert_eq!(
             key_of("[rl.policy_loss]\nloss_mode = \"htpo\"\n[rl.kl_loss]\nkl_loss_coef = 0.01\n"),
             "rl.policy_loss.loss_mode"

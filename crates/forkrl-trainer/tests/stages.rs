@@ -203,3 +203,23 @@ fn rollout_allocates_hora_and_mixed_cuts_budgets() {
     assert_eq!(batch.group_sizes(), &[8, 8, 8, 8]);
     assert!(batch.rollouts().iter().all(|r| !r.response.is_empty()));
 }
+
+#[test]
+fn dr_grpo_norm_mode_divides_the_sequence_sum_by_the_pinned_constant() {
+    // On-policy (one epoch, one mini-batch) the two modes see the same tokens; only the constant C differs.
+    let mut sum = trainer("[rl]\nppo_epochs = 1\nloss_agg_mode = \"seq-mean-token-sum\"\n");
+    let mut norm =
+        trainer("[rl]\nppo_epochs = 1\nloss_agg_mode = \"seq-mean-token-sum-norm\"\nloss_scale_factor = 9.0\n");
+    let mut batch = fixed_batch(&sum);
+    sum.score(&mut batch).expect("scores");
+    let a = sum.update(&batch).expect("update");
+    let b = norm.update(&batch).expect("Dr. GRPO's mode runs");
+    assert!(a.pg_loss.abs() > 1e-4, "{a:?}");
+    assert!(
+        (b.pg_loss - a.pg_loss / 9.0).abs() <= 1e-6 * (1.0 + a.pg_loss.abs()),
+        "{} vs {}",
+        b.pg_loss,
+        a.pg_loss / 9.0
+    );
+    assert!((b.grad_norm - a.grad_norm / 9.0).abs() <= 1e-4 * a.grad_norm, "{} vs {}", b.grad_norm, a.grad_norm);
+}

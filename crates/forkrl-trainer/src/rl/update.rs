@@ -202,7 +202,8 @@ impl<'a> Updater<'a> {
             (host_f32(self.forward(&policy.valid(), &idx, &all)?.0)?, None)
         };
         let forking = top_entropy_mask(&entropy, &mb_mask, self.config.forking_ratio(), SelectionRule::TopK)?;
-        let loss_mask = forking_loss_mask(&mb_mask, &forking, w, rl.forking_denominator)?;
+        let mut loss_mask = forking_loss_mask(&mb_mask, &forking, w, rl.forking_denominator)?;
+        loss_mask.denominators.loss_scale_factor = rl.loss_scale_factor;
         let htpo = match &rl.policy_loss {
             PolicyLoss::Htpo(c) => Some(self.htpo_groups(&idx, &entropy, &mb_mask, c)?),
             _ => None,
