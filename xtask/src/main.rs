@@ -127,6 +127,11 @@ fn run(program: &str, args: &[&str], envs: &[(&str, &str)]) -> Result<(), String
     }
 }
 
+/// The cargo target folder (`CARGO_TARGET_DIR`, else `target/` of the workspace).
+fn target_dir() -> PathBuf {
+    env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace_root().join("target"))
+}
+
 fn cargo() -> String {
     env::var("CARGO").unwrap_or_else(|_| "cargo".to_string())
 }
@@ -194,7 +199,7 @@ const EXAMPLES: [&str; 2] = ["advantage_only", "custom_loop"];
 
 fn examples(cargo: &str) -> Result<(), String> {
     run(cargo, &["build", "--workspace", "--examples", "--quiet"], &[])?;
-    let target = env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace_root().join("target"));
+    let target = target_dir();
     for name in EXAMPLES {
         let binary = target.join("debug").join("examples").join(format!("{name}{}", env::consts::EXE_SUFFIX));
         run(binary.to_str().ok_or("target path is not UTF-8")?, &[], &[])?;
@@ -256,7 +261,7 @@ fn train(args: &[String]) -> Result<(), String> {
         build.extend(["--features", "forkrl-trainer/cuda"]);
     }
     run(&cargo(), &build, &[])?;
-    let target = env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace_root().join("target"));
+    let target = target_dir();
     let binary = target.join("debug").join(format!("forkrl-train{}", env::consts::EXE_SUFFIX));
     let binary = binary.to_str().ok_or("target path is not UTF-8")?;
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -281,7 +286,7 @@ fn bench(args: &[String]) -> Result<(), String> {
         run(&cargo, &cmd, &[])?;
     }
 
-    let target = env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace_root().join("target"));
+    let target = target_dir();
     println!(
         "\nentropy kernel, [512, 151936] (criterion mean of this run; GB/s counts the bytes read, and written for"
     );

@@ -80,12 +80,6 @@ impl PolicyLoss {
         }
     }
 
-    /// Whether the loss is defined per sequence (GMPO, Hölder) or aggregates per sequence by construction (GSPO),
-    /// rather than per token.
-    pub fn is_sequence_level(&self) -> bool {
-        matches!(self, PolicyLoss::Gspo(_) | PolicyLoss::GeoMean(_) | PolicyLoss::Holder(_))
-    }
-
     /// Evaluates the loss and aggregates it. Token losses use `mode`, except GSPO, which forces
     /// `seq-mean-token-mean`; sequence losses (GMPO, Hölder) are averaged over the global non-empty sequence count.
     /// HTPO forces `token-mean`. `ctx.step` is the learner update step (Hölder's p schedule); `ctx.seed` feeds

@@ -6,9 +6,12 @@
 //! reads both. A caller may change `rewards` between `rollout` and `score` (its own reward); everything else is derived
 //! once, in [`RolloutBatch::new`].
 
-use forkrl_core::ResponseRows;
-
 use crate::{Result, TrainerError};
+
+/// Rows `rows` (in that order) of a row-major array `width` wide.
+pub fn gather_rows<T: Copy>(values: &[T], width: usize, rows: &[usize]) -> Vec<T> {
+    rows.iter().flat_map(|&r| values[r * width..(r + 1) * width].iter().copied()).collect()
+}
 
 /// One sampled response.
 #[derive(Debug, Clone, PartialEq)]
@@ -145,19 +148,9 @@ impl RolloutBatch {
         self.rollouts.iter().map(|r| r.response.len()).sum()
     }
 
-    /// The response tokens of `mask` (a `[B, W]` mask over these rows, e.g. a mini-batch's) with their left-aligned
-    /// `BatchLayout` in groups of `group_sizes`.
-    ///
-    /// # Errors
-    /// The layout's shape errors.
-    pub fn response_rows(mask: &[bool], width: usize, group_sizes: &[usize]) -> Result<ResponseRows> {
-        Ok(ResponseRows::new(mask, width, group_sizes)?)
-    }
-
-    /// Rows `rows` of a `[B, W]` array.
+    /// Rows `rows` of a `[B, W]` array of this batch.
     pub fn gather_rows<T: Copy>(&self, values: &[T], rows: &[usize]) -> Vec<T> {
-        let w = self.width;
-        rows.iter().flat_map(|&r| values[r * w..(r + 1) * w].iter().copied()).collect()
+        gather_rows(values, self.width, rows)
     }
 
     /// The scores, or a typed error naming the stage that needs them.
@@ -190,7 +183,7 @@ mod tests {
         assert_eq!(b.group_of(), &[0, 0]);
         assert_eq!(b.num_response_tokens(), 3);
         assert_eq!(b.gather_rows(b.response_mask(), &[1]), vec![false, true, false]);
-        let rows = RolloutBatch::response_rows(b.response_mask(), b.width(), b.group_sizes()).expect("valid");
+        let rows = forkrl_core::ResponseRows::new(b.response_mask(), b.width(), b.group_sizes()).expect("valid");
         assert_eq!(rows.layout().lengths(), &[2, 1]);
         assert!(matches!(b.scored("update"), Err(TrainerError::Stage { stage: "update", .. })));
     }

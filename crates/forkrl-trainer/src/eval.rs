@@ -7,11 +7,7 @@ use forkrl_rollout::{Decoding, mean_pass_at_k};
 
 use crate::{
     Result,
-    model::{
-        Vocab,
-        policy::Policy,
-        sampler::{self, SamplerConfig},
-    },
+    model::{Vocab, policy::Policy, sampler},
     tasks::Problem,
 };
 
@@ -28,14 +24,7 @@ pub fn generate(
     max_new: usize,
     seed: u64,
 ) -> Result<Vec<(Vec<u32>, bool)>> {
-    let config = SamplerConfig {
-        max_new_tokens: max_new,
-        eos: vocab.eos.clone(),
-        pad: vocab.pad,
-        seed,
-        ..SamplerConfig::default()
-    };
-    let out = sampler::generate(&policy.valid(), prompts, decoding, &config)?;
+    let out = sampler::generate(&policy.valid(), prompts, decoding, &vocab.sampler_config(max_new, seed))?;
     Ok(out.tokens.into_iter().zip(out.truncated).collect())
 }
 

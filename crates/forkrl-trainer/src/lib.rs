@@ -51,5 +51,11 @@ pub(crate) fn host_f32<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<Vec
     t.into_data().try_into_vec_as::<f32>().map_err(|e| TrainerError::Backend(format!("{e:?}")))
 }
 
+/// A scalar on the host, or [`TrainerError::NonFinite`] naming `what` for NaN or ±inf.
+pub(crate) fn finite_scalar(what: &'static str, t: &burn::tensor::Tensor<1>) -> Result<f32> {
+    let value = host_f32(t.clone())?.first().copied().unwrap_or(f32::NAN);
+    if value.is_finite() { Ok(value) } else { Err(TrainerError::NonFinite { what, value: f64::from(value) }) }
+}
+
 /// `Result` with [`TrainerError`].
 pub type Result<T> = std::result::Result<T, TrainerError>;

@@ -7,7 +7,6 @@ use forkrl_core::{SeedStream, derive_seed};
 use crate::{
     Result, TrainerError,
     batch::{Rollout, RolloutBatch},
-    host_f32,
     model::{Vocab, policy::Policy, token_stats},
     tasks::Task,
 };
@@ -16,20 +15,17 @@ use crate::{
 /// solution followed by EOS.
 ///
 /// # Errors
-/// [`TrainerError::InvalidConfig`] when the task has no worked solutions; tokenizer errors.
+/// [`TrainerError::InvalidConfig`] for a drawn problem without a worked solution ([`Trainer::new`](crate::Trainer)
+/// refuses such a dataset up front); tokenizer errors.
 pub fn sft_batch(task: &Task, vocab: &Vocab, batch_size: usize, seed: u64, step: usize) -> Result<RolloutBatch> {
-    if !task.has_solutions() {
-        return Err(TrainerError::invalid(
-            "sft.steps",
-            "> 0",
-            "the dataset has no worked solutions (`solution`, or a GSM8K `answer` with ####); set sft.steps = 0",
-        ));
-    }
     let problems = task.sample(batch_size, derive_seed(seed, SeedStream::SftBatch, &[step as u64]))?;
     let rollouts = problems
         .iter()
         .map(|p| {
-            let mut response = vocab.encode(p.solution.as_deref().unwrap_or_default())?;
+            let solution = p.solution.as_deref().ok_or_else(|| {
+                TrainerError::invalid("sft.steps", "> 0", format!("the problem {:?} has no worked solution", p.prompt))
+            })?;
+            let mut response = vocab.encode(solution)?;
             response.push(vocab.eos[0]);
             Ok(Rollout { prompt: vocab.encode(&p.prompt)?, response, truncated: false, reward: 0.0 })
         })
@@ -49,13 +45,4 @@ pub fn sft_loss(policy: &Policy, batch: &RolloutBatch) -> Result<Tensor<1>> {
     let mask_t = Tensor::<2, Bool>::from_data(TensorData::new(mask.to_vec(), [b, w]), &log_prob.device());
     let n = mask.iter().filter(|&&x| x).count().max(1);
     Ok(log_prob.mask_fill(mask_t.bool_not(), 0.0).sum().neg().div_scalar(n as f32))
-}
-
-/// A scalar loss on the host, or [`TrainerError::NonFinite`].
-///
-/// # Errors
-/// [`TrainerError::NonFinite`] for NaN or ±inf; read-back errors.
-pub fn finite_scalar(what: &'static str, loss: &Tensor<1>) -> Result<f32> {
-    let value = host_f32(loss.clone())?.first().copied().unwrap_or(f32::NAN);
-    if value.is_finite() { Ok(value) } else { Err(TrainerError::NonFinite { what, value: f64::from(value) }) }
 }

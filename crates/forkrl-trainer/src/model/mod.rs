@@ -45,6 +45,17 @@ impl Vocab {
         self.tokenizer.encode(text)
     }
 
+    /// The sampler's settings for this vocabulary: its EOS and pad ids, `max_new_tokens`, `seed`.
+    pub fn sampler_config(&self, max_new_tokens: usize, seed: u64) -> sampler::SamplerConfig {
+        sampler::SamplerConfig {
+            max_new_tokens,
+            eos: self.eos.clone(),
+            pad: self.pad,
+            seed,
+            ..sampler::SamplerConfig::default()
+        }
+    }
+
     /// The text of a response (up to its first EOS).
     pub fn text(&self, response: &[u32]) -> String {
         self.tokenizer.decode_response(response, &self.eos)

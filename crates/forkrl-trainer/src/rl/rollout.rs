@@ -94,13 +94,7 @@ pub fn sample_groups(
         vocab,
         problems,
         prompts: &prompts,
-        config: SamplerConfig {
-            max_new_tokens: rl.max_response_len,
-            eos: vocab.eos.clone(),
-            pad: vocab.pad,
-            seed,
-            ..SamplerConfig::default()
-        },
+        config: vocab.sampler_config(rl.max_response_len, seed),
         next_id: 0,
         per_prompt: vec![Vec::new(); problems.len()],
     };

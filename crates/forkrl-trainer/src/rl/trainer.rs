@@ -26,7 +26,7 @@ use crate::{
     Result, TrainerError,
     batch::RolloutBatch,
     config::CheckedConfig,
-    eval,
+    eval, finite_scalar,
     model::{
         self, Vocab, checkpoint,
         policy::{Policy, PolicyConfig},
@@ -39,7 +39,7 @@ use crate::{
         },
         update::{StatsMean, UpdateStats, Updater},
     },
-    sft::{finite_scalar, sft_batch, sft_loss},
+    sft::{sft_batch, sft_loss},
     smoke::gradient_stats,
     tasks::{Problem, Task},
 };
@@ -50,7 +50,7 @@ pub struct Trainer {
     device: Device,
     task: Task,
     test: Vec<Problem>,
-    /// `None` only inside [`Trainer::step_policy`], while the optimiser owns it.
+    /// `None` only inside [`optimiser_step`], while the optimiser owns it.
     policy: Option<Policy>,
     policy_config: PolicyConfig,
     vocab: Vocab,
@@ -208,8 +208,8 @@ impl Trainer {
 
     /// The policy (on the autodiff device).
     pub fn policy(&self) -> &Policy {
-        // Only `step_policy` takes it out, and it puts it back before returning.
-        self.policy.as_ref().expect("the policy is present outside step_policy")
+        // Only `optimiser_step` takes it out, and it puts it back before returning.
+        self.policy.as_ref().expect("the policy is present outside optimiser_step")
     }
 
     /// The policy's shape.
@@ -247,14 +247,6 @@ impl Trainer {
         self.metrics_lines
     }
 
-    /// One optimiser step on the policy with `optim` (SFT's or RL's).
-    fn step_policy(&mut self, sft: bool, lr: f64, grads: GradientsParams) {
-        if let Some(policy) = self.policy.take() {
-            let optim = if sft { &mut self.sft_optim } else { &mut self.optim };
-            self.policy = Some(optim.step(lr, policy, grads));
-        }
-    }
-
     /// One SFT step on a fresh batch of worked solutions; returns its loss.
     ///
     /// # Errors
@@ -265,7 +257,7 @@ impl Trainer {
         let loss = sft_loss(self.policy(), &batch)?;
         let value = finite_scalar("SFT loss", &loss)?;
         let grads = GradientsParams::from_grads(loss.backward(), self.policy());
-        self.step_policy(true, sft.lr, grads);
+        optimiser_step(&mut self.sft_optim, &mut self.policy, sft.lr, grads);
         self.sft_steps_done += 1;
         Ok(f64::from(value))
     }
@@ -321,12 +313,10 @@ impl Trainer {
     /// or a parameter that the step made non-finite (the run cannot continue; checkpoints written before it are the
     /// last good ones); backend errors.
     pub fn update(&mut self, batch: &RolloutBatch) -> Result<UpdateStats> {
-        let lr = self.config.rl_lr(batch.step);
-        let config = self.config.clone();
-        let device = self.device.clone();
-        let updater = Updater::new(&config, batch, &device)?;
+        let (lr, epochs) = (self.config.rl_lr(batch.step), self.config.rl.ppo_epochs);
+        let updater = Updater::new(&self.config, batch, &self.device)?;
         let mut mean = StatsMean::new(lr);
-        for epoch in 0..config.rl.ppo_epochs {
+        for epoch in 0..epochs {
             for idx in updater.minibatches(epoch)? {
                 let Some(mb) = updater.prepare(self.policy(), idx)? else { continue };
                 let (grads, stats) = updater.gradients(self.policy(), mb)?;
@@ -334,12 +324,12 @@ impl Trainer {
                 if let Some(value) = g.first_non_finite {
                     return Err(TrainerError::NonFinite { what: "RL gradient", value });
                 }
-                self.step_policy(false, lr, grads);
+                optimiser_step(&mut self.optim, &mut self.policy, lr, grads);
                 if let Some(tensor) = model::first_non_finite_parameter(self.policy())? {
                     // The policy is beyond repair; the checkpoints written before this step stay the last good ones.
                     return Err(TrainerError::NonFiniteParameters { step: batch.step, tensor });
                 }
-                if epoch + 1 == config.rl.ppo_epochs {
+                if epoch + 1 == epochs {
                     mean.add(stats, g.norm);
                 }
             }
@@ -515,6 +505,13 @@ fn collapse_warning(s: &TrainSummary) -> Option<String> {
             s.sft_accuracy, s.final_accuracy
         )
     })
+}
+
+/// One optimiser step on the policy in `slot`, moved in and out so that the optimiser updates its tensors in place.
+fn optimiser_step(optim: &mut ModuleOptimizer, slot: &mut Option<Policy>, lr: f64, grads: GradientsParams) {
+    if let Some(policy) = slot.take() {
+        *slot = Some(optim.step(lr, policy, grads));
+    }
 }
 
 /// The newest checkpoint of a folder and its state.

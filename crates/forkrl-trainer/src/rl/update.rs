@@ -16,15 +16,15 @@ use burn::{
     tensor::{Device, Tensor, TensorData},
 };
 use forkrl_advantage::{
-    ActorLoss, ForkingLossMask, HtpoTokenGroups, LossContext, PolicyInputs, PolicyLoss, actor_loss, forking_loss_mask,
-    htpo_token_groups, query_preserved_minibatches,
+    ActorLoss, ActorLossConfig, ForkingLossMask, HtpoTokenGroups, LossContext, PolicyInputs, PolicyLoss, actor_loss,
+    forking_loss_mask, htpo_token_groups, query_preserved_minibatches,
 };
 use forkrl_core::{ResponseRows, SeedStream, derive_seed};
 use forkrl_entropy::{ForkingMask, SelectionRule, top_entropy_mask};
 
 use crate::{
     Result, TrainerError,
-    batch::{RolloutBatch, Scores},
+    batch::{RolloutBatch, Scores, gather_rows},
     config::CheckedConfig,
     host_f32,
     model::{policy::Policy, token_stats},
@@ -138,11 +138,17 @@ impl StatsMean {
     pub(crate) fn finish(self) -> UpdateStats {
         let mut s = self.sum;
         let n = s.minibatches.max(1) as f64;
-        for v in [&mut s.pg_loss, &mut s.entropy, &mut s.kl_loss, &mut s.pg_clipfrac, &mut s.pg_clipfrac_lower] {
+        for v in [
+            &mut s.pg_loss,
+            &mut s.entropy,
+            &mut s.kl_loss,
+            &mut s.pg_clipfrac,
+            &mut s.pg_clipfrac_lower,
+            &mut s.ppo_kl,
+            &mut s.grad_norm,
+        ] {
             *v /= n;
         }
-        s.ppo_kl /= n;
-        s.grad_norm /= n;
         s
     }
 }
@@ -150,6 +156,7 @@ impl StatsMean {
 /// The update's view of one scored batch.
 pub(crate) struct Updater<'a> {
     config: &'a CheckedConfig,
+    actor: ActorLossConfig,
     batch: &'a RolloutBatch,
     scores: &'a Scores,
     device: &'a Device,
@@ -157,7 +164,7 @@ pub(crate) struct Updater<'a> {
 
 impl<'a> Updater<'a> {
     pub(crate) fn new(config: &'a CheckedConfig, batch: &'a RolloutBatch, device: &'a Device) -> Result<Self> {
-        Ok(Self { config, batch, scores: batch.scored("update")?, device })
+        Ok(Self { config, actor: config.actor_loss(), batch, scores: batch.scored("update")?, device })
     }
 
     /// The rows of each mini-batch of `epoch`: the whole batch, or groups of `ppo_mini_batch_size` prompts in a
@@ -253,7 +260,7 @@ impl<'a> Updater<'a> {
             if !out.pg_loss.is_finite() {
                 return Err(TrainerError::NonFinite { what: "RL policy loss", value: out.pg_loss });
             }
-            crate::sft::finite_scalar("RL actor loss", &out.loss)?;
+            crate::finite_scalar("RL actor loss", &out.loss)?;
             accumulator.accumulate(policy, GradientsParams::from_grads(out.loss.backward(), policy));
             stats.add(&out, tokens);
         }
@@ -273,8 +280,7 @@ impl<'a> Updater<'a> {
         let (w, n) = (self.batch.width(), rows.len());
         let batch_rows: Vec<usize> = rows.iter().map(|&k| mb.idx[k]).collect();
         let tensor = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [n, w]), self.device);
-        let pick =
-            |v: &[bool]| -> Vec<bool> { rows.iter().flat_map(|&k| v[k * w..(k + 1) * w].iter().copied()).collect() };
+        let pick = |v: &[bool]| gather_rows(v, w, rows);
         let chunk_mask = pick(&mb.loss_mask.loss_mask);
         let tokens = chunk_mask.iter().filter(|&&m| m).count();
         let inputs = PolicyInputs {
@@ -295,8 +301,7 @@ impl<'a> Updater<'a> {
             ctx = ctx.with_htpo_groups(g);
         }
         let reference = self.scores.ref_log_prob.as_ref().map(|r| tensor(self.batch.gather_rows(r, &batch_rows)));
-        let out =
-            actor_loss(&self.config.actor_loss(), &inputs, Some(entropy), reference, &mb.loss_mask.denominators, &ctx)?;
+        let out = actor_loss(&self.actor, &inputs, Some(entropy), reference, &mb.loss_mask.denominators, &ctx)?;
         Ok((out, tokens))
     }
 }

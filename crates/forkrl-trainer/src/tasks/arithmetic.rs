@@ -14,6 +14,8 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::{draw_up_to, fill_split};
+
 /// One problem.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Problem {
@@ -92,27 +94,17 @@ impl ArithmeticConfig {
         (forkrl_core::numeric::splitmix64(index) as f64 / u64::MAX as f64) < self.test_share
     }
 
-    /// `n` problems of one split drawn with `seed` (with replacement), in at most [`max_draws`]`(n)` draws.
+    /// `n` problems of one split drawn with `seed` (with replacement), in at most [`super::max_draws`]`(n)` draws.
     ///
     /// # Errors
     /// A message when the split is too small to fill `n` in that many draws (a tiny space or an extreme
     /// `test_share`), instead of looping for ever.
     pub fn sample(&self, n: usize, test: bool, seed: u64) -> Result<Vec<Problem>, String> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut out = Vec::with_capacity(n);
-        for _ in 0..max_draws(n) {
-            if out.len() == n {
-                break;
-            }
+        fill_split(n, test, self.space(), |_| {
             let i = rng.random_range(0..self.space());
-            if self.is_test(i) == test {
-                out.push(self.problem(i));
-            }
-        }
-        if out.len() < n {
-            return Err(split_too_small(test, out.len(), n, self.space()));
-        }
-        Ok(out)
+            (self.is_test(i) == test).then(|| self.problem(i))
+        })
     }
 
     /// The whole test split in a fixed order (at most `limit` problems, evenly spaced over the space); for spaces
@@ -120,38 +112,16 @@ impl ArithmeticConfig {
     pub fn test_set(&self, limit: usize) -> Vec<Problem> {
         if self.space() > 1_000_000 {
             let mut rng = ChaCha8Rng::seed_from_u64(0x7E57);
-            let mut picked: Vec<u64> = Vec::with_capacity(limit);
-            for _ in 0..max_draws(limit) {
-                if picked.len() == limit {
-                    break;
-                }
+            let picked = draw_up_to(limit, |picked: &[u64]| {
                 let i = rng.random_range(0..self.space());
-                if self.is_test(i) && !picked.contains(&i) {
-                    picked.push(i);
-                }
-            }
+                (self.is_test(i) && !picked.contains(&i)).then_some(i)
+            });
             return picked.into_iter().map(|i| self.problem(i)).collect();
         }
         let all: Vec<u64> = (0..self.space()).filter(|&i| self.is_test(i)).collect();
         let step = (all.len() / limit.max(1)).max(1);
         all.iter().step_by(step).take(limit).map(|&i| self.problem(i)).collect()
     }
-}
-
-/// The most draws rejection sampling makes for `n` problems of one split: far more than a split of 1 % of the space
-/// needs, and a bound when a split is empty.
-pub fn max_draws(n: usize) -> usize {
-    n.saturating_mul(1000).saturating_add(100_000)
-}
-
-/// The error of a split that rejection sampling could not fill.
-pub(crate) fn split_too_small(test: bool, found: usize, wanted: usize, space: u64) -> String {
-    let split = if test { "held-out" } else { "training" };
-    format!(
-        "the {split} split of the task is too small: {found} of {wanted} problems found in {} draws from a space of \
-         {space} (change task.test_share or enlarge the task)",
-        max_draws(wanted)
-    )
 }
 
 /// The last (optionally signed) integer in `text`, if any. Bounded: one pass, numbers longer than 18 digits are

@@ -18,10 +18,7 @@ use rand::{RngExt, SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::tasks::{
-    arithmetic::{max_draws, split_too_small},
-    verify::Rational,
-};
+use crate::tasks::{fill_split, verify::Rational};
 
 /// Difficulty knobs.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -127,26 +124,14 @@ impl CountdownConfig {
         })
     }
 
-    /// `n` problems of one split drawn with `seed`, in at most `arithmetic::max_draws(n)` draws.
+    /// `n` problems of one split drawn with `seed`, in at most [`super::max_draws`]`(n)` draws.
     ///
     /// # Errors
     /// A message when the split is too small to fill `n` in that many draws.
     pub fn sample(&self, n: usize, test: bool, seed: u64) -> Result<Vec<CountdownProblem>, String> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut out = Vec::with_capacity(n);
-        for _ in 0..max_draws(n) {
-            if out.len() == n {
-                break;
-            }
-            if let Some(p) = self.draw(&mut rng).filter(|p| self.is_test(&p.numbers, p.target) == test) {
-                out.push(p);
-            }
-        }
-        if out.len() < n {
-            let space = u64::from(self.max_number).saturating_pow(self.numbers as u32);
-            return Err(split_too_small(test, out.len(), n, space));
-        }
-        Ok(out)
+        let space = u64::from(self.max_number).saturating_pow(self.numbers as u32);
+        fill_split(n, test, space, |_| self.draw(&mut rng).filter(|p| self.is_test(&p.numbers, p.target) == test))
     }
 
     /// A fixed test set of at most `limit` distinct problems.
@@ -338,7 +323,11 @@ mod tests {
         assert!(problems.iter().all(|p| p.target >= 1 && p.numbers.len() == 3));
         // Two numbers in 1..=1 with a target of 1 or 2: a space of a handful of problems.
         let tiny = CountdownConfig { max_number: 1, max_target: 2, numbers: 2, test_share: 0.5, use_all: true };
-        let _ = tiny.sample(4, false, 0); // either fills or says why; never loops for ever
+        // It either fills the batch or says why; it never loops for ever.
+        match tiny.sample(4, false, 0) {
+            Ok(problems) => assert_eq!(problems.len(), 4),
+            Err(e) => assert!(e.contains("training split"), "{e}"),
+        }
         assert!(CountdownConfig { test_share: 0.0, ..CountdownConfig::default() }.validate().is_err());
     }
 
