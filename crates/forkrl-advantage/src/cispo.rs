@@ -9,7 +9,9 @@
 //! raw, so padded positions are set to 0 before the product (`0·NaN = NaN`). The paper never disclosed ε_high: it is a
 //! **required** parameter with no default (methods README decision 18). Relative bound `1 + ε_high` as verl; TRL's
 //! absolute cap `c` is `eps_high = c − 1`. Source: `../shared/methods/policy-losses.md` §6.
-//! Metrics: `pg_clipfrac` = fraction with `r > 1 + ε_high`, `pg_clipfrac_lower` = fraction with `r < lower`.
+//! Metrics as verl's `compute_policy_loss_cispo`: `pg_clipfrac` = fraction of loss tokens whose weight the clip changed
+//! (`r̂ ≠ r`: outside either bound), `pg_clipfrac_lower` = the share of them below the lower bound (`r < lower`), so
+//! `pg_clipfrac ≥ pg_clipfrac_lower` and logs compare across frameworks.
 
 use forkrl_core::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -80,9 +82,10 @@ mod tensor {
         let (lo, hi) = config.bounds();
         let upper = ratio.clone().greater_elem(hi).bool_and(inputs.mask.clone());
         let lower = ratio.clone().lower_elem(lo).bool_and(inputs.mask.clone());
+        let clipped = upper.bool_or(lower.clone());
         let weight = ratio.clamp(lo, hi);
         let loss = (weight * adv).neg() * lp;
-        let metrics = metrics(&inputs.mask, upper, lower, &log_ratio)?;
+        let metrics = metrics(&inputs.mask, clipped, lower, &log_ratio)?;
         Ok(TokenLoss { loss: loss.mask_fill(inputs.mask.clone().bool_not(), 0.0), metrics })
     }
 }
@@ -107,6 +110,28 @@ mod tests {
         }
         let two_sided = CispoConfig { eps_high: 0.2, eps_low: Some(0.2) };
         assert!((cispo_coefficient(f64::ln(0.5), 1.0, &two_sided) - 0.8).abs() < 1e-12);
+    }
+
+    #[cfg(feature = "burn")]
+    #[test]
+    fn clipfrac_counts_both_bounds_and_lower_is_its_share() {
+        use burn::tensor::{Device, Tensor, TensorData};
+        let device = Device::flex();
+        // Ratios 1.5 (above 1.2), 0.5 (below 0.8), 1.0 (inside), padding.
+        let t = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [1, 4]), &device);
+        let inputs = crate::PolicyInputs {
+            log_prob: t(vec![1.5f32.ln(), 0.5f32.ln(), 0.0, 0.0]),
+            old_log_prob: t(vec![0.0; 4]),
+            advantages: t(vec![1.0; 4]),
+            mask: Tensor::from_data(TensorData::new(vec![true, true, true, false], [1, 4]), &device),
+        };
+        let cfg = CispoConfig { eps_high: 0.2, eps_low: Some(0.2) };
+        let m = cispo_loss(&inputs, &cfg).expect("valid").metrics;
+        assert!((m.pg_clipfrac - 2.0 / 3.0).abs() < 1e-6, "{m:?}");
+        assert!((m.pg_clipfrac_lower - 1.0 / 3.0).abs() < 1e-6, "{m:?}");
+        // The paper's one-sided bound: only the upper clip acts.
+        let m = cispo_loss(&inputs, &CispoConfig::new(0.2)).expect("valid").metrics;
+        assert!((m.pg_clipfrac - 1.0 / 3.0).abs() < 1e-6 && m.pg_clipfrac_lower == 0.0, "{m:?}");
     }
 
     #[test]

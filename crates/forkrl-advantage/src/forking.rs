@@ -26,7 +26,8 @@ pub enum ForkingDenominator {
     /// Number of selected tokens (paper v2, official code).
     #[default]
     Selected,
-    /// Number of response tokens (paper v1, TRL).
+    /// Number of response tokens (paper v1, TRL); `all` is accepted too.
+    #[serde(alias = "all")]
     AllTokens,
 }
 

@@ -103,7 +103,7 @@ pub enum ScheduleKind {
     CubicDec,
 }
 
-/// A p schedule over learner update steps: `progress = min(1, step / steps)`.
+/// A p schedule over learner update steps: `progress = min(1, step / max(1, steps))` (the official code's guard).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PSchedule {
@@ -141,7 +141,8 @@ impl PSchedule {
         if self.p_min == self.p_max {
             return self.p_min;
         }
-        let progress = if self.steps == 0 { 1.0 } else { (step as f64 / self.steps as f64).min(1.0) };
+        // The official `_get_current_holder_p` divides by `max(1, schedule_steps)`: `steps = 0` behaves as 1.
+        let progress = (step as f64 / self.steps.max(1) as f64).min(1.0);
         let (lo, hi) = (self.p_min, self.p_max);
         let (mid, amp) = ((lo + hi) / 2.0, (hi - lo) / 2.0);
         match self.kind {
@@ -394,6 +395,9 @@ mod tests {
         assert_eq!(PSchedule::constant(3.0).p_at(77), 3.0);
         let flat = PSchedule { p_min: 1.5, p_max: 1.5, ..PSchedule::default() };
         assert_eq!(flat.p_at(10), 1.5);
+        // `steps = 0` is `max(1, 0) = 1` as in the official `_get_current_holder_p`: step 0 is still the start.
+        let instant = PSchedule { steps: 0, ..PSchedule::default() };
+        assert_eq!((instant.p_at(0), instant.p_at(1), instant.p_at(9)), (2.0, -2.0, -2.0));
     }
 
     #[test]

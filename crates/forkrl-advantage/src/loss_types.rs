@@ -140,8 +140,10 @@ pub(crate) fn mask_tensor(values: Vec<bool>, shape: [usize; 2], device: &burn::t
 }
 
 /// What a loss may read besides its per-token tensors: the learner step (Hölder's p schedule), the seed of its random
-/// choices (Clip-Cov's subset), and per-token inputs that only some losses need (HTPO's token groups). Build it with
-/// [`LossContext::new`] and add the optional parts with the `with_*` methods.
+/// choices (Clip-Cov's subset), and per-token inputs that only some setups need: HTPO's token groups, the count mask of
+/// `seq-mean-token-mean` under the forking mask's all-token denominator, and the mask and denominators of the entropy
+/// bonus and the KL loss when they differ from the policy-gradient term's (the official 80/20 code masks the policy
+/// gradient alone). Build it with [`LossContext::new`] and add the optional parts with the `with_*` methods.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LossContext<'a> {
     /// The learner update step (0-based as verl counts it for Hölder's schedule).
@@ -150,18 +152,38 @@ pub struct LossContext<'a> {
     pub seed: u64,
     /// HTPO's token groups over the same `[B, T]` tokens as the inputs; required by [`crate::PolicyLoss::Htpo`].
     pub htpo_groups: Option<&'a HtpoTokenGroups>,
+    /// `[B, T]` mask whose per-sequence counts divide `seq-mean-token-mean` (numerators stay over
+    /// [`PolicyInputs::mask`]); `None`: the loss mask itself ([`crate::aggregate_with_counts`]).
+    pub count_mask: Option<&'a Tensor<2, Bool>>,
+    /// Mask and global denominators of the entropy bonus and the KL loss; `None`: the policy loss's.
+    pub regularizer: Option<(&'a Tensor<2, Bool>, &'a crate::GlobalDenominators)>,
 }
 
 impl<'a> LossContext<'a> {
     /// A context with no optional inputs.
     pub fn new(step: u64, seed: u64) -> Self {
-        Self { step, seed, htpo_groups: None }
+        Self { step, seed, htpo_groups: None, count_mask: None, regularizer: None }
     }
 
     /// Adds HTPO's token groups.
     #[must_use]
     pub fn with_htpo_groups(mut self, groups: &'a HtpoTokenGroups) -> Self {
         self.htpo_groups = Some(groups);
+        self
+    }
+
+    /// Sets the per-sequence count mask of `seq-mean-token-mean` (the forking mask's `all_tokens` denominator).
+    #[must_use]
+    pub fn with_count_mask(mut self, count_mask: &'a Tensor<2, Bool>) -> Self {
+        self.count_mask = Some(count_mask);
+        self
+    }
+
+    /// Aggregates the entropy bonus and the KL loss over `mask` with `denominators` (e.g. the full response mask
+    /// while the policy gradient is forking-masked, as the official 80/20 code does).
+    #[must_use]
+    pub fn with_regularizer(mut self, mask: &'a Tensor<2, Bool>, denominators: &'a crate::GlobalDenominators) -> Self {
+        self.regularizer = Some((mask, denominators));
         self
     }
 }

@@ -5,7 +5,7 @@ use burn::tensor::Tensor;
 use forkrl_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::aggregation::{AggMode, GlobalDenominators, aggregate, aggregate_sequences};
+use crate::aggregation::{AggMode, GlobalDenominators, aggregate_sequences, aggregate_with_counts};
 use crate::loss_types::{LossContext, PolicyInputs, PolicyMetrics, SequenceLoss, TokenLoss};
 use crate::{cispo, clip_cov, gmpo, gspo, holder, htpo, kl_cov, ppo_clip};
 
@@ -83,7 +83,8 @@ impl PolicyLoss {
     /// Evaluates the loss and aggregates it. Token losses use `mode`, except GSPO, which forces
     /// `seq-mean-token-mean`; sequence losses (GMPO, Hölder) are averaged over the global non-empty sequence count.
     /// HTPO forces `token-mean`. `ctx.step` is the learner update step (Hölder's p schedule); `ctx.seed` feeds
-    /// Clip-Cov's random subset; `ctx.htpo_groups` is HTPO's partition.
+    /// Clip-Cov's random subset; `ctx.htpo_groups` is HTPO's partition; `ctx.count_mask` gives the per-sequence counts
+    /// of `seq-mean-token-mean`.
     ///
     /// # Errors
     /// The errors of the chosen loss and of the aggregation; [`Error::InvalidParameter`] for HTPO without its token
@@ -96,7 +97,9 @@ impl PolicyLoss {
         ctx: &LossContext<'_>,
     ) -> Result<AggregatedLoss> {
         let token = |t: TokenLoss, mode: AggMode| -> Result<AggregatedLoss> {
-            Ok(AggregatedLoss { loss: aggregate(t.loss, &inputs.mask, mode, denominators)?, metrics: t.metrics })
+            let counts = ctx.count_mask.unwrap_or(&inputs.mask);
+            let loss = aggregate_with_counts(t.loss, &inputs.mask, counts, mode, denominators)?;
+            Ok(AggregatedLoss { loss, metrics: t.metrics })
         };
         let sequence = |s: SequenceLoss| -> Result<AggregatedLoss> {
             Ok(AggregatedLoss { loss: aggregate_sequences(s.loss, &s.nonempty, denominators)?, metrics: s.metrics })

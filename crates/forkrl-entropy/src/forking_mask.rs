@@ -9,10 +9,10 @@
 //! ```
 //!
 //! Two selection rules, as in the sources (entropy-and-forking-tokens.md §2.2):
-//! - [`SelectionRule::TopK`] (default; official code `get_global_entropy_top_mask`): exactly `k = max(1, ⌈n·ρ⌉)`
-//!   tokens, ties broken deterministically by flat (row-major) index, lowest first.
+//! - [`SelectionRule::TopK`] (default; official code `get_global_entropy_top_mask`): exactly
+//!   `k = max(1, int(n·ρ + 0.9999))` ([`top_k_count`]) tokens, ties broken deterministically by flat (row-major) index, lowest first.
 //! - [`SelectionRule::Quantile`] (TRL `top_entropy_quantile`): threshold `τ = quantile(H, 1 − ρ)` with linear
-//!   interpolation (as `torch.quantile`), select `H ≥ τ`; ties at τ can select more than `⌈n·ρ⌉` tokens.
+//!   interpolation (as `torch.quantile`), select `H ≥ τ`; ties at τ can select more than [`top_k_count`] tokens.
 //!
 //! Padding is never selected; an empty batch gives an all-false mask (no NaN, no panic). The mask carries no gradient.
 //! Also here: the complementary "bottom 1 − ρ" mask of the paper's ablation (Fig. 7) and a per-sequence top-ρ (used by
@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SelectionRule {
-    /// Exactly `max(1, ⌈n·ρ⌉)` tokens, ties by lowest flat index (official 80/20 code).
+    /// Exactly [`top_k_count`] tokens, ties by lowest flat index (official 80/20 code).
     #[default]
     TopK,
     /// `H ≥ quantile(H, 1 − ρ)` with linear interpolation (TRL); may select more on ties.
@@ -56,18 +56,17 @@ impl ForkingMask {
     }
 }
 
-/// `k = max(1, ⌈n·ρ⌉)` for `n ≥ 1` (0 for `n = 0`).
-///
-/// A product within 1e-9 (relative) of an integer counts as that integer, because decimal ratios such as 0.2 are not
-/// exact in binary (35 × 0.2 = 7.000000000000001 in f64 must give 7, not 8).
+/// `k = max(1, int(n·ρ + 0.9999))` for `n ≥ 1` (0 for `n = 0`), clamped to `n`: the official code's count
+/// (`get_global_entropy_top_mask` in Shenzhi-Wang/Beyond-the-80-20-Rule-RLVR). It is `⌈n·ρ⌉` except when the
+/// fractional part of `n·ρ` is below 1e-4, which rounds down — so decimal ratios that are not exact in binary
+/// (35 × 0.2 = 7.000000000000001 in f64) give the intended 7, while, as in the official code, 100001 × 1e-5 = 1.00001
+/// gives 1, not 2.
 pub fn top_k_count(n: usize, rho: f64) -> usize {
     if n == 0 {
         return 0;
     }
-    let x = n as f64 * rho;
-    let nearest = x.round();
-    let k = if (x - nearest).abs() <= 1e-9 * x.max(1.0) { nearest } else { x.ceil() };
-    (k as usize).clamp(1, n)
+    // `as usize` truncates toward zero like Python's `int` (the operand is positive).
+    ((n as f64 * rho + 0.9999) as usize).clamp(1, n)
 }
 
 fn check_inputs(entropy: &[f32], response_mask: &[bool], rho: f64) -> Result<()> {
@@ -143,7 +142,85 @@ pub fn bottom_entropy_mask(
     })
 }
 
-/// Top-ρ selected independently in each sequence (`k_i = max(1, ⌈n_i·ρ⌉)` per row; empty rows skipped), with the
+/// A random control set of the top mask's size: exactly [`top_k_count`]`(n, ρ)` response tokens drawn uniformly
+/// without replacement (a partial Fisher–Yates shuffle driven by SplitMix64 from `seed`), whatever their entropy. It
+/// answers "does entropy matter, or only the number of tokens trained?" (the control arm of the 80/20 experiment; not
+/// in the paper). `threshold` is `None`. The draw is a pure function of `(response_mask, ρ, seed)`.
+///
+/// # Errors
+/// [`Error::InvalidParameter`] unless `0 < ρ ≤ 1`.
+pub fn random_token_mask(response_mask: &[bool], rho: f64, seed: u64) -> Result<ForkingMask> {
+    if !(rho > 0.0 && rho <= 1.0) {
+        return Err(Error::invalid_parameter("top_entropy_ratio", rho, "must lie in (0, 1]"));
+    }
+    let mut candidates: Vec<usize> = (0..response_mask.len()).filter(|&i| response_mask[i]).collect();
+    let n = candidates.len();
+    let k = top_k_count(n, rho);
+    let mut state = seed;
+    for i in 0..k {
+        state = forkrl_core::numeric::splitmix64(state);
+        // Multiply-shift maps the 64-bit draw to 0..n−i without modulo bias worth counting at these sizes.
+        let j = i + ((u128::from(state) * (n - i) as u128) >> 64) as usize;
+        candidates.swap(i, j);
+    }
+    let mut mask = vec![false; response_mask.len()];
+    for &i in &candidates[..k] {
+        mask[i] = true;
+    }
+    Ok(ForkingMask { mask, threshold: None, num_selected: k, num_candidates: n })
+}
+
+/// Which tokens of a batch the policy gradient trains on: the paper's arms and a control.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenSelection {
+    /// The top-ρ highest-entropy tokens (the paper's method, [`top_entropy_mask`]).
+    #[default]
+    Top,
+    /// The bottom 1 − ρ (the paper's ablation, [`bottom_entropy_mask`]).
+    Bottom,
+    /// ρ of the tokens at random ([`random_token_mask`], a control).
+    Random,
+    /// Every response token (full-gradient RLVR; ρ is ignored).
+    All,
+}
+
+impl TokenSelection {
+    /// The mask of this arm over a flat `[B, T]` batch. `seed` is used by [`TokenSelection::Random`] only.
+    ///
+    /// # Errors
+    /// As [`top_entropy_mask`] (entropy is checked for the entropy-based arms only).
+    pub fn select(
+        self,
+        entropy: &[f32],
+        response_mask: &[bool],
+        rho: f64,
+        rule: SelectionRule,
+        seed: u64,
+    ) -> Result<ForkingMask> {
+        match self {
+            TokenSelection::Top => top_entropy_mask(entropy, response_mask, rho, rule),
+            TokenSelection::Bottom => bottom_entropy_mask(entropy, response_mask, rho, rule),
+            TokenSelection::Random => random_token_mask(response_mask, rho, seed),
+            TokenSelection::All => {
+                let n = response_mask.iter().filter(|&&m| m).count();
+                Ok(ForkingMask { mask: response_mask.to_vec(), threshold: None, num_selected: n, num_candidates: n })
+            }
+        }
+    }
+
+    /// The name used in metrics and reports (`top`, `bottom`, `random`, `all`).
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenSelection::Top => "top",
+            TokenSelection::Bottom => "bottom",
+            TokenSelection::Random => "random",
+            TokenSelection::All => "all",
+        }
+    }
+}
+
+/// Top-ρ selected independently in each sequence (`k_i =` [`top_k_count`]`(n_i, ρ)` per row; empty rows skipped), with the
 /// top-k rule and the same tie-break. `threshold` is `None` (each row has its own).
 ///
 /// # Errors
@@ -203,7 +280,48 @@ mod tests {
     }
 
     #[test]
-    fn k_is_the_exact_ceiling() {
+    fn random_control_has_the_top_size_stays_in_the_response_and_depends_on_the_seed() {
+        let m: Vec<bool> = (0..200).map(|i| i % 3 != 0).collect();
+        let a = random_token_mask(&m, 0.2, 7).expect("valid");
+        let n = m.iter().filter(|&&b| b).count();
+        assert_eq!((a.num_selected, a.num_candidates), (top_k_count(n, 0.2), n));
+        assert_eq!(a.mask.iter().filter(|&&b| b).count(), a.num_selected);
+        assert!(a.mask.iter().zip(&m).all(|(&s, &r)| !s || r), "padding selected");
+        assert_eq!(a, random_token_mask(&m, 0.2, 7).expect("valid"), "a pure function of the seed");
+        assert_ne!(a.mask, random_token_mask(&m, 0.2, 8).expect("valid").mask);
+        // Every response token is about equally likely over many seeds (a uniform draw, not a prefix).
+        let mut hits = vec![0usize; m.len()];
+        for seed in 0..400 {
+            for (h, &s) in hits.iter_mut().zip(&random_token_mask(&m, 0.2, seed).expect("valid").mask) {
+                *h += usize::from(s);
+            }
+        }
+        let (lo, hi) =
+            m.iter().zip(&hits).filter(|(r, _)| **r).fold((usize::MAX, 0), |(lo, hi), (_, &h)| (lo.min(h), hi.max(h)));
+        assert!(lo > 40 && hi < 130, "per-token counts out of 400 draws at 0.2: {lo}..{hi}");
+        assert!(random_token_mask(&m, 0.0, 1).is_err());
+        assert_eq!(random_token_mask(&[], 0.2, 1).expect("empty").num_selected, 0);
+    }
+
+    #[test]
+    fn selection_arms_partition_and_all_takes_every_token() {
+        let top = TokenSelection::Top.select(&H, &M, 0.2, SelectionRule::TopK, 0).expect("valid");
+        let bottom = TokenSelection::Bottom.select(&H, &M, 0.2, SelectionRule::TopK, 0).expect("valid");
+        let all = TokenSelection::All.select(&H, &M, 0.2, SelectionRule::TopK, 0).expect("valid");
+        for i in 0..H.len() {
+            assert_eq!(top.mask[i] || bottom.mask[i], M[i]);
+            assert!(!(top.mask[i] && bottom.mask[i]));
+        }
+        assert_eq!(all.mask, M.to_vec());
+        assert_eq!(all.frac_selected(), 1.0);
+    }
+
+    #[test]
+    fn k_is_the_official_count() {
+        let official = |n: usize, rho: f64| ((n as f64 * rho + 0.9999) as usize).max(1);
+        assert_eq!(top_k_count(100_001, 1e-5), official(100_001, 1e-5));
+        assert_eq!(top_k_count(100_001, 1e-5), 1, "a fractional part below 1e-4 rounds down, as int(n·ρ + 0.9999)");
+        assert_eq!(top_k_count(10_001, 0.2), 2001);
         assert_eq!(top_k_count(9, 0.2), 2);
         assert_eq!(top_k_count(35, 0.2), 7);
         assert_eq!(top_k_count(36, 0.2), 8);

@@ -42,7 +42,8 @@ pub use entropy_stats::{
     summarize, token_entropy_table, top_entropy_overlap, top_high_entropy_tokens,
 };
 pub use forking_mask::{
-    ForkingMask, SelectionRule, bottom_entropy_mask, per_sequence_top_entropy_mask, top_entropy_mask, top_k_count,
+    ForkingMask, SelectionRule, TokenSelection, bottom_entropy_mask, per_sequence_top_entropy_mask, random_token_mask,
+    top_entropy_mask, top_k_count,
 };
 pub use kernel::{
     KernelOptions, LogitElement, StatsGrad, TokenStats, token_stats, token_stats_backward, token_stats_backward_into,

@@ -29,6 +29,11 @@ pub struct Rollout {
 /// What `score` adds to a batch: advantages, the rollout and reference policies' per-token values, the loss rows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scores {
+    /// `[B]`: the reward the advantages were computed from: the verifier's, with the overlong penalty and KL in the
+    /// reward applied when they are on.
+    pub rewards: Vec<f32>,
+    /// `(β, current_kl)` of KL in the reward (verl `actor/reward_kl_penalty_coeff`, `actor/reward_kl_penalty`).
+    pub reward_kl: Option<(f64, f64)>,
     /// `[B]`: the group advantages.
     pub advantages: Vec<f32>,
     /// verl's `frac_reward_zero_std` of the scored groups.

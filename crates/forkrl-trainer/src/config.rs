@@ -7,10 +7,11 @@
 use std::{ops::Deref, path::PathBuf};
 
 use forkrl_advantage::{
-    ActorLossConfig, AdvantageConfig, AggMode, ForkingDenominator, KlLossConfig, PolicyLoss, PpoClipConfig,
-    TokenWeighting,
+    ActorLossConfig, AdvantageConfig, AggMode, ForkingDenominator, KlEstimator, KlLossConfig, KlPenalty, PolicyLoss,
+    PpoClipConfig, TokenWeighting,
 };
-use forkrl_rollout::{Decoding, DynamicSamplingConfig, HoraConfig, MixedCuts, PosteriorSource};
+use forkrl_entropy::{SelectionRule, TokenSelection};
+use forkrl_rollout::{Decoding, DynamicSamplingConfig, HoraConfig, MixedCuts, OverlongConfig, PosteriorSource};
 use serde::{Deserialize, Serialize};
 
 use crate::{Result, TrainerError, tasks::TaskConfig};
@@ -107,22 +108,36 @@ pub struct RlConfig {
     pub group_size: usize,
     /// AdamW learning rate.
     pub lr: f64,
-    /// Gradient-norm clip.
+    /// Clip of the **global** L2 norm of the gradient (verl `actor.grad_clip`, TRL `max_grad_norm`): every gradient
+    /// is scaled by `min(1, grad_clip / (‖g‖ + 1e-6))`, as `torch.nn.utils.clip_grad_norm_`. Also used by SFT.
     pub grad_clip: f64,
+    /// AdamW's decoupled weight decay (verl `actor.optim.weight_decay`, 0.01; the 80/20 script sets 0.1).
+    pub weight_decay: f64,
+    /// AdamW's `(β₁, β₂)` (verl `actor.optim.betas`, `[0.9, 0.999]`).
+    pub betas: [f64; 2],
+    /// AdamW's ε (torch's 1e-8).
+    pub eps: f64,
+    /// Learning-rate schedule over RL steps (verl `actor.optim.lr_scheduler_type`): `constant` (with linear warm-up)
+    /// or `cosine` (warm-up, then half a cosine down to `lr · min_lr_ratio`).
+    pub lr_scheduler: LrScheduler,
+    /// Floor of the cosine schedule as a share of `lr` (verl `min_lr_ratio`, 0).
+    pub min_lr_ratio: f64,
+    /// Cosine cycles over the decay (verl `num_cycles`, 0.5 = half a cosine).
+    pub num_cycles: f64,
     /// Rollout decoding operator (its temperature is also the training temperature of entropy and log-probs).
     pub decoding: Decoding,
     /// Optimiser passes over each rollout batch.
     pub ppo_epochs: usize,
-    /// Forking-token share ρ (1.0 = every token).
-    pub top_entropy_ratio: f64,
-    /// Denominator of the forking-masked loss.
-    pub forking_denominator: ForkingDenominator,
+    /// Which tokens the policy gradient trains on (`[rl.forking]`: the 80/20 mask, its ablation arms, its scope).
+    pub forking: ForkingConfig,
     /// Group advantages.
     pub advantage: AdvantageConfig,
     /// Policy loss (verl `loss_mode`: `vanilla`, `gspo`, `cispo`, `geo_mean`, `clip_cov`, `kl_cov`, `holder`, `htpo`).
     /// HTPO (`loss_mode = "htpo"`) takes its token groups from each mini-batch's entropies (per sequence, over its
     /// response tokens) and the group accuracy, then `token-mean`; the forking mask is not applied (HTPO partitions by
-    /// entropy itself), and it does not combine with `kl_loss` or `entropy_coeff`.
+    /// entropy itself), and it does not combine with `kl_loss` or `entropy_coeff`. A partial `vanilla` table keeps the
+    /// trainer's clip-higher `clip_ratio_high = 0.28` (DAPO / 80-20) unless it sets that key itself.
+    #[serde(deserialize_with = "policy_loss_with_clip_higher")]
     pub policy_loss: PolicyLoss,
     /// Aggregation mode (verl `loss_agg_mode`: `token-mean`, `token-sum`, `seq-mean-token-sum`, `seq-mean-token-mean`,
     /// `seq-mean-token-sum-norm`).
@@ -154,18 +169,103 @@ pub struct RlConfig {
     /// the mini-batch's (up to rounding; Clip-Cov / KL-Cov select their tokens per micro-batch). The forking mask
     /// then comes from an extra forward without a graph over the mini-batch. `None` = one pass per mini-batch.
     pub ppo_micro_batch_size: Option<usize>,
-    /// Linear learning-rate warm-up over this many RL steps, as verl's constant-with-warm-up schedule (stepped once
-    /// per RL step, `lr · min(1, (step − 1)/warmup)`); 0 = none (the 80/20 paper).
+    /// Linear learning-rate warm-up over this many RL steps (verl `lr_warmup_steps`; stepped once per RL step,
+    /// `lr · (step − 1)/warmup` during warm-up); 0 = none (the 80/20 paper).
     pub lr_warmup_steps: usize,
     /// Entropy bonus coefficient (verl `entropy_coeff`, 0).
     pub entropy_coeff: f64,
     /// KL loss to the reference policy, the policy as RL starts (verl `use_kl_loss`, `kl_loss_type`,
     /// `kl_loss_coef`); `None` = off (every RLVR recipe of the methods reference).
     pub kl_loss: Option<KlLossConfig>,
+    /// DAPO's overlong reward shaping and filtering (`forkrl_rollout::OverlongConfig`; verl
+    /// `reward_model.overlong_buffer`): `R_len(|y|)` is added to the reward the advantages are computed from, and, with
+    /// `filter_truncated`, truncated responses leave the loss. `None` = off.
+    pub overlong: Option<OverlongConfig>,
+    /// KL in the reward (verl `algorithm.use_kl_in_reward`, `kl_penalty`, `kl_ctrl`): each response's reward loses
+    /// `β · Σ_t kl_t` to the reference policy (the policy as RL starts) before the advantages, with β fixed or adapted
+    /// by verl's controller after every batch. `None` = off (every RLVR recipe of the methods reference).
+    pub kl_in_reward: Option<KlInRewardConfig>,
+    /// Write the scored batch to `runs/<name>/rollouts/step-NNNNNN.jsonl` every this many RL steps (prompt, response,
+    /// rewards, advantage, per-token entropy and log-prob; `rl::dump`); 0 = never.
+    pub rollout_dump_every: usize,
     /// Reward-balanced training rows: `per_query` keeps, in each group, as many positive- as non-positive-advantage
     /// rollouts (the first of each sign) and drops the rest from the loss (`forkrl_advantage::balance_per_query`);
     /// a group whose rollouts share one sign is dropped.
     pub balance: Balance,
+}
+
+/// Deserialises `[rl.policy_loss]`, filling a `vanilla` table's missing `clip_ratio_high` with the trainer default
+/// 0.28 instead of the library's symmetric 0.2 (so `loss_mode = "vanilla"` plus one key never drops clip-higher).
+fn policy_loss_with_clip_higher<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<PolicyLoss, D::Error> {
+    let mut table = toml::Table::deserialize(d)?;
+    if table.get("loss_mode").and_then(toml::Value::as_str) == Some("vanilla") && !table.contains_key("clip_ratio_high")
+    {
+        table.insert("clip_ratio_high".into(), toml::Value::Float(PpoClipConfig::clip_higher().clip_ratio_high));
+    }
+    PolicyLoss::deserialize(toml::Value::Table(table)).map_err(serde::de::Error::custom)
+}
+
+/// verl's learning-rate schedules.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrScheduler {
+    /// `lr` after a linear warm-up (verl `constant`, transformers `get_constant_schedule_with_warmup`).
+    #[default]
+    Constant,
+    /// Linear warm-up, then `lr · max(m, m + (1 − m)·(1 + cos(2π·cycles·progress))/2)` with `m = min_lr_ratio`
+    /// (verl's `get_cosine_schedule_with_warmup`).
+    Cosine,
+}
+
+/// Where the forking-token selection ranks the tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForkingScope {
+    /// Each micro-batch (`rl.ppo_micro_batch_size` rows) separately: the official 80/20 code, which selects inside
+    /// `update_policy` per micro-batch per rank (and TRL, which ranks each micro-step's batch). Identical to
+    /// `mini_batch` when a mini-batch is one micro-batch (the default).
+    #[default]
+    MicroBatch,
+    /// All the tokens of the mini-batch together (the paper's Eq. 6 read batch-globally).
+    MiniBatch,
+}
+
+/// The forking-token selection of the policy-gradient term (`[rl.forking]`), from "Beyond the 80/20 Rule"
+/// (arXiv 2506.01939): the paper's top-ρ arm, its bottom-(1 − ρ) ablation, a random-ρ control and full-gradient RLVR.
+/// The entropy is the current policy's, from the update's forward, at the rollout temperature. The mask applies to the
+/// policy-gradient term alone; the entropy bonus and the KL loss use every response token (the official code).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ForkingConfig {
+    /// `top` | `bottom` | `random` | `all`. Unset: `top` for the token-level losses (vanilla, CISPO, Clip-Cov,
+    /// KL-Cov), `all` for the sequence-level losses (GSPO, GMPO, Hölder: their papers use every token) and HTPO (which
+    /// partitions by entropy itself).
+    pub select: Option<TokenSelection>,
+    /// ρ: the share of response tokens selected (the 80/20 paper's 0.2; `bottom` trains on the other 1 − ρ).
+    pub top_entropy_ratio: f64,
+    /// `selected` (paper v2, official code) or `all_tokens` (alias `all`; paper v1, TRL): the token count the
+    /// masked loss divides by, per sequence too under `seq-mean-token-mean`.
+    pub denominator: ForkingDenominator,
+    /// `top_k` (exactly `max(1, int(n·ρ + 0.9999))` tokens, the official code) or `quantile` (TRL's `H ≥ quantile`).
+    pub rule: SelectionRule,
+    /// `micro_batch` (official) or `mini_batch`.
+    pub scope: ForkingScope,
+    /// Allow a top / bottom / random mask on a sequence-level loss (GSPO, GMPO, Hölder), which no paper defines: the
+    /// loss then sees only the selected tokens of each sequence. Off: such a combination is an error.
+    pub mask_sequence_losses: bool,
+}
+
+impl Default for ForkingConfig {
+    fn default() -> Self {
+        Self {
+            select: None,
+            top_entropy_ratio: 0.2,
+            denominator: ForkingDenominator::Selected,
+            rule: SelectionRule::TopK,
+            scope: ForkingScope::MicroBatch,
+            mask_sequence_losses: false,
+        }
+    }
 }
 
 /// Which rollouts of a batch enter the loss.
@@ -187,10 +287,15 @@ impl Default for RlConfig {
             group_size: 8,
             lr: 1e-4,
             grad_clip: 1.0,
+            weight_decay: 0.01,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            lr_scheduler: LrScheduler::Constant,
+            min_lr_ratio: 0.0,
+            num_cycles: 0.5,
             decoding: Decoding::Temperature { temperature: 1.0 },
             ppo_epochs: 2,
-            top_entropy_ratio: 0.2,
-            forking_denominator: ForkingDenominator::Selected,
+            forking: ForkingConfig::default(),
             advantage: AdvantageConfig::default(),
             policy_loss: PolicyLoss::Vanilla(PpoClipConfig::clip_higher()),
             loss_agg_mode: AggMode::TokenMean,
@@ -206,8 +311,63 @@ impl Default for RlConfig {
             entropy_coeff: 0.0,
             kl_loss: None,
             balance: Balance::None,
+            overlong: None,
+            kl_in_reward: None,
+            rollout_dump_every: 0,
         }
     }
+}
+
+/// KL in the reward, with verl's names and defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KlInRewardConfig {
+    /// The per-token estimator (verl `algorithm.kl_penalty`, `kl`).
+    pub kl_penalty: KlPenalty,
+    /// The coefficient's controller (verl `algorithm.kl_ctrl`).
+    pub kl_ctrl: KlCtrlConfig,
+}
+
+impl Default for KlInRewardConfig {
+    fn default() -> Self {
+        Self {
+            kl_penalty: KlPenalty { estimator: KlEstimator::K1, straight_through: false },
+            kl_ctrl: KlCtrlConfig::default(),
+        }
+    }
+}
+
+/// verl's `kl_ctrl`: `type = "fixed"` keeps `kl_coef`; `"adaptive"` multiplies it by `1 + clip(kl/target − 1, ±0.2) ·
+/// n/horizon` after each batch of `n` responses (`forkrl_advantage::AdaptiveKlController`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KlCtrlConfig {
+    /// `fixed` or `adaptive`.
+    #[serde(rename = "type")]
+    pub kind: KlCtrlKind,
+    /// The initial β (0.001).
+    pub kl_coef: f64,
+    /// The adaptive controller's target KL (0.1).
+    pub target_kl: f64,
+    /// The adaptive controller's horizon in responses (10000).
+    pub horizon: f64,
+}
+
+impl Default for KlCtrlConfig {
+    fn default() -> Self {
+        Self { kind: KlCtrlKind::Fixed, kl_coef: 0.001, target_kl: 0.1, horizon: 10_000.0 }
+    }
+}
+
+/// verl's `kl_ctrl.type`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KlCtrlKind {
+    /// A constant β.
+    #[default]
+    Fixed,
+    /// verl's adaptive controller.
+    Adaptive,
 }
 
 /// Held-out evaluation.
@@ -290,21 +450,46 @@ impl CheckedConfig {
         }
     }
 
-    /// The share of tokens the forking mask selects: ρ, or every token for HTPO (which partitions by entropy itself).
-    pub fn forking_ratio(&self) -> f64 {
-        if matches!(self.rl.policy_loss, PolicyLoss::Htpo(_)) { 1.0 } else { self.rl.top_entropy_ratio }
+    /// The forking arm in force: the configured one, or the loss's documented default (`top` for token-level
+    /// losses, `all` for sequence-level losses and HTPO).
+    pub fn token_selection(&self) -> TokenSelection {
+        self.rl.forking.select.unwrap_or(if selects_its_own_tokens(&self.rl.policy_loss) {
+            TokenSelection::All
+        } else {
+            TokenSelection::Top
+        })
     }
 
-    /// The learning rate of RL step `step` (1-based): verl's constant schedule with linear warm-up,
-    /// `lr · min(1, (step − 1)/warmup)`.
+    /// Whether scoring needs the reference policy (the KL loss or KL in the reward).
+    pub fn needs_reference(&self) -> bool {
+        self.rl.kl_loss.is_some() || self.rl.kl_in_reward.is_some()
+    }
+
+    /// The learning rate of RL step `step` (1-based; the scheduler's `current_step` is `step − 1`), as verl's
+    /// schedulers: linear warm-up `lr · s/warmup` for `s < warmup`, then `lr` (`constant`) or the cosine decay
+    /// `lr · max(m, m + (1 − m)·(1 + cos(2π·cycles·progress))/2)`, `progress = (s − warmup)/max(1, steps − warmup)`.
     pub fn rl_lr(&self, step: usize) -> f64 {
         let rl = &self.rl;
-        if rl.lr_warmup_steps == 0 {
-            rl.lr
-        } else {
-            rl.lr * (step.saturating_sub(1) as f64 / rl.lr_warmup_steps as f64).min(1.0)
+        let s = step.saturating_sub(1) as f64;
+        let warmup = rl.lr_warmup_steps as f64;
+        if s < warmup {
+            return rl.lr * s / warmup.max(1.0);
+        }
+        match rl.lr_scheduler {
+            LrScheduler::Constant => rl.lr,
+            LrScheduler::Cosine => {
+                let progress = (s - warmup) / (rl.steps as f64 - warmup).max(1.0);
+                let m = rl.min_lr_ratio;
+                let cosine = (std::f64::consts::PI * 2.0 * rl.num_cycles * progress).cos();
+                rl.lr * (m + (1.0 - m) * 0.5 * (1.0 + cosine)).max(m)
+            }
         }
     }
+}
+
+/// Losses that decide their own tokens: the sequence-level ones (their papers use every token) and HTPO.
+fn selects_its_own_tokens(loss: &PolicyLoss) -> bool {
+    matches!(loss, PolicyLoss::Gspo(_) | PolicyLoss::GeoMean(_) | PolicyLoss::Holder(_) | PolicyLoss::Htpo(_))
 }
 
 fn at_least(key: &str, value: usize, min: usize) -> Result<()> {
@@ -351,12 +536,67 @@ impl TrainConfig {
                 format!("must lie in 1..={}", crate::model::policy::MAX_CONTEXT),
             ));
         }
-        if !(rl.top_entropy_ratio > 0.0 && rl.top_entropy_ratio <= 1.0) {
-            return Err(TrainerError::invalid("rl.top_entropy_ratio", rl.top_entropy_ratio, "must lie in (0, 1]"));
-        }
+        self.check_forking()?;
+        self.check_optimiser()?;
         self.check_rollout()?;
         self.check_loss()?;
         Ok(CheckedConfig(self))
+    }
+
+    fn check_forking(&self) -> Result<()> {
+        let (f, loss) = (&self.rl.forking, &self.rl.policy_loss);
+        if !(f.top_entropy_ratio > 0.0 && f.top_entropy_ratio <= 1.0) {
+            return Err(TrainerError::invalid(
+                "rl.forking.top_entropy_ratio",
+                f.top_entropy_ratio,
+                "must lie in (0, 1]",
+            ));
+        }
+        match f.select {
+            Some(s) if s != TokenSelection::All && matches!(loss, PolicyLoss::Htpo(_)) => Err(TrainerError::invalid(
+                "rl.forking.select",
+                s.name(),
+                "HTPO partitions the tokens by entropy itself: leave rl.forking.select unset (or \"all\")",
+            )),
+            Some(s) if s != TokenSelection::All && selects_its_own_tokens(loss) && !f.mask_sequence_losses => {
+                Err(TrainerError::invalid(
+                    "rl.forking.select",
+                    s.name(),
+                    format!(
+                        "loss_mode = \"{}\" is a sequence-level loss and its paper uses every token; no paper defines \
+                         a forking mask on it. Leave rl.forking.select unset, or set \
+                         rl.forking.mask_sequence_losses = true to mask it anyway",
+                        loss.name()
+                    ),
+                ))
+            }
+            Some(TokenSelection::Random | TokenSelection::Bottom) if f.rule == SelectionRule::Quantile => {
+                Err(TrainerError::invalid(
+                    "rl.forking.rule",
+                    "quantile",
+                    "the bottom and random arms are defined with top_k counts: use rule = \"top_k\"",
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn check_optimiser(&self) -> Result<()> {
+        let rl = &self.rl;
+        if !(rl.weight_decay.is_finite() && rl.weight_decay >= 0.0) {
+            return Err(TrainerError::invalid("rl.weight_decay", rl.weight_decay, "must be finite and >= 0"));
+        }
+        if !rl.betas.iter().all(|b| b.is_finite() && (0.0..1.0).contains(b)) {
+            return Err(TrainerError::invalid("rl.betas", format!("{:?}", rl.betas), "each must lie in [0, 1)"));
+        }
+        positive("rl.eps", rl.eps)?;
+        if !(rl.min_lr_ratio.is_finite() && (0.0..=1.0).contains(&rl.min_lr_ratio)) {
+            return Err(TrainerError::invalid("rl.min_lr_ratio", rl.min_lr_ratio, "must lie in [0, 1]"));
+        }
+        if !(rl.num_cycles.is_finite() && rl.num_cycles >= 0.0) {
+            return Err(TrainerError::invalid("rl.num_cycles", rl.num_cycles, "must be finite and >= 0"));
+        }
+        Ok(())
     }
 
     fn check_rollout(&self) -> Result<()> {
@@ -419,6 +659,23 @@ impl TrainConfig {
         if let Some(kl) = rl.kl_loss.filter(|kl| !(kl.kl_loss_coef.is_finite() && kl.kl_loss_coef >= 0.0)) {
             return Err(TrainerError::invalid("rl.kl_loss.kl_loss_coef", kl.kl_loss_coef, "must be finite and >= 0"));
         }
+        if let Some(o) = &rl.overlong {
+            o.validate().map_err(TrainerError::in_section("rl.overlong"))?;
+        }
+        if let Some(k) = &rl.kl_in_reward {
+            let c = &k.kl_ctrl;
+            if !(c.kl_coef.is_finite() && c.kl_coef >= 0.0) {
+                return Err(TrainerError::invalid(
+                    "rl.kl_in_reward.kl_ctrl.kl_coef",
+                    c.kl_coef,
+                    "must be finite and >= 0",
+                ));
+            }
+            if c.kind == KlCtrlKind::Adaptive {
+                positive("rl.kl_in_reward.kl_ctrl.target_kl", c.target_kl)?;
+                positive("rl.kl_in_reward.kl_ctrl.horizon", c.horizon)?;
+            }
+        }
         if matches!(rl.policy_loss, PolicyLoss::Htpo(_)) && (rl.kl_loss.is_some() || rl.entropy_coeff != 0.0) {
             return Err(TrainerError::invalid(
                 "rl.policy_loss.loss_mode",
@@ -447,7 +704,17 @@ mod tests {
         assert!(TrainConfig::default().check().is_ok());
         assert_eq!(key_of("[rl]\ngroup_size = 1\n"), "rl.group_size");
         assert_eq!(key_of("[rl]\nlr = -1.0\n"), "rl.lr");
-        assert_eq!(key_of("[rl]\ntop_entropy_ratio = 1.5\n"), "rl.top_entropy_ratio");
+        assert_eq!(key_of("[rl.forking]\ntop_entropy_ratio = 1.5\n"), "rl.forking.top_entropy_ratio");
+        assert_eq!(key_of("[rl]\nweight_decay = -0.1\n"), "rl.weight_decay");
+        assert_eq!(key_of("[rl.overlong]\nmax_response_length = 9\nbuffer_length = 0\n"), "rl.overlong.buffer_length");
+        assert_eq!(key_of("[rl.kl_in_reward.kl_ctrl]\nkl_coef = -1.0\n"), "rl.kl_in_reward.kl_ctrl.kl_coef");
+        assert_eq!(
+            key_of("[rl.kl_in_reward.kl_ctrl]\ntype = \"adaptive\"\nhorizon = 0.0\n"),
+            "rl.kl_in_reward.kl_ctrl.horizon"
+        );
+        assert_eq!(key_of("[rl]\nbetas = [0.9, 1.0]\n"), "rl.betas");
+        assert_eq!(key_of("[rl]\neps = 0.0\n"), "rl.eps");
+        assert_eq!(key_of("[rl]\nmin_lr_ratio = 2.0\n"), "rl.min_lr_ratio");
         assert_eq!(key_of("[rl]\nppo_mini_batch_size = 0\n"), "rl.ppo_mini_batch_size");
         assert_eq!(key_of("[eval]\nsize = 0\n"), "eval.size");
         assert_eq!(key_of("[checkpoint]\nkeep = 0\n"), "checkpoint.keep");
@@ -476,7 +743,7 @@ mod tests {
             toml::from_str("[rl.policy_loss]\nloss_mode = \"htpo\"\nclip_ratio_c = 5.0\n").expect("valid");
         let c = c.check().expect("valid");
         assert_eq!(c.rl.policy_loss.name(), "htpo");
-        assert_eq!(c.forking_ratio(), 1.0, "HTPO partitions by entropy itself");
+        assert_eq!(c.token_selection(), TokenSelection::All, "HTPO partitions by entropy itself");
         let err = toml::from_str::<TrainConfig>("[rl.htpo]\nclip_ratio_c = 10.0\n").expect_err("unknown key");
         assert!(err.to_string().contains("htpo"), "{err}");
     }
@@ -486,5 +753,71 @@ mod tests {
         let c: TrainConfig = toml::from_str("[rl]\nlr = 1e-4\nlr_warmup_steps = 2\n").expect("valid");
         let c = c.check().expect("valid");
         assert_eq!((c.rl_lr(1), c.rl_lr(2), c.rl_lr(3), c.rl_lr(9)), (0.0, 0.5e-4, 1e-4, 1e-4));
+    }
+
+    #[test]
+    fn a_partial_vanilla_table_keeps_clip_higher() {
+        let parse = |t: &str| toml::from_str::<TrainConfig>(t).expect("parses").rl.policy_loss;
+        let partial = parse("[rl.policy_loss]\nloss_mode = \"vanilla\"\nclip_ratio_c = 10.0\n");
+        assert_eq!(
+            partial,
+            PolicyLoss::Vanilla(PpoClipConfig { clip_ratio_c: Some(10.0), ..PpoClipConfig::clip_higher() })
+        );
+        let explicit = parse("[rl.policy_loss]\nloss_mode = \"vanilla\"\nclip_ratio_high = 0.2\n");
+        assert_eq!(explicit, PolicyLoss::Vanilla(PpoClipConfig::default()));
+        assert_eq!(parse(""), PolicyLoss::Vanilla(PpoClipConfig::clip_higher()));
+        let err = toml::from_str::<TrainConfig>("[rl.policy_loss]\nloss_mode = \"vanilla\"\nclip_ratio = 0.2\n");
+        assert!(err.expect_err("unknown").to_string().contains("clip_ratio"));
+        // A saved config (every key written) reads back to itself.
+        let c = TrainConfig::default();
+        let back: TrainConfig = toml::from_str(&toml::to_string(&c).expect("serialises")).expect("parses");
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn cosine_schedule_matches_verl() {
+        // verl get_cosine_schedule_with_warmup(warmup = 2, total = 10, min_lr_ratio = 0.1, num_cycles = 0.5):
+        // s = 0, 1 warm up; s = 2 + k decays over 8 steps: 0.1 + 0.9·(1 + cos(π·k/8))/2.
+        let text = "[rl]\nlr = 1.0\nsteps = 10\nlr_warmup_steps = 2\nlr_scheduler = \"cosine\"\nmin_lr_ratio = 0.1\n";
+        let c = toml::from_str::<TrainConfig>(text).expect("parses").check().expect("valid");
+        let expected = |k: f64| 0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * k / 8.0).cos());
+        assert_eq!((c.rl_lr(1), c.rl_lr(2)), (0.0, 0.5));
+        for step in 3..=10 {
+            let k = (step - 3) as f64;
+            assert!((c.rl_lr(step) - expected(k)).abs() < 1e-12, "step {step}: {}", c.rl_lr(step));
+        }
+        assert!((c.rl_lr(3) - 1.0).abs() < 1e-12 && c.rl_lr(10) > 0.1);
+    }
+
+    #[test]
+    fn forking_arms_default_per_loss_and_undefined_combinations_are_refused() {
+        let check = |text: &str| toml::from_str::<TrainConfig>(text).expect("parses").check();
+        assert_eq!(check("").expect("valid").token_selection(), TokenSelection::Top);
+        for mode in ["gspo", "geo_mean", "holder"] {
+            let base = match mode {
+                "gspo" => "[rl.policy_loss]\nloss_mode = \"gspo\"\n".to_string(),
+                m => format!("[rl.policy_loss]\nloss_mode = \"{m}\"\n"),
+            };
+            assert_eq!(check(&base).expect("valid").token_selection(), TokenSelection::All, "{mode}");
+            let masked = format!("{base}[rl.forking]\nselect = \"top\"\n");
+            assert!(
+                matches!(check(&masked), Err(TrainerError::InvalidConfig { key, .. }) if key == "rl.forking.select")
+            );
+            let allowed = format!("{base}[rl.forking]\nselect = \"top\"\nmask_sequence_losses = true\n");
+            assert_eq!(check(&allowed).expect("valid").token_selection(), TokenSelection::Top, "{mode}");
+        }
+        assert_eq!(
+            key_of("[rl.policy_loss]\nloss_mode = \"htpo\"\n[rl.forking]\nselect = \"bottom\"\n"),
+            "rl.forking.select"
+        );
+        assert_eq!(key_of("[rl.forking]\nselect = \"random\"\nrule = \"quantile\"\n"), "rl.forking.rule");
+        let arms = check("[rl.forking]\nselect = \"bottom\"\ndenominator = \"all\"\n").expect("the docs' spelling");
+        assert_eq!(
+            (arms.token_selection(), arms.rl.forking.denominator),
+            (TokenSelection::Bottom, ForkingDenominator::AllTokens)
+        );
+        // The old flat keys are gone, with the unknown key named.
+        let err = toml::from_str::<TrainConfig>("[rl]\ntop_entropy_ratio = 0.2\n").expect_err("moved");
+        assert!(err.to_string().contains("top_entropy_ratio"), "{err}");
     }
 }

@@ -1,9 +1,11 @@
-//! Held-out evaluation: greedy accuracy, and unbiased pass@1 / pass@k from `k` samples per problem at the rollout
-//! decoding (Chen et al. 2021's estimator, `forkrl_rollout::mean_pass_at_k`).
+//! Held-out evaluation: greedy accuracy, unbiased pass@1 / pass@k from `k` samples per problem at the rollout
+//! decoding (Chen et al. 2021's estimator, `forkrl_rollout::mean_pass_at_k`), and maj@k (majority vote over the `k`
+//! samples' final answers, [`Problem::answer_key`]); [`EvalReport`] is what `forkrl-train eval` writes.
 
 use burn::module::Module;
 use forkrl_core::{SeedStream, derive_seed};
 use forkrl_rollout::{Decoding, mean_pass_at_k};
+use serde::{Deserialize, Serialize};
 
 use crate::{
     Result,
@@ -74,4 +76,127 @@ pub fn pass_at_k(
         return Ok((f64::NAN, f64::NAN));
     }
     Ok((mean_pass_at_k(&counts, 1)?, mean_pass_at_k(&counts, k)?))
+}
+
+/// One evaluation set's numbers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SetReport {
+    /// `held-out` (the task's own split) or the dataset's path.
+    pub name: String,
+    /// Problems evaluated.
+    pub problems: usize,
+    /// Greedy accuracy.
+    pub greedy_accuracy: f64,
+    /// Samples per problem.
+    pub k: usize,
+    /// Unbiased pass@1 from the `k` samples.
+    pub pass_at_1: f64,
+    /// Unbiased pass@k.
+    pub pass_at_k: f64,
+    /// Majority vote over the `k` samples' final answers.
+    pub maj_at_k: f64,
+}
+
+/// What `forkrl-train eval` writes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// The evaluated checkpoint.
+    pub checkpoint: String,
+    /// Its RL step.
+    pub step: usize,
+    /// Sampling seed of pass@k and maj@k.
+    pub seed: u64,
+    /// One entry per set.
+    pub sets: Vec<SetReport>,
+}
+
+/// The majority answer's correctness of each problem: the most frequent [`Problem::answer_key`] among its samples
+/// (ties: the one seen first; samples without an answer do not vote) is correct when a sample giving it earns the
+/// reward. 0 for a problem none of whose samples has an answer.
+pub fn majority_correct(problem: &Problem, responses: &[String]) -> bool {
+    let mut votes: Vec<(String, usize, bool)> = Vec::new();
+    for text in responses {
+        let Some(key) = problem.answer_key(text) else { continue };
+        let correct = problem.reward(text) > 0.0;
+        match votes.iter_mut().find(|(k, _, _)| *k == key) {
+            Some(v) => {
+                v.1 += 1;
+                v.2 |= correct;
+            }
+            None => votes.push((key, 1, correct)),
+        }
+    }
+    let best = votes.iter().map(|v| v.1).max().unwrap_or(0);
+    votes.iter().find(|v| v.1 == best).is_some_and(|v| v.2)
+}
+
+/// Greedy accuracy, pass@1, pass@k and maj@k of one set, with `k` samples per problem at `decoding`.
+///
+/// # Errors
+/// Tokenizer and sampler errors.
+pub fn evaluate_set(
+    policy: &Policy,
+    vocab: &Vocab,
+    name: &str,
+    problems: &[Problem],
+    (k, decoding, max_new, seed): (usize, Decoding, usize, u64),
+) -> Result<SetReport> {
+    let k = k.max(1);
+    let greedy_accuracy = greedy_accuracy(policy, vocab, problems, max_new)?;
+    let mut counts = Vec::with_capacity(problems.len());
+    let mut majority = 0usize;
+    for chunk in problems.chunks((256 / k).max(1)) {
+        let prompts: Vec<Vec<u32>> = chunk
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p, k))
+            .map(|p| vocab.encode(&p.prompt))
+            .collect::<Result<_>>()?;
+        let stream = derive_seed(seed, SeedStream::PassAtK, &[counts.len() as u64]);
+        let out = generate(policy, vocab, &prompts, decoding, max_new, stream)?;
+        for (j, p) in chunk.iter().enumerate() {
+            let texts: Vec<String> = out[j * k..(j + 1) * k].iter().map(|(r, _)| vocab.text(r)).collect();
+            counts.push((k, texts.iter().filter(|t| p.reward(t) > 0.0).count()));
+            majority += usize::from(majority_correct(p, &texts));
+        }
+    }
+    let (pass_at_1, pass_at_k) = if counts.is_empty() {
+        (f64::NAN, f64::NAN)
+    } else {
+        (mean_pass_at_k(&counts, 1)?, mean_pass_at_k(&counts, k)?)
+    };
+    Ok(SetReport {
+        name: name.to_string(),
+        problems: problems.len(),
+        greedy_accuracy,
+        k,
+        pass_at_1,
+        pass_at_k,
+        maj_at_k: majority as f64 / problems.len().max(1) as f64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::Gold;
+
+    #[test]
+    fn majority_vote_counts_equal_answers_together_and_ignores_answerless_samples() {
+        let p = Problem { prompt: "1+1=".into(), solution: None, gold: Gold::LastInteger(2) };
+        let texts = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(majority_correct(&p, &texts(&["3|2", "5|2", "9", "x"])), "2 wins 2 to 1");
+        assert!(!majority_correct(&p, &texts(&["3", "3", "2"])), "3 wins");
+        assert!(majority_correct(&p, &texts(&["2", "3"])), "a tie goes to the first answer");
+        assert!(!majority_correct(&p, &texts(&["", "none"])), "no answer, no vote");
+        let m = Problem {
+            prompt: String::new(),
+            solution: None,
+            gold: Gold::Math { answer: "1/2".into(), extraction: crate::tasks::verify::Extraction::Boxed },
+        };
+        // 0.5, 1/2 and \frac{1}{2} are one answer.
+        assert!(majority_correct(
+            &m,
+            &texts(&["\\boxed{0.5}", "\\boxed{3}", "\\boxed{\\frac{1}{2}}", "\\boxed{3}", "\\boxed{1/2}"])
+        ));
+    }
 }

@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// The SFT batch of step `step`: `batch_size` problems drawn from the task's training split, each target the worked
-/// solution followed by EOS.
+/// solution followed by EOS, tokenized as a continuation of its prompt (no BOS in the middle).
 ///
 /// # Errors
 /// [`TrainerError::InvalidConfig`] for a drawn problem without a worked solution ([`Trainer::new`](crate::Trainer)
@@ -25,7 +25,8 @@ pub fn sft_batch(task: &Task, vocab: &Vocab, batch_size: usize, seed: u64, step:
             let solution = p.solution.as_deref().ok_or_else(|| {
                 TrainerError::invalid("sft.steps", "> 0", format!("the problem {:?} has no worked solution", p.prompt))
             })?;
-            let mut response = vocab.encode(solution)?;
+            // The prompt gets the tokenizer's special tokens (BOS for Llama); the target continues it, so none there.
+            let mut response = vocab.encode_continuation(solution)?;
             response.push(vocab.eos[0]);
             Ok(Rollout { prompt: vocab.encode(&p.prompt)?, response, truncated: false, reward: 0.0 })
         })

@@ -76,3 +76,50 @@ fn a_previous_run_survives_every_refused_start() {
     assert_eq!(snapshot(&run), before);
     let _ = fs::remove_dir_all(&out);
 }
+
+#[test]
+fn cpu_backend_eval_reports_a_saved_checkpoint_and_never_replaces_a_report() {
+    let out = scratch("eval");
+    // A tiny finished run: a few SFT steps, one RL step, small evaluation sets.
+    let sets =
+        ["sft.steps=20", "rl.steps=1", "rl.prompts_per_step=2", "rl.group_size=2", "eval.size=8", "eval.pass_k_size=2"];
+    let mut args: Vec<&str> = Vec::new();
+    for s in &sets {
+        args.extend(["--set", s]);
+    }
+    let (ok, err) = train(&out, &args);
+    assert!(ok, "{err}");
+    let data = out.join("extra.jsonl");
+    fs::write(&data, "{\"question\": \"1+2+3=\", \"answer\": \"6\"}\n{\"question\": \"4+4+4=\", \"answer\": \"12\"}\n")
+        .expect("write");
+    let report = out.join("report.json");
+    let eval = |extra: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_forkrl-train"))
+            .args(["eval", "--checkpoint", &out.join("done").display().to_string(), "--k", "2"])
+            .args(["--data", &data.display().to_string(), "--out", &report.display().to_string()])
+            .args(extra)
+            .output()
+            .expect("runs");
+        (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let (ok, err) = eval(&[]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&report).expect("written")).expect("json");
+    assert_eq!(v["step"], 1);
+    let sets = v["sets"].as_array().expect("sets");
+    assert_eq!((sets.len(), sets[0]["problems"].as_u64(), sets[1]["problems"].as_u64()), (2, Some(8), Some(2)));
+    for s in sets {
+        for key in ["greedy_accuracy", "pass_at_1", "pass_at_k", "maj_at_k"] {
+            let x = s[key].as_f64().expect("number");
+            assert!((0.0..=1.0).contains(&x), "{key} = {x}");
+        }
+        assert!(s["pass_at_k"].as_f64() >= s["pass_at_1"].as_f64());
+    }
+    let before = fs::read(&report).expect("read");
+    let (ok, err) = eval(&[]);
+    assert!(!ok && err.contains("--overwrite"), "{err}");
+    assert_eq!(fs::read(&report).expect("read"), before, "the report is untouched");
+    let (ok, err) = eval(&["--k", "0"]);
+    assert!(!ok && err.contains("--k"), "{err}");
+    let _ = fs::remove_dir_all(&out);
+}

@@ -251,3 +251,44 @@ fn broken_checkpoints_are_typed_errors() {
         other => panic!("expected ContextOverflow, got {other:?}"),
     }
 }
+
+#[test]
+fn sft_targets_get_no_bos_from_a_tokenizer_that_adds_one() {
+    use forkrl_trainer::{
+        model::{Vocab, tokenizer::TextTokenizer},
+        sft::sft_batch,
+        tasks::{Task, TaskConfig},
+    };
+    // The Llama fixture with a post-processor that adds BOS (`<|im_start|>`, id 1) to every encoded text, as Llama's.
+    let dir = scratch("llama", "bos");
+    let path = dir.join("tokenizer.json");
+    let mut t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    t["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}}
+    });
+    std::fs::write(&path, serde_json::to_string(&t).expect("json")).expect("write");
+    let tok = HfTokenizer::from_file(&path).expect("valid tokenizer");
+    assert_eq!(tok.encode("ab").expect("encodes").first(), Some(&1), "the edited tokenizer adds BOS");
+    let vocab = Vocab { tokenizer: TextTokenizer::Hf(Box::new(tok)), eos: vec![2], pad: 0 };
+    let data = dir.join("data.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"1+1=\", \"answer\": \"2\", \"solution\": \"so 2\"}\n".repeat(4))
+        .expect("write");
+    let task: TaskConfig = toml::from_str(&format!(
+        "kind = \"jsonl\"\npath = {:?}\ntest_path = {:?}\n",
+        data.display().to_string(),
+        data.display().to_string()
+    ))
+    .expect("task config");
+    let task = Task::new(&task).expect("loads the dataset");
+    let batch = sft_batch(&task, &vocab, 2, 0, 0).expect("builds");
+    for r in batch.rollouts() {
+        assert_eq!(r.prompt.first(), Some(&1), "the prompt starts the sequence: BOS kept");
+        assert!(!r.response.contains(&1), "no BOS inside the sequence: {:?}", r.response);
+        assert_eq!(r.response.last(), Some(&2));
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -5,8 +5,9 @@
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::Tensor;
-use forkrl_advantage::RolloutView;
+use forkrl_advantage::{AggMode, ForkingDenominator, RolloutView, aggregate_host_with_counts, forking_loss_mask};
 use forkrl_core::Backend;
+use forkrl_entropy::{SelectionRule, top_entropy_mask, top_k_count};
 use forkrl_trainer::{
     TrainConfig, Trainer, TrainerError,
     batch::{Rollout, RolloutBatch},
@@ -131,8 +132,11 @@ fn token_weighting_in_score_equals_the_library_contract_on_the_same_view() {
 
 #[test]
 fn micro_batches_with_gradient_accumulation_give_the_whole_mini_batch_update() {
-    let mut whole = trainer("[rl]\nppo_epochs = 1\n");
-    let mut micro = trainer("[rl]\nppo_epochs = 1\nppo_micro_batch_size = 3\n");
+    // The forking mask ranked over the mini-batch, so both select the same tokens (the official per-micro-batch scope
+    // selects per micro-batch by design: its own test is below).
+    let scope = "[rl.forking]\nscope = \"mini_batch\"\n";
+    let mut whole = trainer(&format!("[rl]\nppo_epochs = 1\n{scope}"));
+    let mut micro = trainer(&format!("[rl]\nppo_epochs = 1\nppo_micro_batch_size = 3\n{scope}"));
     assert_eq!(params(whole.policy()), params(micro.policy()), "same seed, same initial policy");
     let mut batch = fixed_batch(&whole);
     whole.score(&mut batch).expect("scores");
@@ -160,8 +164,8 @@ fn the_forking_mask_selects_rho_of_the_tokens_and_htpo_all_of_them() {
     t.score(&mut batch).expect("scores");
     let stats = t.update(&batch).expect("update");
     let n = batch.response_mask().iter().filter(|&&m| m).count() as f64;
-    // ρ = 0.2 of the batch's response tokens, rounded as the official code (int(n·ρ + 0.9999) or the library's rule).
-    assert!((stats.forking_frac_selected - 0.2).abs() <= 1.0 / n + 1e-9, "{}", stats.forking_frac_selected);
+    // ρ = 0.2 of the batch's response tokens, counted as the official code: int(n·ρ + 0.9999).
+    assert_eq!(stats.forking_frac_selected, top_k_count(n as usize, 0.2) as f64 / n, "{}", stats.forking_frac_selected);
     assert!(stats.forking_threshold.is_some());
 
     let mut h = trainer("[rl.policy_loss]\nloss_mode = \"htpo\"\n");
@@ -222,4 +226,237 @@ fn dr_grpo_norm_mode_divides_the_sequence_sum_by_the_pinned_constant() {
         a.pg_loss / 9.0
     );
     assert!((b.grad_norm - a.grad_norm / 9.0).abs() <= 1e-4 * a.grad_norm, "{} vs {}", b.grad_norm, a.grad_norm);
+}
+
+/// Per-sequence response-token counts of the two groups of [`fixed_batch`] (rows 0..4 and 4..8).
+fn group_counts(batch: &RolloutBatch) -> (usize, usize) {
+    let w = batch.width();
+    let count = |rows: std::ops::Range<usize>| {
+        batch.response_mask()[rows.start * w..rows.end * w].iter().filter(|&&m| m).count()
+    };
+    (count(0..4), count(4..8))
+}
+
+#[test]
+fn all_tokens_denominator_divides_each_sequence_by_its_response_length() {
+    // One epoch, one mini-batch: the update's entropy is the rollout policy's, so the mask can be rebuilt here.
+    let opts = "[rl]\nppo_epochs = 1\nloss_agg_mode = \"seq-mean-token-mean\"\n";
+    let mut selected = trainer(opts);
+    let mut all = trainer(&format!("{opts}[rl.forking]\ndenominator = \"all_tokens\"\n"));
+    let mut batch = fixed_batch(&selected);
+    selected.score(&mut batch).expect("scores");
+    let s = batch.scores.as_ref().expect("scored");
+    let (w, m) = (batch.width(), batch.response_mask());
+    let forking = top_entropy_mask(&s.old_entropy, m, 0.2, SelectionRule::TopK).expect("valid");
+    // On-policy PPO: the per-token loss is −Â.
+    let loss: Vec<f32> = s.token_advantages.iter().map(|a| -a).collect();
+    let expect = |d: ForkingDenominator| {
+        let f = forking_loss_mask(m, &forking, w, d).expect("valid");
+        aggregate_host_with_counts(&loss, &f.loss_mask, &f.count_mask, w, AggMode::SeqMeanTokenMean, &f.denominators)
+            .expect("valid")
+    };
+    let a = selected.update(&batch).expect("update");
+    let b = all.update(&batch).expect("update");
+    assert!(
+        (a.pg_loss - expect(ForkingDenominator::Selected)).abs() < 1e-5,
+        "{} vs {}",
+        a.pg_loss,
+        expect(ForkingDenominator::Selected)
+    );
+    // Paper v1 / TRL: Σ_selected / |o_i| per sequence, every non-empty sequence counted.
+    assert!(
+        (b.pg_loss - expect(ForkingDenominator::AllTokens)).abs() < 1e-5,
+        "{} vs {}",
+        b.pg_loss,
+        expect(ForkingDenominator::AllTokens)
+    );
+    assert!(
+        (a.pg_loss - b.pg_loss).abs() > 1e-3,
+        "the two denominators differ on this batch: {} {}",
+        a.pg_loss,
+        b.pg_loss
+    );
+}
+
+#[test]
+fn entropy_and_kl_cover_every_response_token_while_the_policy_gradient_is_masked() {
+    let opts = "[rl]\nppo_epochs = 1\nentropy_coeff = 0.01\n";
+    let mut top = trainer(opts);
+    let mut every = trainer(&format!("{opts}[rl.forking]\nselect = \"all\"\n"));
+    let mut batch = fixed_batch(&top);
+    top.score(&mut batch).expect("scores");
+    let s = batch.scores.as_ref().expect("scored");
+    let m = batch.response_mask();
+    let n = m.iter().filter(|&&x| x).count() as f64;
+    let mean: f64 = s.old_entropy.iter().zip(m).filter(|(_, m)| **m).map(|(&h, _)| f64::from(h)).sum::<f64>() / n;
+    let a = top.update(&batch).expect("update");
+    let b = every.update(&batch).expect("update");
+    // verl's actor/entropy: the update's entropy over the response tokens with token-mean, whatever the forking mask.
+    assert!((a.entropy - mean).abs() < 1e-5, "top-20 %: {} vs the response mean {mean}", a.entropy);
+    assert!((b.entropy - mean).abs() < 1e-5, "all tokens: {}", b.entropy);
+    assert!(a.forking_frac_selected < 0.5 && b.forking_frac_selected == 1.0);
+}
+
+#[test]
+fn bottom_and_random_arms_train_on_their_own_tokens() {
+    let run = |opts: &str| {
+        let mut t = trainer(&format!("[rl]\nppo_epochs = 1\n{opts}"));
+        let mut batch = fixed_batch(&t);
+        t.score(&mut batch).expect("scores");
+        let n = batch.response_mask().iter().filter(|&&m| m).count();
+        (t.update(&batch).expect("update"), n)
+    };
+    let (top, n) = run("");
+    let (bottom, _) = run("[rl.forking]\nselect = \"bottom\"\n");
+    let (random, _) = run("[rl.forking]\nselect = \"random\"\n");
+    let (random_again, _) = run("[rl.forking]\nselect = \"random\"\n");
+    let k = top_k_count(n, 0.2);
+    assert_eq!(top.forking_frac_selected, k as f64 / n as f64);
+    assert_eq!(bottom.forking_frac_selected, (n - k) as f64 / n as f64, "the other 1 − ρ");
+    assert_eq!(random.forking_frac_selected, k as f64 / n as f64, "the top arm's token count");
+    assert!(random.forking_threshold.is_none() && bottom.forking_threshold == top.forking_threshold);
+    // Different tokens, different losses; the random arm is a pure function of the run seed and step.
+    for (name, x) in [("bottom", bottom.pg_loss), ("random", random.pg_loss)] {
+        assert!((x - top.pg_loss).abs() > 1e-6, "{name}: {x} vs top {}", top.pg_loss);
+    }
+    assert_eq!(random.pg_loss, random_again.pg_loss);
+}
+
+#[test]
+fn forking_scope_micro_batch_ranks_each_micro_batch_as_the_official_code() {
+    // ρ = 0.21 on groups of n₁ and n₂ tokens: per micro-batch k(n₁) + k(n₂) differs from the mini-batch's k(n₁ + n₂).
+    let opts = "[rl]\nppo_epochs = 1\nppo_micro_batch_size = 4\n[rl.forking]\ntop_entropy_ratio = 0.21\n";
+    let mut micro = trainer(opts);
+    let mut mini = trainer(&format!("{opts}scope = \"mini_batch\"\n"));
+    let mut batch = fixed_batch(&micro);
+    micro.score(&mut batch).expect("scores");
+    let (n1, n2) = group_counts(&batch);
+    let (k_micro, k_mini) = (top_k_count(n1, 0.21) + top_k_count(n2, 0.21), top_k_count(n1 + n2, 0.21));
+    assert_ne!(k_micro, k_mini, "the test needs counts that differ (n₁ = {n1}, n₂ = {n2})");
+    let a = micro.update(&batch).expect("update");
+    let b = mini.update(&batch).expect("update");
+    let n = (n1 + n2) as f64;
+    assert_eq!(a.forking_frac_selected, k_micro as f64 / n);
+    assert_eq!(b.forking_frac_selected, k_mini as f64 / n);
+}
+
+#[test]
+fn sequence_losses_use_every_token_by_default() {
+    for mode in ["gspo", "geo_mean", "holder"] {
+        let mut t = trainer(&format!("[rl]\nppo_epochs = 1\n[rl.policy_loss]\nloss_mode = \"{mode}\"\n"));
+        let mut batch = fixed_batch(&t);
+        t.score(&mut batch).expect("scores");
+        let stats = t.update(&batch).expect("update");
+        assert_eq!(stats.forking_frac_selected, 1.0, "{mode}: its paper uses every token");
+    }
+    // Asked for explicitly, the mask applies (and is reported).
+    let mut t = trainer(
+        "[rl]\nppo_epochs = 1\n[rl.policy_loss]\nloss_mode = \"gspo\"\n[rl.forking]\nselect = \"top\"\nmask_sequence_losses = true\n",
+    );
+    let mut batch = fixed_batch(&t);
+    t.score(&mut batch).expect("scores");
+    assert!(t.update(&batch).expect("update").forking_frac_selected < 0.5);
+}
+
+#[test]
+fn weight_decay_shrinks_the_parameters_by_lr_times_decay() {
+    // AdamW's decoupled decay: θ ← θ − lr·λ·θ − lr·adam(g). The difference of two runs that differ only in λ is
+    // lr·λ·θ (the Adam part sees the same gradient).
+    let opts = "[rl]\nppo_epochs = 1\nlr = 0.01\n";
+    let mut plain = trainer(&format!("{opts}weight_decay = 0.0\n"));
+    let mut decayed = trainer(&format!("{opts}weight_decay = 0.5\n"));
+    let before = params(plain.policy());
+    let mut batch = fixed_batch(&plain);
+    plain.score(&mut batch).expect("scores");
+    plain.update(&batch).expect("update");
+    decayed.update(&batch).expect("update");
+    let (a, b) = (params(plain.policy()), params(decayed.policy()));
+    let worst = before
+        .iter()
+        .zip(a.iter().zip(&b))
+        .map(|(&theta, (&x, &y))| ((x - y) - 0.01 * 0.5 * theta).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-5, "decay differs from lr·λ·θ by up to {worst}");
+    assert!(before.iter().zip(&a).zip(&b).any(|((t, x), y)| (x - y).abs() > 1e-4 && t.abs() > 0.0));
+}
+
+#[test]
+fn overlong_shaping_moves_the_reward_and_filtering_drops_truncated_rows() {
+    // L_max 9, L_cache 4: lengths ≤ 5 are free, 6 costs 0.25, 8 costs 0.75 (responses count their EOS).
+    let mut t = trainer("[rl.overlong]\nmax_response_length = 9\nbuffer_length = 4\n");
+    let mut batch = fixed_batch(&t);
+    let truncated = batch.rollouts()[5].clone();
+    let mut rollouts = batch.rollouts().to_vec();
+    rollouts[5] = Rollout { truncated: true, ..truncated };
+    batch = RolloutBatch::new(1, rollouts, vec![4, 4], t.vocab().pad).expect("valid batch");
+    t.score(&mut batch).expect("scores");
+    let s = batch.scores.as_ref().expect("scored");
+    let lengths: Vec<usize> = batch.rollouts().iter().map(|r| r.response.len()).collect();
+    for (i, &len) in lengths.iter().enumerate() {
+        let penalty = if len <= 5 { 0.0 } else { (5.0 - len as f32) / 4.0 };
+        assert!((s.rewards[i] - (batch.rewards[i] + penalty)).abs() < 1e-6, "row {i}: length {len}, {}", s.rewards[i]);
+    }
+    assert!(lengths.iter().any(|&l| l > 5), "{lengths:?}");
+    let expect =
+        forkrl_advantage::group_advantages(&s.rewards, batch.group_sizes(), &t.config().rl.advantage).expect("valid");
+    assert_eq!(s.advantages, expect.advantages, "advantages come from the shaped reward");
+    let w = batch.width();
+    assert!(!s.train_mask[5 * w..6 * w].iter().any(|&m| m), "the truncated row leaves the loss");
+    assert!(s.train_mask[4 * w..5 * w].iter().any(|&m| m));
+}
+
+#[test]
+fn kl_in_the_reward_subtracts_beta_times_the_summed_kl_and_the_adaptive_controller_moves_beta() {
+    let mut t = trainer(
+        "[rl]\nlr = 0.01\n[rl.kl_in_reward]\nkl_ctrl = { type = \"adaptive\", kl_coef = 0.5, target_kl = 0.01, horizon = 16 }\n",
+    );
+    let mut batch = fixed_batch(&t);
+    t.score(&mut batch).expect("scores");
+    let s = batch.scores.as_ref().expect("scored");
+    assert_eq!(s.reward_kl, Some((0.5, 0.0)), "before any update the reference is the policy: no KL");
+    assert_eq!(s.rewards, batch.rewards);
+    t.update(&batch).expect("update");
+    // β after the first batch: kl = 0 → e = −0.2 clipped, β·(1 − 0.2·8/16) = 0.45.
+    let mut again = fixed_batch(&t);
+    t.score(&mut again).expect("scores again");
+    let s = again.scores.as_ref().expect("scored");
+    let (beta, current) = s.reward_kl.expect("on");
+    assert!((beta - 0.45).abs() < 1e-12, "{beta}");
+    let (w, m) = (again.width(), again.response_mask());
+    let reference = s.ref_log_prob.as_ref().expect("kept");
+    let mut means = Vec::new();
+    for i in 0..again.len() {
+        let kl: f64 = (i * w..(i + 1) * w)
+            .filter(|&j| m[j])
+            .map(|j| f64::from(s.old_log_prob[j]) - f64::from(reference[j]))
+            .sum();
+        let n = (i * w..(i + 1) * w).filter(|&j| m[j]).count() as f64;
+        means.push(kl / n);
+        let expect = f64::from(again.rewards[i]) - beta * kl;
+        assert!((f64::from(s.rewards[i]) - expect).abs() < 1e-5, "row {i}: {} vs {expect}", s.rewards[i]);
+    }
+    assert!((current - means.iter().sum::<f64>() / means.len() as f64).abs() < 1e-9);
+    assert!(current.abs() > 1e-6, "the policy moved away from the reference");
+}
+
+#[test]
+fn rollout_dumps_hold_every_response_with_its_per_token_entropy_and_log_prob() {
+    let dir = std::env::temp_dir().join(format!("forkrl-dumps-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut t = trainer("[rl]\nrollout_dump_every = 2\nppo_epochs = 1\n").with_rollout_dumps(&dir);
+    t.rl_step().expect("step 1");
+    assert!(!dir.exists(), "step 1 is not a dump step");
+    t.rl_step().expect("step 2");
+    let text = std::fs::read_to_string(dir.join("step-000002.jsonl")).expect("written");
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+    assert_eq!(lines.len(), 4 * 8);
+    for l in &lines {
+        let n = l["response_ids"].as_array().expect("ids").len();
+        assert_eq!(l["entropy"].as_array().expect("entropy").len(), n, "{l}");
+        assert_eq!(l["log_prob"].as_array().expect("log_prob").len(), n);
+        assert!(l["log_prob"].as_array().expect("lp").iter().all(|v| v.as_f64() <= Some(0.0)));
+        assert!(l["prompt"].as_str().expect("prompt").ends_with('='), "{l}");
+        assert_eq!(l["step"], 2);
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }

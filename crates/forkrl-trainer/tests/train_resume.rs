@@ -125,13 +125,13 @@ fn cpu_backend_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
         pa.len()
     );
     assert_eq!(comparable(&metrics_a), comparable(&metrics_b), "metrics are identical");
-    // The steps after the resumption really moved the parameters (mixed rewards, non-zero gradients), so the
-    // optimizer state had to be restored for the runs to agree.
+    // A step after the resumption really moved the parameters (mixed rewards, a non-zero gradient), so the optimizer
+    // state had to be restored for the runs to agree.
     let late: Vec<serde_json::Value> =
         comparable(&metrics_a).into_iter().filter(|l| l["phase"] == "rl" && l["step"].as_u64() > Some(2)).collect();
     assert!(
         late.iter()
-            .all(|l| l["actor/grad_norm"].as_f64() > Some(0.0) && l["frac_reward_zero_std"].as_f64() < Some(1.0)),
+            .any(|l| l["actor/grad_norm"].as_f64() > Some(0.0) && l["frac_reward_zero_std"].as_f64() < Some(1.0)),
         "{late:?}"
     );
     assert_eq!(summary_a.eval_curve, summary_b.eval_curve);

@@ -5,6 +5,7 @@
 //! ```text
 //! forkrl-train [--config FILE.toml] [--set key.path=value]... [--backend cpu|wgpu|cuda] [--name NAME]
 //!              [--model HF_DIR] [--data FILE.jsonl] [--resume | --overwrite] [--stop-after RL_STEP]
+//! forkrl-train eval --checkpoint DIR [--data FILE.jsonl]... [--k K] [--out REPORT.json] [--overwrite]
 //! ```
 //!
 //! With no arguments it runs the built-in default: the tiny policy on two-step arithmetic, SFT then GRPO with the
@@ -13,7 +14,9 @@
 //! `summary.json` and `plot.svg`. A folder that already holds a run is never replaced unless `--overwrite` says so.
 //! `--resume` continues from `checkpoints/latest` with the same configuration (`rl.steps` may grow, the run may have
 //! moved): the result is the one an uninterrupted run gives. `--stop-after K` stops right after RL step K with a
-//! checkpoint, as a preempted job would.
+//! checkpoint, as a preempted job would. `eval` evaluates a saved checkpoint (a `step-N` folder, or a run / checkpoints
+//! folder for its newest) on the run's held-out set and on each `--data` file: greedy accuracy, pass@1, pass@k and maj@k,
+//! written as JSON (an existing report is never replaced unless `--overwrite`).
 
 use std::{
     fs,
@@ -28,7 +31,44 @@ use forkrl_trainer::{Event, JsonlWriter, MetricsRow, Observer, TrainConfig, Trai
 
 /// Trains a policy with SFT then RLVR (GRPO with the 80/20 forking-token mask by default).
 #[derive(Parser, Debug)]
-#[command(name = "forkrl-train", version, about)]
+#[command(name = "forkrl-train", version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    train: Args,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Evaluates a saved checkpoint: greedy accuracy, pass@1, pass@k and maj@k on the held-out set and on datasets.
+    Eval(EvalArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct EvalArgs {
+    /// A checkpoint (`runs/NAME/checkpoints/step-N`), or a run or checkpoints folder (its newest checkpoint).
+    #[arg(long, value_name = "DIR")]
+    checkpoint: PathBuf,
+    /// A JSONL dataset to evaluate on as well (every line); repeatable.
+    #[arg(long, value_name = "FILE.jsonl")]
+    data: Vec<PathBuf>,
+    /// Samples per problem for pass@k and maj@k (at the run's rollout decoding).
+    #[arg(long, default_value_t = 8)]
+    k: usize,
+    /// The report (default: `eval-<checkpoint name>.json` in the current folder).
+    #[arg(long, value_name = "REPORT.json")]
+    out: Option<PathBuf>,
+    /// Replace an existing report.
+    #[arg(long)]
+    overwrite: bool,
+    /// Backend: cpu, wgpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+}
+
+/// The training run's options.
+#[derive(clap::Args, Debug)]
 struct Args {
     /// A TOML configuration (sections run, model, task, sft, rl, eval, checkpoint; docs/trainer.md).
     #[arg(long, value_name = "FILE.toml")]
@@ -180,8 +220,64 @@ impl Observer for Progress {
     }
 }
 
+/// The checkpoint folder `dir` names: itself (it has `state.json`), or the newest of a checkpoints or run folder.
+fn checkpoint_dir(dir: &std::path::Path) -> Result<PathBuf, String> {
+    use forkrl_trainer::rl::state::{STATE_FILE, latest_checkpoint};
+    if dir.join(STATE_FILE).is_file() {
+        return Ok(dir.to_path_buf());
+    }
+    for folder in [dir.to_path_buf(), dir.join("checkpoints")] {
+        if let Some(latest) = latest_checkpoint(&folder).map_err(|e| e.to_string())? {
+            return Ok(latest);
+        }
+    }
+    Err(format!("--checkpoint {}: no checkpoint there (no state.json, no checkpoints/latest)", dir.display()))
+}
+
+fn eval(args: &EvalArgs) -> Result<(), String> {
+    if args.k == 0 {
+        return Err("--k 0: must be at least 1".into());
+    }
+    let checkpoint = checkpoint_dir(&args.checkpoint)?;
+    let name = checkpoint.file_name().map_or("checkpoint".into(), |n| n.to_string_lossy().into_owned());
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("eval-{name}.json")));
+    if out.exists() && !args.overwrite {
+        return Err(format!("{}: a report is there already; pass --overwrite to replace it", out.display()));
+    }
+    for d in &args.data {
+        if !d.is_file() {
+            return Err(format!("--data {}: no such file", d.display()));
+        }
+    }
+    let backend: Backend = args.backend.parse().map_err(|e| format!("{e}"))?;
+    let device = backend.device().map_err(|e| format!("{e}"))?;
+    let trainer = Trainer::from_checkpoint(&checkpoint, &device).map_err(|e| e.to_string())?;
+    let report =
+        trainer.evaluate_report(&checkpoint.display().to_string(), &args.data, args.k).map_err(|e| e.to_string())?;
+    for s in &report.sets {
+        println!(
+            "{}: {} problems, greedy accuracy {:.3}, pass@1 {:.3}, pass@{k} {:.3}, maj@{k} {:.3}",
+            s.name,
+            s.problems,
+            s.greedy_accuracy,
+            s.pass_at_1,
+            s.pass_at_k,
+            s.maj_at_k,
+            k = s.k
+        );
+    }
+    let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+    forkrl_core::report::write_atomic(&out, &text).map_err(|e| format!("{}: {e}", out.display()))?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
 fn run() -> Result<(), String> {
-    let args = Args::parse();
+    let cli = Cli::parse();
+    if let Some(Command::Eval(e)) = &cli.command {
+        return eval(e);
+    }
+    let args = cli.train;
     let config = resolve(&args)?.check().map_err(|e| e.to_string())?;
     if let Some(k) = args.stop_after.filter(|&k| k == 0 || k > config.rl.steps) {
         return Err(format!("--stop-after {k}: must be an RL step in 1..={}", config.rl.steps));
@@ -192,12 +288,17 @@ fn run() -> Result<(), String> {
     let err = |e: TrainerError| e.to_string();
     // Everything is checked and loaded before the run folder is touched.
     let (mut trainer, metrics) = if args.resume {
-        let trainer = Trainer::resume_with(config.clone(), &run_dir.checkpoints(), &device).map_err(err)?;
+        let trainer = Trainer::resume_with(config.clone(), &run_dir.checkpoints(), &device)
+            .map_err(err)?
+            .with_rollout_dumps(run_dir.path().join("rollouts"));
         let metrics = run_dir.resume(&config, trainer.metrics_lines()).map_err(err)?;
         (trainer, metrics)
     } else {
         run_dir.check_new(args.overwrite).map_err(err)?;
-        let trainer = Trainer::new(config.clone(), &device).map_err(err)?.with_checkpoints(run_dir.checkpoints());
+        let trainer = Trainer::new(config.clone(), &device)
+            .map_err(err)?
+            .with_checkpoints(run_dir.checkpoints())
+            .with_rollout_dumps(run_dir.path().join("rollouts"));
         (trainer, run_dir.start(&config, args.overwrite).map_err(err)?)
     };
     println!("training on {backend}; outputs in {}", run_dir.path().display());

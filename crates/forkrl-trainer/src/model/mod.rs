@@ -1,8 +1,10 @@
 //! The policy and everything around it: the decoder ([`policy`]), Hugging Face loading ([`hf`]) and tokenizers
-//! ([`tokenizer`]), the KV-cache sampler ([`sampler`]), our checkpoints ([`checkpoint`]), and [`Model`]: a built
+//! ([`tokenizer`]), the KV-cache sampler ([`sampler`]), our checkpoints ([`checkpoint`]), global-norm gradient
+//! clipping ([`gradients`]), and [`Model`]: a built
 //! policy with its tokenizer and special ids.
 
 pub mod checkpoint;
+pub mod gradients;
 pub mod hf;
 pub mod policy;
 pub mod sampler;
@@ -43,6 +45,14 @@ impl Vocab {
     /// [`TrainerError::Tokenizer`] for text the tokenizer cannot encode.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         self.tokenizer.encode(text)
+    }
+
+    /// Token ids of `text` continuing a sequence (a response target): no BOS or other added special token.
+    ///
+    /// # Errors
+    /// [`TrainerError::Tokenizer`] for text the tokenizer cannot encode.
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {
+        self.tokenizer.encode_continuation(text)
     }
 
     /// The sampler's settings for this vocabulary: its EOS and pad ids, `max_new_tokens`, `seed`.

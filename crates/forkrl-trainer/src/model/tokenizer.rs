@@ -64,6 +64,15 @@ impl HfTokenizer {
         Ok(self.inner.encode(text, true).map_err(|e| TrainerError::Tokenizer(e.to_string()))?.get_ids().to_vec())
     }
 
+    /// Ids of `text` as a continuation of other text: no special tokens added (`add_special_tokens=False`), so a
+    /// tokenizer whose post-processor adds BOS (Llama) does not put one in the middle of a sequence.
+    ///
+    /// # Errors
+    /// [`TrainerError::Tokenizer`] when the tokenizer fails.
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>, TrainerError> {
+        Ok(self.inner.encode(text, false).map_err(|e| TrainerError::Tokenizer(e.to_string()))?.get_ids().to_vec())
+    }
+
     /// Text of `ids`, special tokens kept (`skip_special_tokens=False`). Ids past the tokenizer's vocabulary (a model's
     /// embedding is often padded beyond it) are skipped, as `transformers` does.
     ///
@@ -108,6 +117,17 @@ impl TextTokenizer {
                 ))
             }),
             TextTokenizer::Hf(t) => t.encode(text),
+        }
+    }
+
+    /// Ids of `text` continuing a sequence (a response after its prompt): never a BOS or other added special token.
+    ///
+    /// # Errors
+    /// As [`TextTokenizer::encode`].
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>, TrainerError> {
+        match self {
+            TextTokenizer::Char(_) => self.encode(text),
+            TextTokenizer::Hf(t) => t.encode_continuation(text),
         }
     }
 

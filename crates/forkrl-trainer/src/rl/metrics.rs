@@ -215,10 +215,9 @@ pub fn rl_step_row(
     let trained = scores.train_mask.iter().filter(|&&m| m).count() as f64;
     let response_tokens = batch.response_mask().iter().filter(|&&m| m).count().max(1) as f64;
     let truncated = batch.rollouts().iter().filter(|r| r.truncated).count() as f64;
-    let row = MetricsRow::new("rl", batch.step)
+    let mut row = MetricsRow::new("rl", batch.step)
         .with("actor/pg_loss", stats.pg_loss)
-        .with("actor/entropy", entropy.mean)
-        .with("actor/entropy_loss", stats.entropy)
+        .with("actor/entropy", stats.entropy)
         .with("actor/pg_clipfrac", stats.pg_clipfrac)
         .with("actor/pg_clipfrac_lower", stats.pg_clipfrac_lower)
         .with("actor/ppo_kl", stats.ppo_kl)
@@ -236,7 +235,20 @@ pub fn rl_step_row(
         .with("rollout/num_responses", b)
         .with("rollout/group_size_max", batch.group_sizes().iter().copied().max().unwrap_or(0) as f64)
         .with("perf/throughput", tokens / seconds)
-        .with("perf/time_per_step", seconds);
+        .with("perf/time_per_step", seconds)
+        .with("rollout/entropy/mean", entropy.mean)
+        .with("critic/rewards/mean", scores.rewards.iter().map(|&r| f64::from(r)).sum::<f64>() / b);
+    if let Some((beta, kl)) = scores.reward_kl {
+        row = row.with("actor/reward_kl_penalty", kl).with("actor/reward_kl_penalty_coeff", beta);
+    }
+    // The paper's entropy analyses per step: percentiles of the rollout policy's token entropy and the shares below
+    // 1e-2 and 0.672 (its 50.6 % and 80th percentile).
+    for &(q, v) in &entropy.percentiles {
+        row = row.with(format!("rollout/entropy/p{q:.0}"), v);
+    }
+    for &(t, frac) in &entropy.frac_below {
+        row = row.with(format!("rollout/entropy/frac_below_{t}"), frac);
+    }
     Ok((row, entropy))
 }
 

@@ -7,9 +7,11 @@
 //!   loss rows;
 //! - [`update`]: PPO epochs × query-preserved mini-batches × micro-batches, the forking mask, the actor loss, the
 //!   optimiser step;
+//! - [`dump`]: rollout dumps (per-token entropy and log-prob of every response, every K steps);
 //! - [`metrics`]: [`metrics::Observer`] and its events, the metrics rows (verl names), the run summary;
 //! - [`state`]: what a checkpoint records, atomic checkpoint writes, and the run directory.
 
+pub mod dump;
 pub mod metrics;
 pub mod rollout;
 pub mod score;

@@ -1,13 +1,16 @@
 //! Score: what the update needs besides the rollouts, computed once per batch before any update.
 //!
-//! 1. Group advantages from the rewards (`forkrl_advantage::group_advantages`: GRPO, Dr. GRPO or RLOO).
-//! 2. The rollout policy's entropy and log-prob of every target token at the rollout temperature (`log π_old`, and the
+//! 1. The rollout policy's entropy and log-prob of every target token at the rollout temperature (`log π_old`, and the
 //!    inputs of EAPO / OPEFO), in one pass over the logits, without a graph; the reference policy's log-probs when the
-//!    KL loss is on.
-//! 3. Token weighting (`forkrl_advantage::TokenWeighting`; SHEAR reads the rollout policy's last-layer hidden states).
-//! 4. The loss rows: per-query reward balance (`forkrl_advantage::balance_per_query`) drops rows from the loss.
+//!    KL loss or KL in the reward is on.
+//! 2. The reward the advantages see: the verifier's, plus DAPO's overlong penalty `R_len(|y|)`, minus `β·Σ_t kl_t` with
+//!    KL in the reward (verl `apply_kl_penalty`; the sequence's token rewards summed, as verl's outcome estimators do).
+//! 3. Group advantages from it (`forkrl_advantage::group_advantages`: GRPO, Dr. GRPO or RLOO).
+//! 4. Token weighting (`forkrl_advantage::TokenWeighting`; SHEAR reads the rollout policy's last-layer hidden states).
+//! 5. The loss rows: per-query reward balance (`forkrl_advantage::balance_per_query`) and overlong filtering drop rows
+//!    from the loss.
 
-use forkrl_advantage::{RolloutView, balance_per_query, group_advantages};
+use forkrl_advantage::{RolloutView, balance_per_query, group_advantages, kl::kl_value};
 
 use crate::{
     Result,
@@ -18,34 +21,61 @@ use crate::{
 };
 
 /// Scores `batch` with the rollout policy `policy` and the reference policy `reference` (both autodiff-free
-/// snapshots; `reference` is needed when the KL loss is on).
+/// snapshots; `reference` is needed when the KL loss or KL in the reward is on). `kl_coef` is the current β of KL in
+/// the reward.
 ///
 /// # Errors
-/// The errors of the advantage estimator, the forwards and the token weighting.
+/// The errors of the advantage estimator, the forwards, the overlong penalty and the token weighting.
 pub fn score(
     policy: &Policy,
     reference: Option<&Policy>,
     config: &CheckedConfig,
     batch: &mut RolloutBatch,
+    kl_coef: f64,
 ) -> Result<()> {
     let rl = &config.rl;
-    let adv = group_advantages(&batch.rewards, batch.group_sizes(), &rl.advantage)?;
     let (w, temperature) = (batch.width(), config.temperature());
     let no_grad = |p: &Policy| -> Result<(Vec<f32>, Vec<f32>)> {
         let (h, lp) = token_stats(p, batch.ids(), w, temperature)?;
         Ok((host_f32(h)?, host_f32(lp)?))
     };
     let (old_entropy, old_log_prob) = no_grad(policy)?;
-    let ref_log_prob = match (rl.kl_loss, reference) {
-        (Some(_), Some(r)) => Some(no_grad(r)?.1),
-        (Some(_), None) => {
+    let ref_log_prob = match (config.needs_reference(), reference) {
+        (true, Some(r)) => Some(no_grad(r)?.1),
+        (true, None) => {
             return Err(crate::TrainerError::Stage {
                 stage: "score",
-                reason: "the KL loss is on but no reference policy was given".into(),
+                reason: "the KL loss or KL in the reward is on but no reference policy was given".into(),
             });
         }
-        (None, _) => None,
+        (false, _) => None,
     };
+    let mut shaped = batch.rewards.clone();
+    if let Some(o) = &rl.overlong {
+        for (r, rollout) in shaped.iter_mut().zip(batch.rollouts()) {
+            *r += o.penalty(rollout.response.len())? as f32;
+        }
+    }
+    let reward_kl = match (&rl.kl_in_reward, &ref_log_prob) {
+        (Some(k), Some(reference)) => {
+            let estimator = k.kl_penalty.estimator;
+            let mut seq_means = Vec::with_capacity(batch.len());
+            for (row, r) in shaped.iter_mut().enumerate() {
+                let span = row * w..(row + 1) * w;
+                let (mut sum, mut n) = (0.0f64, 0usize);
+                for i in span.filter(|&i| batch.response_mask()[i]) {
+                    sum += kl_value(estimator, f64::from(old_log_prob[i]), f64::from(reference[i]));
+                    n += 1;
+                }
+                *r = (f64::from(*r) - kl_coef * sum) as f32;
+                seq_means.push(if n == 0 { 0.0 } else { sum / n as f64 });
+            }
+            // verl's `current_kl`: the batch mean of the per-sequence token means.
+            Some((kl_coef, seq_means.iter().sum::<f64>() / seq_means.len().max(1) as f64))
+        }
+        _ => None,
+    };
+    let adv = group_advantages(&shaped, batch.group_sizes(), &rl.advantage)?;
     let hidden = if rl.token_weighting.needs_hidden_states() {
         let states = policy.hidden_states(ids_tensor(batch.ids(), &policy.device()).narrow(1, 0, w))?;
         let dim = states.dims()[2];
@@ -63,8 +93,10 @@ pub fn score(
         hidden: hidden.as_ref().map(|(h, dim)| (h.as_slice(), *dim)),
     };
     let token_advantages = rl.token_weighting.token_advantages(&view)?;
-    let train_mask = train_mask(batch, &adv.advantages, rl.balance)?;
+    let train_mask = train_mask(batch, &adv.advantages, config)?;
     batch.scores = Some(Scores {
+        rewards: shaped,
+        reward_kl,
         advantages: adv.advantages,
         frac_reward_zero_std: adv.frac_reward_zero_std,
         old_entropy,
@@ -76,11 +108,18 @@ pub fn score(
     Ok(())
 }
 
-/// The response mask less the rows that reward balancing drops.
-fn train_mask(batch: &RolloutBatch, advantages: &[f32], balance: Balance) -> Result<Vec<bool>> {
+/// The response mask less the rows that reward balancing and overlong filtering drop.
+fn train_mask(batch: &RolloutBatch, advantages: &[f32], config: &CheckedConfig) -> Result<Vec<bool>> {
     let w = batch.width();
     let mut mask = batch.response_mask().to_vec();
-    if balance == Balance::PerQuery {
+    if let Some(o) = &config.rl.overlong {
+        for (r, rollout) in batch.rollouts().iter().enumerate() {
+            if !o.keep(rollout.truncated) {
+                mask[r * w..(r + 1) * w].fill(false);
+            }
+        }
+    }
+    if config.rl.balance == Balance::PerQuery {
         let positive: Vec<bool> = advantages.iter().map(|&a| a > 0.0).collect();
         let keep = balance_per_query(&positive, batch.group_sizes())?;
         for (r, _) in keep.iter().enumerate().filter(|(_, k)| !**k) {

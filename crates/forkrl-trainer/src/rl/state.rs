@@ -38,6 +38,9 @@ pub struct TrainState {
     pub summary: TrainSummary,
     /// Lines of `metrics.jsonl` written so far (a resumed run truncates the file to them).
     pub metrics_lines: usize,
+    /// β of KL in the reward after the last step (the adaptive controller's state); `None` when it is off.
+    #[serde(default)]
+    pub kl_coef: Option<f64>,
 }
 
 /// State file inside a checkpoint directory.

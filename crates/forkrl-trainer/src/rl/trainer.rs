@@ -16,22 +16,24 @@ use std::{
 };
 
 use burn::{
-    grad_clipping::GradientClippingConfig,
     module::Module,
     optim::{AdamWConfig, GradientsParams, ModuleOptimizer},
     tensor::Device,
 };
 
+use forkrl_advantage::AdaptiveKlController;
+
 use crate::{
     Result, TrainerError,
     batch::RolloutBatch,
-    config::CheckedConfig,
+    config::{CheckedConfig, KlCtrlKind},
     eval, finite_scalar,
     model::{
-        self, Vocab, checkpoint,
+        self, Vocab, checkpoint, gradients,
         policy::{Policy, PolicyConfig},
     },
     rl::{
+        dump,
         metrics::{Event, MetricsRow, Observer, TrainSummary, rl_step_row},
         rollout, score,
         state::{
@@ -40,8 +42,7 @@ use crate::{
         update::{StatsMean, UpdateStats, Updater},
     },
     sft::{sft_batch, sft_loss},
-    smoke::gradient_stats,
-    tasks::{Problem, Task},
+    tasks::{Problem, Task, TaskConfig, jsonl::JsonlConfig},
 };
 
 /// A training run that a caller steps through: the policy, its optimisers, the task and the run's state.
@@ -57,12 +58,15 @@ pub struct Trainer {
     sft_optim: ModuleOptimizer,
     optim: ModuleOptimizer,
     reference: Option<Policy>,
+    /// β of KL in the reward (adapted after each batch by verl's controller when `kl_ctrl.type = "adaptive"`).
+    kl_coef: f64,
     sft_steps_done: usize,
     sft_finished: bool,
     rl_steps_done: usize,
     summary: TrainSummary,
     metrics_lines: usize,
     checkpoints: Option<PathBuf>,
+    rollout_dumps: Option<PathBuf>,
     resumed_from: Option<PathBuf>,
 }
 
@@ -78,8 +82,21 @@ impl std::fmt::Debug for Trainer {
     }
 }
 
-fn adamw(grad_clip: f64) -> ModuleOptimizer {
-    AdamWConfig::new().with_grad_clipping(Some(GradientClippingConfig::Norm(grad_clip as f32))).init()
+/// The RL optimiser: AdamW with the configured weight decay, betas and ε. No burn clipping: the trainer clips by the
+/// global norm itself ([`model::gradients`]).
+fn rl_adamw(config: &CheckedConfig) -> ModuleOptimizer {
+    let rl = &config.rl;
+    AdamWConfig::new()
+        .with_weight_decay(rl.weight_decay as f32)
+        .with_beta_1(rl.betas[0] as f32)
+        .with_beta_2(rl.betas[1] as f32)
+        .with_epsilon(rl.eps as f32)
+        .init()
+}
+
+/// The SFT optimiser: burn's AdamW defaults (weight decay 1e-4, ε 1e-5), clipped by the global norm like RL.
+fn sft_adamw() -> ModuleOptimizer {
+    AdamWConfig::new().init()
 }
 
 impl Trainer {
@@ -106,7 +123,6 @@ impl Trainer {
                 "the task has no held-out problem to evaluate on",
             ));
         }
-        let grad_clip = config.rl.grad_clip;
         Ok(Self {
             device,
             task,
@@ -114,15 +130,17 @@ impl Trainer {
             policy: Some(built.policy),
             policy_config: built.config,
             vocab: built.vocab,
-            sft_optim: adamw(grad_clip),
-            optim: adamw(grad_clip),
+            sft_optim: sft_adamw(),
+            optim: rl_adamw(&config),
             reference: None,
+            kl_coef: config.rl.kl_in_reward.map_or(0.0, |k| k.kl_ctrl.kl_coef),
             sft_steps_done: 0,
             sft_finished: false,
             rl_steps_done: 0,
             summary: TrainSummary::default(),
             metrics_lines: 0,
             checkpoints: None,
+            rollout_dumps: None,
             resumed_from: None,
             config,
         })
@@ -132,6 +150,14 @@ impl Trainer {
     #[must_use]
     pub fn with_checkpoints(mut self, dir: impl Into<PathBuf>) -> Self {
         self.checkpoints = Some(dir.into());
+        self
+    }
+
+    /// Writes rollout dumps into `dir` every `rl.rollout_dump_every` RL steps (`forkrl-train` passes
+    /// `runs/<name>/rollouts`).
+    #[must_use]
+    pub fn with_rollout_dumps(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.rollout_dumps = Some(dir.into());
         self
     }
 
@@ -186,9 +212,12 @@ impl Trainer {
             });
         }
         t.policy = Some(loaded);
-        let fresh = adamw(t.config.rl.grad_clip);
+        let fresh = rl_adamw(&t.config);
         t.optim = std::mem::replace(&mut t.optim, fresh).load_from(&from.join(OPTIMIZER_FILE))?;
-        if t.config.rl.kl_loss.is_some() && state.step > 0 {
+        if let Some(beta) = state.kl_coef {
+            t.kl_coef = beta;
+        }
+        if t.config.needs_reference() && state.step > 0 {
             t.reference = Some(checkpoint::load_policy(&checkpoints.join("reference"), &t.device)?.0.valid());
         }
         t.sft_steps_done = t.config.sft.steps;
@@ -257,6 +286,7 @@ impl Trainer {
         let loss = sft_loss(self.policy(), &batch)?;
         let value = finite_scalar("SFT loss", &loss)?;
         let grads = GradientsParams::from_grads(loss.backward(), self.policy());
+        let (grads, _) = clipped(self.policy(), grads, self.config.rl.grad_clip, "SFT gradient")?;
         optimiser_step(&mut self.sft_optim, &mut self.policy, sft.lr, grads);
         self.sft_steps_done += 1;
         Ok(f64::from(value))
@@ -296,13 +326,23 @@ impl Trainer {
     /// # Errors
     /// As [`score::score`].
     pub fn score(&mut self, batch: &mut RolloutBatch) -> Result<()> {
-        if self.config.rl.kl_loss.is_some() && self.reference.is_none() {
+        if self.config.needs_reference() && self.reference.is_none() {
             if let Some(dir) = &self.checkpoints {
                 checkpoint::save_policy(self.policy(), &self.policy_config, &dir.join("reference"))?;
             }
             self.reference = Some(self.policy().valid());
         }
-        score::score(&self.policy().valid(), self.reference.as_ref(), &self.config, batch)
+        score::score(&self.policy().valid(), self.reference.as_ref(), &self.config, batch, self.kl_coef)?;
+        if let (Some(k), Some((_, current_kl))) =
+            (self.config.rl.kl_in_reward, batch.scores.as_ref().and_then(|s| s.reward_kl))
+            && k.kl_ctrl.kind == KlCtrlKind::Adaptive
+        {
+            let c = &k.kl_ctrl;
+            let mut ctrl = AdaptiveKlController { value: self.kl_coef, target: c.target_kl, horizon: c.horizon };
+            ctrl.update(current_kl, batch.len());
+            self.kl_coef = ctrl.value;
+        }
+        Ok(())
     }
 
     /// `ppo_epochs` passes over query-preserved mini-batches of a scored batch, one optimiser step per mini-batch;
@@ -320,17 +360,14 @@ impl Trainer {
             for idx in updater.minibatches(epoch)? {
                 let Some(mb) = updater.prepare(self.policy(), idx)? else { continue };
                 let (grads, stats) = updater.gradients(self.policy(), mb)?;
-                let g = gradient_stats(self.policy(), &grads);
-                if let Some(value) = g.first_non_finite {
-                    return Err(TrainerError::NonFinite { what: "RL gradient", value });
-                }
+                let (grads, norm) = clipped(self.policy(), grads, self.config.rl.grad_clip, "RL gradient")?;
                 optimiser_step(&mut self.optim, &mut self.policy, lr, grads);
                 if let Some(tensor) = model::first_non_finite_parameter(self.policy())? {
                     // The policy is beyond repair; the checkpoints written before this step stay the last good ones.
                     return Err(TrainerError::NonFiniteParameters { step: batch.step, tensor });
                 }
                 if epoch + 1 == epochs {
-                    mean.add(stats, g.norm);
+                    mean.add(stats, norm);
                 }
             }
         }
@@ -347,6 +384,10 @@ impl Trainer {
         let mut batch = self.rollout()?;
         self.score(&mut batch)?;
         let stats = self.update(&batch)?;
+        let every = self.config.rl.rollout_dump_every;
+        if let Some(dir) = self.rollout_dumps.as_ref().filter(|_| every > 0 && batch.step.is_multiple_of(every)) {
+            dump::write_dump(dir, &batch, &self.vocab)?;
+        }
         let (row, entropy) = rl_step_row(&batch, batch.scored("rl_step")?, &stats, start.elapsed().as_secs_f64())?;
         let step = batch.step;
         let s = &mut self.summary;
@@ -377,6 +418,56 @@ impl Trainer {
         eval::pass_at_k(self.policy(), &self.vocab, set, k, rl.decoding, rl.max_response_len, c.run.seed)
     }
 
+    /// A trainer holding the policy of one checkpoint directory (`checkpoints/step-NNNNNN`) with the configuration it
+    /// was written with, for evaluation or export (no optimiser state, no reference policy).
+    ///
+    /// # Errors
+    /// [`TrainerError::Checkpoint`] / [`TrainerError::Io`] for a missing or unreadable checkpoint; the errors of
+    /// [`Trainer::new`].
+    pub fn from_checkpoint(checkpoint: &Path, device: &Device) -> Result<Self> {
+        let state = read_state(checkpoint)?;
+        let mut t = Self::new(state.config.check()?, device)?;
+        let (loaded, loaded_config) = checkpoint::load_policy(checkpoint, &t.device)?;
+        if loaded_config != t.policy_config {
+            return Err(TrainerError::Checkpoint {
+                path: checkpoint.join(checkpoint::CONFIG_FILE),
+                reason: "the checkpoint's policy shape differs from its configuration's".into(),
+            });
+        }
+        t.policy = Some(loaded);
+        (t.sft_steps_done, t.sft_finished, t.rl_steps_done, t.summary) =
+            (t.config.sft.steps, true, state.step, state.summary);
+        Ok(t)
+    }
+
+    /// [`eval::EvalReport`] of the current policy: the task's held-out set (`eval.size` problems) and every problem
+    /// of each of `datasets` (JSONL files; prompted and verified with the run's template and extraction when the run
+    /// trained on a JSONL dataset, else with the bare question as the built-in tasks prompt), each with greedy accuracy,
+    /// pass@1, pass@k and maj@k from `k` samples at the rollout decoding.
+    ///
+    /// # Errors
+    /// Dataset, tokenizer and sampler errors.
+    pub fn evaluate_report(&self, checkpoint: &str, datasets: &[PathBuf], k: usize) -> Result<eval::EvalReport> {
+        let (c, rl) = (&self.config, &self.config.rl);
+        let settings = (k, rl.decoding, rl.max_response_len, c.run.seed);
+        let mut sets = vec![eval::evaluate_set(self.policy(), &self.vocab, "held-out", &self.test, settings)?];
+        let base = match &c.task {
+            TaskConfig::Jsonl(j) => JsonlConfig { template: j.template.clone(), extraction: j.extraction, ..j.clone() },
+            _ => JsonlConfig { template: "{question}".into(), ..JsonlConfig::default() },
+        };
+        for path in datasets {
+            let task = Task::new(&TaskConfig::Jsonl(JsonlConfig {
+                path: path.clone(),
+                test_path: Some(path.clone()),
+                ..base.clone()
+            }))?;
+            let problems = task.test_set(usize::MAX);
+            let name = path.display().to_string();
+            sets.push(eval::evaluate_set(self.policy(), &self.vocab, &name, &problems, settings)?);
+        }
+        Ok(eval::EvalReport { checkpoint: checkpoint.to_string(), step: self.rl_steps_done, seed: c.run.seed, sets })
+    }
+
     /// Writes a checkpoint of the current step into `dir` (atomically; `latest` then names it). Returns its
     /// directory.
     ///
@@ -388,6 +479,7 @@ impl Trainer {
             config: (*self.config).clone(),
             summary: self.summary.clone(),
             metrics_lines: self.metrics_lines,
+            kl_coef: self.config.rl.kl_in_reward.map(|_| self.kl_coef),
         };
         save_checkpoint(dir, self.config.checkpoint.keep, self.policy(), &self.policy_config, &self.optim, &state)
     }
@@ -505,6 +597,20 @@ fn collapse_warning(s: &TrainSummary) -> Option<String> {
             s.sft_accuracy, s.final_accuracy
         )
     })
+}
+
+/// The gradients clipped by their global norm, and that norm before clipping (`actor/grad_norm`).
+fn clipped(
+    policy: &Policy,
+    grads: GradientsParams,
+    max_norm: f64,
+    what: &'static str,
+) -> Result<(GradientsParams, f64)> {
+    let norm = gradients::global_grad_norm(policy, &grads)?;
+    if !norm.is_finite() {
+        return Err(TrainerError::NonFinite { what, value: norm });
+    }
+    Ok((gradients::clip_grad_norm(policy, grads, norm, max_norm), norm))
 }
 
 /// One optimiser step on the policy in `slot`, moved in and out so that the optimiser updates its tensors in place.

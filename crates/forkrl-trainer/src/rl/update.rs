@@ -3,29 +3,32 @@
 //! `ppo_micro_batch_size_per_gpu`).
 //!
 //! Per mini-batch: the current policy's entropy of its response tokens (from the training forward itself when the
-//! mini-batch is one micro-batch, else from a forward without a graph) → the top-ρ forking mask and its denominators
-//! over the whole mini-batch (`forkrl_entropy::top_entropy_mask`, `forkrl_advantage::forking_loss_mask`) → HTPO's token
-//! groups when the loss is HTPO → per micro-batch: the training forward at the rollout temperature and the actor loss
+//! mini-batch is one micro-batch, else from a forward without a graph) → the forking arm's token mask
+//! (`forkrl_entropy::TokenSelection`: top-ρ, bottom-(1 − ρ), random-ρ or all; ranked per micro-batch as the official
+//! code, or over the mini-batch) and its denominators (`forkrl_advantage::forking_loss_mask`) → HTPO's token groups when
+//! the loss is HTPO → per micro-batch: the training forward at the rollout temperature and the actor loss
 //! (`forkrl_advantage::actor_loss`: policy loss − entropy bonus + KL loss), each divided by the mini-batch's global
-//! denominators, so the accumulated gradient is the mini-batch's. The optimiser step itself is the
+//! denominators, so the accumulated gradient is the mini-batch's. The forking mask restricts the policy-gradient term
+//! only; the entropy bonus and the KL loss (and the logged `actor/entropy`) cover every response token of the loss rows,
+//! as in the official 80/20 code. The optimiser step itself is the
 //! [`Trainer`](crate::Trainer)'s (it owns the policy).
 
 use burn::{
     module::Module,
     optim::{GradientsAccumulator, GradientsParams},
-    tensor::{Device, Tensor, TensorData},
+    tensor::{Bool, Device, Tensor, TensorData},
 };
 use forkrl_advantage::{
-    ActorLoss, ActorLossConfig, ForkingLossMask, HtpoTokenGroups, LossContext, PolicyInputs, PolicyLoss, actor_loss,
-    forking_loss_mask, htpo_token_groups, query_preserved_minibatches,
+    ActorLoss, ActorLossConfig, ForkingLossMask, GlobalDenominators, HtpoTokenGroups, LossContext, PolicyInputs,
+    PolicyLoss, actor_loss, forking_loss_mask, htpo_token_groups, query_preserved_minibatches,
 };
 use forkrl_core::{ResponseRows, SeedStream, derive_seed};
-use forkrl_entropy::{ForkingMask, SelectionRule, top_entropy_mask};
+use forkrl_entropy::ForkingMask;
 
 use crate::{
     Result, TrainerError,
     batch::{RolloutBatch, Scores, gather_rows},
-    config::CheckedConfig,
+    config::{CheckedConfig, ForkingScope},
     host_f32,
     model::{policy::Policy, token_stats},
 };
@@ -36,7 +39,8 @@ use crate::{
 pub struct UpdateStats {
     /// `actor/pg_loss`.
     pub pg_loss: f64,
-    /// The current policy's entropy, aggregated like the loss (`actor/entropy_loss`).
+    /// `actor/entropy`, verl's meaning: the current policy's entropy in the update (last epoch), aggregated over the
+    /// response tokens of the loss rows with `loss_agg_mode`.
     pub entropy: f64,
     /// `actor/pg_clipfrac` (token-weighted over the micro-batches).
     pub pg_clipfrac: f64,
@@ -63,6 +67,8 @@ pub(crate) struct Minibatch {
     idx: Vec<usize>,
     forking: ForkingMask,
     loss_mask: ForkingLossMask,
+    /// The loss rows' response tokens and their denominators: the entropy bonus and the KL loss.
+    regularizer: (Vec<bool>, GlobalDenominators),
     htpo: Option<HtpoTokenGroups>,
     whole: Option<(Tensor<2>, Tensor<2>)>,
     micro: usize,
@@ -208,14 +214,43 @@ impl<'a> Updater<'a> {
         } else {
             (host_f32(self.forward(&policy.valid(), &idx, &all)?.0)?, None)
         };
-        let forking = top_entropy_mask(&entropy, &mb_mask, self.config.forking_ratio(), SelectionRule::TopK)?;
-        let mut loss_mask = forking_loss_mask(&mb_mask, &forking, w, rl.forking_denominator)?;
+        let forking = self.select(&entropy, &mb_mask, micro, &idx)?;
+        let mut loss_mask = forking_loss_mask(&mb_mask, &forking, w, rl.forking.denominator)?;
         loss_mask.denominators.loss_scale_factor = rl.loss_scale_factor;
+        let mut reg_denominators = GlobalDenominators::from_mask(&mb_mask, w)?;
+        reg_denominators.loss_scale_factor = rl.loss_scale_factor;
         let htpo = match &rl.policy_loss {
             PolicyLoss::Htpo(c) => Some(self.htpo_groups(&idx, &entropy, &mb_mask, c)?),
             _ => None,
         };
-        Ok(Some(Minibatch { idx, forking, loss_mask, htpo, whole, micro }))
+        Ok(Some(Minibatch { idx, forking, loss_mask, regularizer: (mb_mask, reg_denominators), htpo, whole, micro }))
+    }
+
+    /// The forking arm's mask over the mini-batch's `[rows, W]` tokens: ranked over all of them (`mini_batch` scope, or
+    /// one micro-batch), or over each micro-batch's rows separately (`micro_batch` scope, the official code).
+    fn select(&self, entropy: &[f32], mask: &[bool], micro: usize, idx: &[usize]) -> Result<ForkingMask> {
+        let (f, w) = (&self.config.rl.forking, self.batch.width());
+        let arm = self.config.token_selection();
+        let seed = |chunk: usize| {
+            let first = idx.first().copied().unwrap_or(0) as u64;
+            derive_seed(self.config.run.seed, SeedStream::Control, &[self.batch.step as u64, first, chunk as u64])
+        };
+        if f.scope == ForkingScope::MiniBatch || micro * w >= mask.len() {
+            return Ok(arm.select(entropy, mask, f.top_entropy_ratio, f.rule, seed(0))?);
+        }
+        let mut out =
+            ForkingMask { mask: Vec::with_capacity(mask.len()), threshold: None, num_selected: 0, num_candidates: 0 };
+        for (chunk, (h, m)) in entropy.chunks(micro * w).zip(mask.chunks(micro * w)).enumerate() {
+            let part = arm.select(h, m, f.top_entropy_ratio, f.rule, seed(chunk))?;
+            out.mask.extend(part.mask);
+            out.threshold = match (out.threshold, part.threshold) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            out.num_selected += part.num_selected;
+            out.num_candidates += part.num_candidates;
+        }
+        Ok(out)
     }
 
     /// HTPO's token groups of a mini-batch: per-sequence entropy ranks over its response tokens and the group
@@ -283,6 +318,9 @@ impl<'a> Updater<'a> {
         let pick = |v: &[bool]| gather_rows(v, w, rows);
         let chunk_mask = pick(&mb.loss_mask.loss_mask);
         let tokens = chunk_mask.iter().filter(|&&m| m).count();
+        let bool_tensor = |v: Vec<bool>| Tensor::<2, Bool>::from_data(TensorData::new(v, [n, w]), self.device);
+        let count_mask = bool_tensor(pick(&mb.loss_mask.count_mask));
+        let reg_mask = bool_tensor(pick(&mb.regularizer.0));
         let inputs = PolicyInputs {
             log_prob,
             old_log_prob: tensor(self.batch.gather_rows(&self.scores.old_log_prob, &batch_rows)),
@@ -296,7 +334,9 @@ impl<'a> Updater<'a> {
             hard: rows.iter().map(|&k| g.hard[k]).collect(),
         });
         let step = self.batch.step as u64;
-        let mut ctx = LossContext::new(step, derive_seed(self.config.run.seed, SeedStream::ClipCov, &[step]));
+        let mut ctx = LossContext::new(step, derive_seed(self.config.run.seed, SeedStream::ClipCov, &[step]))
+            .with_count_mask(&count_mask)
+            .with_regularizer(&reg_mask, &mb.regularizer.1);
         if let Some(g) = &htpo {
             ctx = ctx.with_htpo_groups(g);
         }

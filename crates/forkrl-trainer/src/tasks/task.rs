@@ -11,7 +11,7 @@ use crate::{
         arithmetic::{self, ArithmeticConfig},
         countdown::{CountdownConfig, CountdownProblem, countdown_reward},
         jsonl::{self, JsonlConfig, apply_template},
-        verify::{Extraction, math_reward},
+        verify::{Extraction, extract, extract_last_number, math_reward, parse_number},
     },
 };
 
@@ -74,6 +74,18 @@ impl Problem {
             Gold::LastInteger(answer) => arithmetic::reward(response, *answer),
             Gold::Math { answer, extraction } => math_reward(response, answer, *extraction),
             Gold::Countdown { numbers, target, use_all } => countdown_reward(response, numbers, *target, *use_all),
+        }
+    }
+
+    /// The final answer of a response as maj@k votes on it: the last number (arithmetic) or the extracted answer
+    /// (datasets), both reduced to an exact rational when they parse (`1/2`, `0.5` and `\frac{1}{2}` vote together);
+    /// the last non-empty line for Countdown (its answer is an expression). `None`: no answer to vote for.
+    pub fn answer_key(&self, response: &str) -> Option<String> {
+        let canonical = |a: &str| parse_number(a).map_or_else(|| a.trim().to_string(), |r| format!("{r:?}"));
+        match &self.gold {
+            Gold::LastInteger(_) => extract_last_number(response).map(canonical),
+            Gold::Math { extraction, .. } => extract(response, *extraction).map(canonical),
+            Gold::Countdown { .. } => response.lines().rev().map(str::trim).find(|l| !l.is_empty()).map(String::from),
         }
     }
 }
