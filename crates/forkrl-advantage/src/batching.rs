@@ -148,7 +148,7 @@ pub struct BalancedExtraction<T> {
 
 /// The buffered global balance: rollouts (with advantages already computed on their full groups) accumulate across
 /// generation steps until a balanced update batch of `batch_size` can be drawn.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BalancedBuffer<T> {
     positives: Vec<T>,
     negatives: Vec<T>,

@@ -30,6 +30,10 @@ pub enum SeedStream {
     PassAtK,
     /// A random control selection (indices chosen by the caller).
     Control,
+    /// GRPO-VPS's probe rollouts from mid-response prefixes (index: RL step).
+    VpsProbe,
+    /// The buffered global balance's draw of an update batch (index: RL step).
+    BalanceExtract,
 }
 
 impl SeedStream {
@@ -43,6 +47,8 @@ impl SeedStream {
             SeedStream::ClipCov => 0x434c_4950_434f_5653,
             SeedStream::PassAtK => 0x5041_5353_4154_4b53,
             SeedStream::Control => 0x434f_4e54_524f_4c53,
+            SeedStream::VpsProbe => 0x5650_5350_524f_4245,
+            SeedStream::BalanceExtract => 0x4241_4c42_5546_4652,
         }
     }
 }
@@ -68,6 +74,8 @@ mod tests {
             SeedStream::ClipCov,
             SeedStream::PassAtK,
             SeedStream::Control,
+            SeedStream::VpsProbe,
+            SeedStream::BalanceExtract,
         ];
         let mut seen = HashSet::new();
         for seed in 0..4 {

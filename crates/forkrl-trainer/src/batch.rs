@@ -6,7 +6,7 @@
 //! reads both. A caller may change `rewards` between `rollout` and `score` (its own reward); everything else is derived
 //! once, in [`RolloutBatch::new`].
 
-use crate::{Result, TrainerError};
+use crate::{Result, TrainerError, tasks::Problem};
 
 /// Rows `rows` (in that order) of a row-major array `width` wide.
 pub fn gather_rows<T: Copy>(values: &[T], width: usize, rows: &[usize]) -> Vec<T> {
@@ -14,7 +14,7 @@ pub fn gather_rows<T: Copy>(values: &[T], width: usize, rows: &[usize]) -> Vec<T
 }
 
 /// One sampled response.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Rollout {
     /// The prompt's token ids.
     pub prompt: Vec<u32>,
@@ -46,6 +46,8 @@ pub struct Scores {
     pub ref_log_prob: Option<Vec<f32>>,
     /// `[B, W]`: the token advantages after token weighting.
     pub token_advantages: Vec<f32>,
+    /// GRPO-VPS's segments and probe beliefs (when `rl.vps` is on).
+    pub vps: Option<crate::rl::vps::VpsProbes>,
     /// `[B, W]`: the response tokens that enter the loss (the response mask less the rows balancing dropped).
     pub train_mask: Vec<bool>,
 }
@@ -65,6 +67,9 @@ pub struct RolloutBatch {
     response_mask: Vec<bool>,
     /// `frac_reward_zero_std` before DAPO's dynamic-sampling filter (`None` without it).
     pub frac_zero_std_before_filter: Option<f64>,
+    /// The problem of each group (set by `rollout`; GRPO-VPS's probes verify against it). `None` for a batch built by
+    /// hand.
+    pub problems: Option<Vec<Problem>>,
     /// Added by `score`.
     pub scores: Option<Scores>,
 }
@@ -104,6 +109,7 @@ impl RolloutBatch {
             width: width - 1,
             response_mask,
             frac_zero_std_before_filter: None,
+            problems: None,
             scores: None,
         })
     }

@@ -7,8 +7,8 @@
 use std::{ops::Deref, path::PathBuf};
 
 use forkrl_advantage::{
-    ActorLossConfig, AdvantageConfig, AggMode, ForkingDenominator, KlEstimator, KlLossConfig, KlPenalty, PolicyLoss,
-    PpoClipConfig, TokenWeighting,
+    ActorLossConfig, AdvantageConfig, AggMode, BalanceConfig, BalancedBuffer, ForkingDenominator, KlEstimator,
+    KlLossConfig, KlPenalty, PolicyLoss, PpoClipConfig, TokenWeighting,
 };
 use forkrl_entropy::{SelectionRule, TokenSelection};
 use forkrl_rollout::{Decoding, DynamicSamplingConfig, HoraConfig, MixedCuts, OverlongConfig, PosteriorSource};
@@ -151,9 +151,10 @@ pub struct RlConfig {
     /// DAPO dynamic sampling on the verifiable reward (`None` = off): generation batches are drawn until
     /// `prompts_per_step` groups with mixed outcomes are kept.
     pub dynamic_sampling: Option<DynamicSamplingConfig>,
-    /// HORA rollout allocation (`None` = `group_size` per prompt). The trainer uses the in-step probe as the count
-    /// source (`source = { kind = "probe", n0 = 2 }`): history counts need prompts that recur, which the generated
-    /// tasks rarely do. The budget is `prompts_per_step × group_size` rollouts per step.
+    /// HORA rollout allocation (`None` = `group_size` per prompt) over a budget of `prompts_per_step × group_size`
+    /// rollouts per step. Count sources: `{ kind = "history", decay }` (each prompt's successes and failures of earlier
+    /// steps, decayed by γ per visit, kept in the checkpoints; useful when prompts recur, as across the epochs of a
+    /// JSONL dataset) or `{ kind = "probe", n0 }` (`n0` probe rollouts per prompt in the same step).
     pub hora: Option<HoraConfig>,
     /// Mixed-CUTS: each group is `g_std` rollouts with `decoding` and `g_cuts` with CUTS (then `group_size` must be
     /// `g_std + g_cuts`).
@@ -185,13 +186,21 @@ pub struct RlConfig {
     /// `β · Σ_t kl_t` to the reference policy (the policy as RL starts) before the advantages, with β fixed or adapted
     /// by verl's controller after every batch. `None` = off (every RLVR recipe of the methods reference).
     pub kl_in_reward: Option<KlInRewardConfig>,
+    /// GRPO-VPS process advantages (`[rl.vps]`: `num_segments`, `high_entropy_z`, `alpha`, `probes_per_prefix`;
+    /// `crate::rl::vps`): probe rollouts from mid-response prefixes estimate the belief after each high-entropy
+    /// segment, and each token's advantage gains `α·(C_{k+1} − C_k)`. Replaces token weighting. `None` = off.
+    pub vps: Option<crate::rl::vps::VpsProbeConfig>,
     /// Write the scored batch to `runs/<name>/rollouts/step-NNNNNN.jsonl` every this many RL steps (prompt, response,
     /// rewards, advantage, per-token entropy and log-prob; `rl::dump`); 0 = never.
     pub rollout_dump_every: usize,
     /// Reward-balanced training rows: `per_query` keeps, in each group, as many positive- as non-positive-advantage
     /// rollouts (the first of each sign) and drops the rest from the loss (`forkrl_advantage::balance_per_query`);
-    /// a group whose rollouts share one sign is dropped.
+    /// a group whose rollouts share one sign is dropped. `buffered` is the cancellation paper's buffered global
+    /// balance (`crate::rl::balance`): scored rollouts accumulate across steps until a balanced update batch of
+    /// `prompts_per_step × group_size` rows can be drawn (`balance_buffer`).
     pub balance: Balance,
+    /// The buffered balance's ratios and forced-update horizon (`forkrl_advantage::BalanceConfig`: 3/8, 5/8, 10).
+    pub balance_buffer: BalanceConfig,
 }
 
 /// Deserialises `[rl.policy_loss]`, filling a `vanilla` table's missing `clip_ratio_high` with the trainer default
@@ -277,6 +286,8 @@ pub enum Balance {
     None,
     /// Per query, equally many of each advantage sign.
     PerQuery,
+    /// Across steps: a buffer of scored rollouts, updated on when it can give a balanced batch.
+    Buffered,
 }
 
 impl Default for RlConfig {
@@ -311,9 +322,11 @@ impl Default for RlConfig {
             entropy_coeff: 0.0,
             kl_loss: None,
             balance: Balance::None,
+            balance_buffer: BalanceConfig::default(),
             overlong: None,
             kl_in_reward: None,
             rollout_dump_every: 0,
+            vps: None,
         }
     }
 }
@@ -613,17 +626,17 @@ impl TrainConfig {
             Decoding::Cuts(m.cuts).validate().map_err(TrainerError::in_section("rl.mixed_cuts.cuts"))?;
         }
         if let Some(h) = &rl.hora {
-            let PosteriorSource::Probe { n0 } = h.source else {
-                return Err(TrainerError::invalid(
-                    "rl.hora.source",
-                    format!("{:?}", h.source),
-                    "the trainer supports the in-step probe only (source = { kind = \"probe\", n0 = 2 })",
-                ));
+            let n0 = match h.source {
+                PosteriorSource::Probe { n0 } => n0,
+                PosteriorSource::History { decay } => {
+                    forkrl_rollout::PromptStatsStore::new(decay).map_err(TrainerError::in_section("rl.hora.source"))?;
+                    1
+                }
             };
             if n0 == 0 || n0 >= rl.group_size || h.min_per_prompt < 2 {
                 return Err(TrainerError::invalid(
                     "rl.hora",
-                    format!("n0 = {n0}, min_per_prompt = {}", h.min_per_prompt),
+                    format!("{:?}, min_per_prompt = {}", h.source, h.min_per_prompt),
                     format!("needs 1 <= n0 < group_size = {} and min_per_prompt >= 2", rl.group_size),
                 ));
             }
@@ -658,6 +671,34 @@ impl TrainConfig {
         }
         if let Some(kl) = rl.kl_loss.filter(|kl| !(kl.kl_loss_coef.is_finite() && kl.kl_loss_coef >= 0.0)) {
             return Err(TrainerError::invalid("rl.kl_loss.kl_loss_coef", kl.kl_loss_coef, "must be finite and >= 0"));
+        }
+        if rl.balance == Balance::Buffered {
+            BalancedBuffer::<()>::new(rl.balance_buffer).map_err(TrainerError::in_section("rl.balance_buffer"))?;
+            if matches!(rl.policy_loss, PolicyLoss::Htpo(_)) {
+                return Err(TrainerError::invalid(
+                    "rl.balance",
+                    "buffered",
+                    "HTPO reads each group's accuracy, which a buffered batch of rows from many steps does not keep",
+                ));
+            }
+        }
+        if let Some(v) = &rl.vps {
+            at_least("rl.vps.probes_per_prefix", v.probes_per_prefix, 1)?;
+            at_least("rl.vps.num_segments", v.vps.num_segments, 1)?;
+            if !(v.vps.alpha.is_finite() && v.vps.high_entropy_z.is_finite()) {
+                return Err(TrainerError::invalid(
+                    "rl.vps",
+                    format!("{v:?}"),
+                    "alpha and high_entropy_z must be finite",
+                ));
+            }
+            if rl.token_weighting != TokenWeighting::None {
+                return Err(TrainerError::invalid(
+                    "rl.vps",
+                    "set",
+                    "GRPO-VPS sets the token advantages itself: leave rl.token_weighting at kind = \"none\"",
+                ));
+            }
         }
         if let Some(o) = &rl.overlong {
             o.validate().map_err(TrainerError::in_section("rl.overlong"))?;
@@ -719,7 +760,13 @@ mod tests {
         assert_eq!(key_of("[eval]\nsize = 0\n"), "eval.size");
         assert_eq!(key_of("[checkpoint]\nkeep = 0\n"), "checkpoint.keep");
         assert_eq!(key_of("[rl.mixed_cuts]\ng_std = 4\ng_cuts = 2\n"), "rl.mixed_cuts");
-        assert_eq!(key_of("[rl.hora]\nsource = { kind = \"history\", decay = 1.0 }\n"), "rl.hora.source");
+        assert_eq!(key_of("[rl.hora]\nsource = { kind = \"history\", decay = 0.0 }\n"), "rl.hora.source.decay");
+        assert!(
+            toml::from_str::<TrainConfig>("[rl.hora]\nsource = { kind = \"history\", decay = 0.9 }\n")
+                .expect("parses")
+                .check()
+                .is_ok()
+        );
         assert_eq!(key_of("[rl.decoding]\nkind = \"temperature\"\ntemperature = -1.0\n"), "rl.decoding.temperature");
         assert_eq!(
             key_of("[rl.policy_loss]\nloss_mode = \"vanilla\"\nclip_ratio_high = -0.5\n"),

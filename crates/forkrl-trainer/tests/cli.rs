@@ -78,7 +78,7 @@ fn a_previous_run_survives_every_refused_start() {
 }
 
 #[test]
-fn cpu_backend_eval_reports_a_saved_checkpoint_and_never_replaces_a_report() {
+fn cpu_backend_eval_and_export_read_a_saved_checkpoint_and_never_replace_their_output() {
     let out = scratch("eval");
     // A tiny finished run: a few SFT steps, one RL step, small evaluation sets.
     let sets =
@@ -121,5 +121,25 @@ fn cpu_backend_eval_reports_a_saved_checkpoint_and_never_replaces_a_report() {
     assert_eq!(fs::read(&report).expect("read"), before, "the report is untouched");
     let (ok, err) = eval(&["--k", "0"]);
     assert!(!ok && err.contains("--k"), "{err}");
+
+    // export: a Hugging Face directory, never written over unasked.
+    let hf = out.join("hf");
+    let export = || {
+        let output = Command::new(env!("CARGO_BIN_EXE_forkrl-train"))
+            .args(["export", "--checkpoint", &out.join("done").display().to_string()])
+            .args(["--out", &hf.display().to_string()])
+            .output()
+            .expect("runs");
+        (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let (ok, err) = export();
+    assert!(ok, "{err}");
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "generation_config.json"] {
+        assert!(hf.join(f).is_file(), "{f}");
+    }
+    let before = snapshot(&hf);
+    let (ok, err) = export();
+    assert!(!ok && err.contains("--overwrite"), "{err}");
+    assert_eq!(snapshot(&hf), before);
     let _ = fs::remove_dir_all(&out);
 }

@@ -292,3 +292,65 @@ fn sft_targets_get_no_bos_from_a_tokenizer_that_adds_one() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Logits of `ids` under a policy, as f32 values.
+fn logits_of(policy: &forkrl_trainer::model::policy::Policy, ids: &[i64], device: &Device) -> Vec<f32> {
+    let t = Tensor::<2, Int>::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), device);
+    policy.forward(t).expect("forward").into_data().try_to_vec::<f32>().expect("f32")
+}
+
+#[test]
+fn an_exported_hugging_face_checkpoint_loads_back_with_the_same_logits_dtype_and_tokenizer() {
+    use forkrl_trainer::model::hf_export::{ExportSource, export};
+    let device = device();
+    for name in ["qwen2-tied", "qwen3", "llama"] {
+        let model = hf::load(&fixture(name), Some(16), &device).expect("loads");
+        let out = scratch(name, "export").join("out");
+        export(&model.policy, &model.config.policy, ExportSource::HfDir(&fixture(name)), &out).expect("exports");
+        let back = hf::load(&out, Some(16), &device).expect("the export loads");
+        assert_eq!(back.config.architecture, model.config.architecture, "{name}");
+        assert_eq!(back.config.special, model.config.special, "{name}");
+        let ids: Vec<i64> = vec![3, 17, 42, 5, 99, 7];
+        assert_eq!(logits_of(&back.policy, &ids, &device), logits_of(&model.policy, &ids, &device), "{name}");
+        // Weights in the source dtype (bf16 / f16 values convert to f32 and back exactly).
+        let read = |dir: &Path| std::fs::read(dir.join("model.safetensors")).expect("read");
+        let (src, dst) = (read(&fixture(name)), read(&out));
+        let dtype = |bytes: &[u8]| {
+            SafeTensors::deserialize(bytes).expect("valid").tensor("model.embed_tokens.weight").expect("embed").dtype()
+        };
+        if fixture(name).join("model.safetensors").is_file() {
+            assert_eq!(dtype(&dst), dtype(&src), "{name}");
+        }
+        assert_eq!(
+            std::fs::read(out.join("tokenizer.json")).expect("copied"),
+            std::fs::read(fixture(name).join("tokenizer.json")).expect("source"),
+        );
+        assert!(out.join("generation_config.json").is_file());
+        let _ = std::fs::remove_dir_all(out.parent().expect("scratch"));
+    }
+}
+
+#[test]
+fn the_built_in_model_exports_as_llama_with_an_equivalent_tokenizer() {
+    use burn::module::Module;
+    use forkrl_trainer::{TrainConfig, Trainer, model::tokenizer::CharTokenizer};
+    let mut config = TrainConfig::default();
+    config.sft.steps = 0;
+    let trainer = Trainer::new(config.check().expect("valid"), &device()).expect("builds");
+    let out = std::env::temp_dir().join(format!("forkrl-export-builtin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    trainer.export(&out).expect("exports");
+    let back = hf::load(&out, None, &device()).expect("loads as a Hugging Face checkpoint");
+    assert_eq!(back.config.architecture, Architecture::Llama);
+    let ids: Vec<i64> = CharTokenizer.encode("12+34-5=41|41").expect("chars").iter().map(|&i| i64::from(i)).collect();
+    let ours = logits_of(&trainer.policy().valid(), &ids, &device());
+    let theirs = logits_of(&back.policy, &ids, &device());
+    let max = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert_eq!(max, 0.0, "f32 export: identical logits");
+    let tok = HfTokenizer::from_file(&out.join("tokenizer.json")).expect("a valid tokenizer.json");
+    let text = "4,6,3>21:(4*6)-3/1|42";
+    assert_eq!(tok.encode(text).expect("encodes"), CharTokenizer.encode(text).expect("chars"));
+    assert_eq!(tok.decode(&CharTokenizer.encode(text).expect("chars")).expect("decodes"), text);
+    assert!(tok.encode("a").is_err(), "an unknown character is an error, as in the character tokenizer");
+    let _ = std::fs::remove_dir_all(out);
+}

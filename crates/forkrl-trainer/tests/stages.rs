@@ -460,3 +460,140 @@ fn rollout_dumps_hold_every_response_with_its_per_token_entropy_and_log_prob() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn hora_history_records_each_prompt_once_per_step_and_allocates_from_it() {
+    use forkrl_rollout::{BetaPosterior, hora_allocate};
+    use forkrl_trainer::rl::rollout::prompt_id;
+    let dir = std::env::temp_dir().join(format!("forkrl-hora-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let data = dir.join("recurring.jsonl");
+    std::fs::write(&data, "{\"question\": \"1+2=\", \"answer\": \"3\"}\n{\"question\": \"4+4=\", \"answer\": \"8\"}\n")
+        .expect("write");
+    let path = data.display().to_string();
+    let mut t = trainer(&format!(
+        "[task]\nkind = \"jsonl\"\npath = {path:?}\ntest_path = {path:?}\ntemplate = \"{{question}}\"\n\
+         [rl]\ngroup_size = 4\n[rl.hora]\nsource = {{ kind = \"history\", decay = 1.0 }}\n"
+    ));
+    let mut batch = t.rollout().expect("samples");
+    assert_eq!(batch.len(), 4 * 4, "the budget stays prompts × group_size");
+    // A caller's rewards: the rows of the first prompt all right, the rest all wrong.
+    let first = batch.group_sizes()[0];
+    let id_first = prompt_id(&batch.rollouts()[0].prompt);
+    batch.rewards = batch.rollouts().iter().map(|r| if prompt_id(&r.prompt) == id_first { 1.0 } else { 0.0 }).collect();
+    t.score(&mut batch).expect("scores");
+    t.score(&mut batch).expect("scoring twice records once");
+    let store = t.prompt_history().expect("history on");
+    // Every row of that prompt counted once (it may be drawn in several groups of the batch).
+    let rows = batch.rollouts().iter().filter(|r| prompt_id(&r.prompt) == id_first).count();
+    let s0 = store.get(id_first);
+    assert_eq!((s0.successes, s0.failures, s0.last_seen), (rows as f64, 0.0, 1), "{s0:?}");
+    assert!(rows >= first);
+    assert_eq!(store.len(), 2, "both prompts of the recurring set were seen: {store:?}");
+    // The next batch allocates from those counts, as the library does.
+    let next = t.rollout().expect("samples again");
+    let prompts: Vec<u64> = {
+        let mut start = 0;
+        next.group_sizes()
+            .iter()
+            .map(|&n| {
+                let id = prompt_id(&next.rollouts()[start].prompt);
+                start += n;
+                id
+            })
+            .collect()
+    };
+    let posteriors: Vec<BetaPosterior> = prompts
+        .iter()
+        .map(|&id| {
+            let s = store.get(id);
+            BetaPosterior::from_counts(s.successes, s.failures, 1.0, 1.0).expect("valid")
+        })
+        .collect();
+    let expect = hora_allocate(&posteriors, 16, 2, 16).expect("valid").counts;
+    let expect: Vec<usize> = expect.into_iter().filter(|&c| c > 0).collect();
+    assert_eq!(next.group_sizes(), expect.as_slice(), "{:?}", store);
+    // The always-right prompt needs no more rollouts to be hit: the budget goes to the always-wrong one.
+    let size_of = |right: bool| {
+        prompts.iter().zip(next.group_sizes()).filter(|(id, _)| (**id == id_first) == right).map(|(_, &n)| n).max()
+    };
+    if let (Some(right), Some(wrong)) = (size_of(true), size_of(false)) {
+        assert!(right < wrong, "groups of the solved prompt {right}, of the unsolved one {wrong}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn vps_probes_give_each_segment_its_belief_gain() {
+    use forkrl_advantage::{VpsConfig, vps_advantages, vps_segments};
+    // Every token a split candidate (z = −10), three segments, two probes per prefix.
+    let mut t = trainer(
+        "[rl]\nmax_response_len = 9\n[rl.vps]\nnum_segments = 3\nhigh_entropy_z = -10.0\nprobes_per_prefix = 2\nalpha = 0.5\n",
+    );
+    let mut batch = t.rollout().expect("samples (with the problems VPS verifies against)");
+    // A caller's reward: every other row right, so C_K differs from the probes somewhere.
+    batch.rewards = (0..batch.len()).map(|i| (i % 2) as f32).collect();
+    t.score(&mut batch).expect("scores with probes");
+    let s = batch.scores.as_ref().expect("scored");
+    let probes = s.vps.as_ref().expect("VPS on");
+    let (w, m) = (batch.width(), batch.response_mask());
+    let cfg = VpsConfig { num_segments: 3, high_entropy_z: -10.0, alpha: 0.5 };
+    let mut moved = false;
+    for r in 0..batch.len() {
+        let h: Vec<f32> = (r * w..(r + 1) * w).filter(|&i| m[i]).map(|i| s.old_entropy[i]).collect();
+        assert_eq!(probes.segments[r], vps_segments(&h, &cfg).expect("valid"), "row {r}");
+        let b = &probes.beliefs[r];
+        assert_eq!(b.len(), probes.segments[r].last().map_or(0, |k| k + 1) + 1, "C_0..C_K");
+        assert_eq!(*b.last().expect("C_K"), batch.rewards[r], "C_K is the response's own reward");
+        assert!(b[..b.len() - 1].iter().all(|&c| c == 0.0 || c == 0.5 || c == 1.0), "shares of 2 probes: {b:?}");
+        let expect = vps_advantages(s.advantages[r], &probes.segments[r], b, 0.5).expect("valid");
+        let got: Vec<f32> = (r * w..(r + 1) * w).filter(|&i| m[i]).map(|i| s.token_advantages[i]).collect();
+        assert_eq!(got, expect, "row {r}");
+        moved |= got.iter().any(|&a| (a - s.advantages[r]).abs() > 1e-6);
+    }
+    assert!(moved, "the process term changes some token's advantage");
+    // A hand-built batch has no problems to verify probes against: a typed error, not a panic.
+    let mut hand = fixed_batch(&t);
+    assert!(matches!(t.score(&mut hand), Err(TrainerError::Stage { stage: "score", .. })));
+}
+
+#[test]
+fn the_buffered_balance_waits_then_updates_on_a_balanced_batch_of_the_scored_rows() {
+    // B = 4 prompts × 8 = 32 rows; the fixed batch has 3 positive and 5 negative advantages: not fillable
+    // (minority 3 < ⌈3/8 · 32⌉ = 12), so the buffer waits until its third step.
+    let mut t = trainer("[rl]\nbalance = \"buffered\"\nppo_epochs = 1\n[rl.balance_buffer]\nmax_buffer_steps = 3\n");
+    let mut batch = fixed_batch(&t);
+    t.score(&mut batch).expect("scores");
+    assert!(t.balanced_batch(&batch).expect("pushes").is_none());
+    assert!(t.balanced_batch(&batch).expect("pushes").is_none());
+    assert_eq!(t.buffer_counts(), Some((6, 10)));
+    let (train, (minority, majority)) = t.balanced_batch(&batch).expect("pushes").expect("forced after 3 steps");
+    // Minority (positives, 9) all taken (≤ ⌊5/8 · 32⌋ = 20), majority fills up to 32 (15 held).
+    assert_eq!((minority, majority), (9, 15));
+    assert_eq!(train.len(), 24);
+    assert_eq!(train.group_sizes(), vec![1; 24].as_slice(), "each row its own group");
+    assert_eq!(t.buffer_counts(), Some((0, 0)));
+    // Every drawn row carries the per-token values it was scored with, at its own positions.
+    let s = batch.scores.as_ref().expect("scored");
+    let ts = train.scores.as_ref().expect("scored rows");
+    let (w, tw) = (batch.width(), train.width());
+    for r in 0..train.len() {
+        let original = (0..batch.len()).find(|&i| batch.rollouts()[i] == train.rollouts()[r]).expect("a batch row");
+        let pick = |v: &[f32], width: usize, mask: &[bool], row: usize| -> Vec<f32> {
+            (row * width..(row + 1) * width).filter(|&i| mask[i]).map(|i| v[i]).collect()
+        };
+        assert_eq!(
+            pick(&ts.old_log_prob, tw, train.response_mask(), r),
+            pick(&s.old_log_prob, w, batch.response_mask(), original)
+        );
+        assert_eq!(ts.advantages[r], s.advantages[original]);
+        assert_eq!(
+            pick(&ts.token_advantages, tw, train.response_mask(), r),
+            pick(&s.token_advantages, w, batch.response_mask(), original)
+        );
+    }
+    let positives = ts.advantages.iter().filter(|&&a| a > 0.0).count();
+    assert_eq!(positives, 9);
+    let stats = t.update(&train).expect("updates on the drawn rows");
+    assert!(stats.grad_norm > 0.0 && stats.minibatches == 1, "{stats:?}");
+}

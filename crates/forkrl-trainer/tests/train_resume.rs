@@ -249,3 +249,41 @@ fn cpu_backend_countdown_runs_and_sft_teaches_the_format() {
     let sft: Vec<f64> = recorder.phase("sft").iter().map(|r| r.get("sft/loss").expect("loss")).collect();
     assert!(sft.last() < sft.first(), "SFT loss falls: {sft:?}");
 }
+
+#[test]
+fn cpu_backend_stateful_options_resume_bit_identically() {
+    // The state beyond the weights and the optimizer: HORA's prompt history, the buffered balance's rows (two steps
+    // buffered, so the checkpoint of step 2 holds rows), and the adaptive KL controller's β.
+    let device = Backend::Cpu.device().expect("cpu");
+    let text = "[rl]\nbalance = \"buffered\"\n[rl.balance_buffer]\nmax_buffer_steps = 2\n\
+                [rl.hora]\nsource = { kind = \"history\", decay = 0.9 }\n\
+                [rl.kl_in_reward]\nkl_ctrl = { type = \"adaptive\", kl_coef = 0.05, target_kl = 0.01, horizon = 64 }\n";
+    let mut config: TrainConfig = toml::from_str(text).expect("valid");
+    let base = small();
+    (config.sft, config.eval, config.checkpoint) = (base.sft, base.eval, base.checkpoint);
+    (config.rl.steps, config.rl.prompts_per_step, config.rl.group_size) = (4, 4, 4);
+    let checked = config.check().expect("valid");
+    let a = scratch("stateful-a");
+    let mut metrics_a = JsonlWriter::new(Vec::new(), "a/metrics.jsonl");
+    Trainer::new(checked.clone(), &device).expect("builds").with_checkpoints(&a).run(&mut metrics_a, None).expect("a");
+    let b = scratch("stateful-b");
+    let mut metrics_b = JsonlWriter::new(Vec::new(), "b/metrics.jsonl");
+    let mut first = Trainer::new(checked.clone(), &device).expect("builds").with_checkpoints(&b);
+    first.run(&mut metrics_b, Some(2)).expect("b, first half");
+    let state = read_state(&latest_checkpoint(&b).expect("latest").expect("one")).expect("state");
+    let held = state.balance_buffer.as_ref().map(|buf| buf.counts()).expect("buffered");
+    assert!(held.0 + held.1 > 0, "rows are buffered at the checkpoint: {held:?}");
+    assert!(state.prompt_stats.as_ref().is_some_and(|s| !s.is_empty()) && state.kl_coef.is_some());
+    let mut resumed = Trainer::resume_with(checked, &b, &device).expect("resumes");
+    resumed.run(&mut metrics_b, None).expect("b, resumed");
+    let (pa, pb) = (
+        params(&latest_checkpoint(&a).expect("latest").expect("final")),
+        params(&latest_checkpoint(&b).expect("latest").expect("final")),
+    );
+    assert!(pa == pb, "parameters differ in {} of {}", pa.iter().zip(&pb).filter(|(x, y)| x != y).count(), pa.len());
+    let (ma, mb) = (comparable(&metrics_a.into_inner()), comparable(&metrics_b.into_inner()));
+    assert_eq!(ma, mb);
+    assert!(ma.iter().any(|l| l["balance/updated"].as_f64() == Some(1.0)), "some step updated");
+    let _ = std::fs::remove_dir_all(a);
+    let _ = std::fs::remove_dir_all(b);
+}

@@ -6,6 +6,7 @@
 //! forkrl-train [--config FILE.toml] [--set key.path=value]... [--backend cpu|wgpu|cuda] [--name NAME]
 //!              [--model HF_DIR] [--data FILE.jsonl] [--resume | --overwrite] [--stop-after RL_STEP]
 //! forkrl-train eval --checkpoint DIR [--data FILE.jsonl]... [--k K] [--out REPORT.json] [--overwrite]
+//! forkrl-train export --checkpoint DIR --out HF_DIR [--overwrite]
 //! ```
 //!
 //! With no arguments it runs the built-in default: the tiny policy on two-step arithmetic, SFT then GRPO with the
@@ -16,7 +17,9 @@
 //! moved): the result is the one an uninterrupted run gives. `--stop-after K` stops right after RL step K with a
 //! checkpoint, as a preempted job would. `eval` evaluates a saved checkpoint (a `step-N` folder, or a run / checkpoints
 //! folder for its newest) on the run's held-out set and on each `--data` file: greedy accuracy, pass@1, pass@k and maj@k,
-//! written as JSON (an existing report is never replaced unless `--overwrite`).
+//! written as JSON (an existing report is never replaced unless `--overwrite`). `export` writes a checkpoint as a
+//! Hugging Face directory (`config.json`, `model.safetensors` in the source dtype, `tokenizer.json`,
+//! `generation_config.json`) that `transformers` loads.
 
 use std::{
     fs,
@@ -43,6 +46,21 @@ struct Cli {
 enum Command {
     /// Evaluates a saved checkpoint: greedy accuracy, pass@1, pass@k and maj@k on the held-out set and on datasets.
     Eval(EvalArgs),
+    /// Writes a checkpoint as a Hugging Face model directory.
+    Export(ExportArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ExportArgs {
+    /// A checkpoint (`runs/NAME/checkpoints/step-N`), or a run or checkpoints folder (its newest checkpoint).
+    #[arg(long, value_name = "DIR")]
+    checkpoint: PathBuf,
+    /// The Hugging Face directory to write.
+    #[arg(long, value_name = "HF_DIR")]
+    out: PathBuf,
+    /// Replace an existing directory.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -272,10 +290,24 @@ fn eval(args: &EvalArgs) -> Result<(), String> {
     Ok(())
 }
 
+fn export(args: &ExportArgs) -> Result<(), String> {
+    let checkpoint = checkpoint_dir(&args.checkpoint)?;
+    if args.out.exists() && !args.overwrite {
+        return Err(format!("{}: exists already; pass --overwrite to replace it", args.out.display()));
+    }
+    let device = Backend::Cpu.device().map_err(|e| format!("{e}"))?;
+    let trainer = Trainer::from_checkpoint(&checkpoint, &device).map_err(|e| e.to_string())?;
+    trainer.export(&args.out).map_err(|e| e.to_string())?;
+    println!("wrote {} (from {})", args.out.display(), checkpoint.display());
+    Ok(())
+}
+
 fn run() -> Result<(), String> {
     let cli = Cli::parse();
-    if let Some(Command::Eval(e)) = &cli.command {
-        return eval(e);
+    match &cli.command {
+        Some(Command::Eval(e)) => return eval(e),
+        Some(Command::Export(e)) => return export(e),
+        None => {}
     }
     let args = cli.train;
     let config = resolve(&args)?.check().map_err(|e| e.to_string())?;

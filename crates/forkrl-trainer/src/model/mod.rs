@@ -1,11 +1,12 @@
 //! The policy and everything around it: the decoder ([`policy`]), Hugging Face loading ([`hf`]) and tokenizers
 //! ([`tokenizer`]), the KV-cache sampler ([`sampler`]), our checkpoints ([`checkpoint`]), global-norm gradient
-//! clipping ([`gradients`]), and [`Model`]: a built
+//! clipping ([`gradients`]), Hugging Face export ([`hf_export`]), and [`Model`]: a built
 //! policy with its tokenizer and special ids.
 
 pub mod checkpoint;
 pub mod gradients;
 pub mod hf;
+pub mod hf_export;
 pub mod policy;
 pub mod sampler;
 pub mod tokenizer;

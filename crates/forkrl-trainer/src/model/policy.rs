@@ -94,10 +94,10 @@ pub struct Block {
 /// The policy.
 #[derive(Module, Debug)]
 pub struct Policy {
-    embed: Param<Tensor<2>>,
-    blocks: Vec<Block>,
-    norm: RmsNorm,
-    lm_head: Option<Linear>,
+    pub(crate) embed: Param<Tensor<2>>,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) norm: RmsNorm,
+    pub(crate) lm_head: Option<Linear>,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,

@@ -11,7 +11,7 @@ use crate::TrainerError;
 pub const PAD: u32 = 0;
 /// End-of-sequence id.
 pub const EOS: u32 = 1;
-const CHARS: &str = "0123456789+-=|*/(),>:";
+pub(crate) const CHARS: &str = "0123456789+-=|*/(),>:";
 
 /// Characters of the built-in tasks plus PAD and EOS.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

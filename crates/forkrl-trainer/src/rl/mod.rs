@@ -7,10 +7,13 @@
 //!   loss rows;
 //! - [`update`]: PPO epochs × query-preserved mini-batches × micro-batches, the forking mask, the actor loss, the
 //!   optimiser step;
+//! - [`balance`]: the buffered global reward balance across steps;
 //! - [`dump`]: rollout dumps (per-token entropy and log-prob of every response, every K steps);
+//! - [`vps`]: GRPO-VPS's probe rollouts from mid-response prefixes;
 //! - [`metrics`]: [`metrics::Observer`] and its events, the metrics rows (verl names), the run summary;
 //! - [`state`]: what a checkpoint records, atomic checkpoint writes, and the run directory.
 
+pub mod balance;
 pub mod dump;
 pub mod metrics;
 pub mod rollout;
@@ -18,3 +21,4 @@ pub mod score;
 pub mod state;
 pub mod trainer;
 pub mod update;
+pub mod vps;

@@ -1,15 +1,21 @@
 //! Rollout: allocate → sample → verify, for one RL step.
 //!
 //! Each generation batch draws `prompts_per_step` training problems and allocates rollouts per prompt: uniform
-//! (`group_size`), Mixed-CUTS (`g_std` with the rollout decoding, `g_cuts` with CUTS), or HORA (`n0` probe rollouts per
-//! prompt, then the rest of the `prompts_per_step × group_size` budget by `hora_allocate_after_probe`). Rows are
+//! (`group_size`), Mixed-CUTS (`g_std` with the rollout decoding, `g_cuts` with CUTS), or HORA over the
+//! `prompts_per_step × group_size` budget — from an in-step probe (`n0` rollouts per prompt, then
+//! `hora_allocate_after_probe`) or from each prompt's history of earlier steps (`forkrl_rollout::PromptStatsStore`, keyed
+//! by [`prompt_id`]; prompts recur across the epochs of a dataset), then `hora_allocate`; a prompt allocated 0 is
+//! skipped this step. Rows are
 //! sampled with the KV-cache sampler on an autodiff-free snapshot of the policy, each with its own (seed, row,
 //! position) stream, and verified by the task. With DAPO dynamic sampling, generation batches are drawn until
 //! `prompts_per_step` groups with mixed outcomes are kept.
 
 use burn::module::Module;
 use forkrl_core::{SeedStream, derive_seed};
-use forkrl_rollout::{BetaPosterior, Decoding, DynamicSampler, HoraConfig, PosteriorSource, hora_allocate_after_probe};
+use forkrl_rollout::{
+    BetaPosterior, Decoding, DynamicSampler, HoraConfig, PosteriorSource, PromptStatsStore, hora_allocate,
+    hora_allocate_after_probe,
+};
 
 use crate::{
     Result, TrainerError,
@@ -28,9 +34,19 @@ use crate::{
 pub struct Group {
     /// Its rollouts (at least one).
     pub rollouts: Vec<Rollout>,
+    /// The problem they answer.
+    pub problem: Problem,
 }
 
-/// Samples the RL batch of step `step` (1-based).
+/// The id of a prompt in HORA's history: a hash of its token ids (stable across runs and resumptions).
+pub fn prompt_id(prompt: &[u32]) -> u64 {
+    prompt.iter().fold(forkrl_core::numeric::splitmix64(prompt.len() as u64), |h, &t| {
+        forkrl_core::numeric::splitmix64(h ^ u64::from(t))
+    })
+}
+
+/// Samples the RL batch of step `step` (1-based); `history` is HORA's per-prompt record of earlier steps (read only
+/// with `source = { kind = "history" }`).
 ///
 /// # Errors
 /// [`forkrl_core::Error::SamplingExhausted`] when dynamic sampling gives up; tokenizer and sampler errors.
@@ -40,13 +56,15 @@ pub fn rollout(
     task: &Task,
     config: &CheckedConfig,
     step: usize,
+    history: Option<&PromptStatsStore>,
 ) -> Result<RolloutBatch> {
     let rl = &config.rl;
     let seed = config.run.seed;
     let roll = |attempt: u64| -> Result<Vec<Group>> {
         let indices = [step as u64, attempt];
         let problems = task.sample(rl.prompts_per_step, derive_seed(seed, SeedStream::RlPrompts, &indices))?;
-        sample_groups(policy, vocab, &problems, config, derive_seed(seed, SeedStream::RolloutSampling, &indices))
+        let sampling = derive_seed(seed, SeedStream::RolloutSampling, &indices);
+        sample_groups(policy, vocab, &problems, config, sampling, history)
     };
     let (groups, frac_zero_std) = match rl.dynamic_sampling {
         None => (roll(0)?, None),
@@ -65,9 +83,11 @@ pub fn rollout(
         }
     };
     let sizes: Vec<usize> = groups.iter().map(|g| g.rollouts.len()).collect();
+    let problems: Vec<Problem> = groups.iter().map(|g| g.problem.clone()).collect();
     let rollouts = groups.into_iter().flat_map(|g| g.rollouts).collect();
     let mut batch = RolloutBatch::new(step, rollouts, sizes, vocab.pad)?;
     batch.frac_zero_std_before_filter = frac_zero_std;
+    batch.problems = Some(problems);
     Ok(batch)
 }
 
@@ -82,6 +102,7 @@ pub fn sample_groups(
     problems: &[Problem],
     config: &CheckedConfig,
     seed: u64,
+    history: Option<&PromptStatsStore>,
 ) -> Result<Vec<Group>> {
     let rl = &config.rl;
     let prompts: Vec<Vec<u32>> = problems.iter().map(|p| vocab.encode(&p.prompt)).collect::<Result<_>>()?;
@@ -100,7 +121,7 @@ pub fn sample_groups(
     };
     let counts: Vec<usize> = match &rl.hora {
         None => vec![rl.group_size; problems.len()],
-        Some(h) => hora_counts(&mut sampler, h, &ops, rl.group_size)?,
+        Some(h) => hora_counts(&mut sampler, h, &ops, rl.group_size, history)?,
     };
     let rest: Vec<(usize, Decoding)> = counts
         .iter()
@@ -109,7 +130,13 @@ pub fn sample_groups(
         .map(|(i, j)| (i, ops[j % ops.len()]))
         .collect();
     sampler.run(&rest)?;
-    Ok(sampler.per_prompt.into_iter().filter(|rows| !rows.is_empty()).map(|rollouts| Group { rollouts }).collect())
+    Ok(sampler
+        .per_prompt
+        .into_iter()
+        .zip(problems)
+        .filter(|(rows, _)| !rows.is_empty())
+        .map(|(rollouts, problem)| Group { rollouts, problem: problem.clone() })
+        .collect())
 }
 
 /// Samples requested rows and files them under their prompt.
@@ -141,28 +168,45 @@ impl RowSampler<'_> {
     }
 }
 
-/// HORA: `n0` probe rollouts per prompt, then the allocation of the whole budget from the probe's Beta posteriors.
+/// HORA's rollouts per prompt: from `n0` probe rollouts per prompt in this step, or from the prompts' history.
 fn hora_counts(
     sampler: &mut RowSampler<'_>,
     h: &HoraConfig,
     ops: &[Decoding],
     group_size: usize,
+    history: Option<&PromptStatsStore>,
 ) -> Result<Vec<usize>> {
-    let PosteriorSource::Probe { n0 } = h.source else {
-        return Err(TrainerError::invalid("rl.hora.source", format!("{:?}", h.source), "must be the probe"));
-    };
     let n = sampler.problems.len();
-    let probe: Vec<(usize, Decoding)> =
-        (0..n).flat_map(|i| (0..n0).map(move |j| (i, j))).map(|(i, j)| (i, ops[j % ops.len()])).collect();
-    sampler.run(&probe)?;
-    let posteriors: Vec<BetaPosterior> = sampler
-        .per_prompt
-        .iter()
-        .map(|rows| {
-            let hits = rows.iter().filter(|r| r.reward > 0.0).count() as f64;
-            BetaPosterior::from_counts(hits, rows.len() as f64 - hits, h.prior_a, h.prior_b)
-        })
-        .collect::<std::result::Result<_, _>>()?;
     let max = h.max_per_prompt.unwrap_or(4 * group_size);
-    Ok(hora_allocate_after_probe(&posteriors, n * group_size, n0, h.min_per_prompt, max)?.counts)
+    match h.source {
+        PosteriorSource::Probe { n0 } => {
+            let probe: Vec<(usize, Decoding)> =
+                (0..n).flat_map(|i| (0..n0).map(move |j| (i, j))).map(|(i, j)| (i, ops[j % ops.len()])).collect();
+            sampler.run(&probe)?;
+            let posteriors: Vec<BetaPosterior> = sampler
+                .per_prompt
+                .iter()
+                .map(|rows| {
+                    let hits = rows.iter().filter(|r| r.reward > 0.0).count() as f64;
+                    BetaPosterior::from_counts(hits, rows.len() as f64 - hits, h.prior_a, h.prior_b)
+                })
+                .collect::<std::result::Result<_, _>>()?;
+            Ok(hora_allocate_after_probe(&posteriors, n * group_size, n0, h.min_per_prompt, max)?.counts)
+        }
+        PosteriorSource::History { .. } => {
+            let store = history.ok_or_else(|| TrainerError::Stage {
+                stage: "rollout",
+                reason: "HORA with source = history needs the trainer's prompt history".into(),
+            })?;
+            let posteriors: Vec<BetaPosterior> = sampler
+                .prompts
+                .iter()
+                .map(|p| {
+                    let s = store.get(prompt_id(p));
+                    BetaPosterior::from_counts(s.successes, s.failures, h.prior_a, h.prior_b)
+                })
+                .collect::<std::result::Result<_, _>>()?;
+            Ok(hora_allocate(&posteriors, n * group_size, h.min_per_prompt, max)?.counts)
+        }
+    }
 }

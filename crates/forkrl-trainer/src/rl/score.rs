@@ -6,7 +6,8 @@
 //! 2. The reward the advantages see: the verifier's, plus DAPO's overlong penalty `R_len(|y|)`, minus `β·Σ_t kl_t` with
 //!    KL in the reward (verl `apply_kl_penalty`; the sequence's token rewards summed, as verl's outcome estimators do).
 //! 3. Group advantages from it (`forkrl_advantage::group_advantages`: GRPO, Dr. GRPO or RLOO).
-//! 4. Token weighting (`forkrl_advantage::TokenWeighting`; SHEAR reads the rollout policy's last-layer hidden states).
+//! 4. Token weighting (`forkrl_advantage::TokenWeighting`; SHEAR reads the rollout policy's last-layer hidden states),
+//!    or GRPO-VPS's process advantages from probe rollouts ([`crate::rl::vps`]).
 //! 5. The loss rows: per-query reward balance (`forkrl_advantage::balance_per_query`) and overlong filtering drop rows
 //!    from the loss.
 
@@ -17,7 +18,8 @@ use crate::{
     batch::{RolloutBatch, Scores},
     config::{Balance, CheckedConfig},
     host_f32,
-    model::{ids_tensor, policy::Policy, token_stats},
+    model::{Vocab, ids_tensor, policy::Policy, token_stats},
+    rl::vps,
 };
 
 /// Scores `batch` with the rollout policy `policy` and the reference policy `reference` (both autodiff-free
@@ -29,6 +31,7 @@ use crate::{
 pub fn score(
     policy: &Policy,
     reference: Option<&Policy>,
+    vocab: &Vocab,
     config: &CheckedConfig,
     batch: &mut RolloutBatch,
     kl_coef: f64,
@@ -92,7 +95,13 @@ pub fn score(
         log_prob: Some(&old_log_prob),
         hidden: hidden.as_ref().map(|(h, dim)| (h.as_slice(), *dim)),
     };
-    let token_advantages = rl.token_weighting.token_advantages(&view)?;
+    let (token_advantages, vps_probes) = match &rl.vps {
+        Some(v) => {
+            let probes = vps::probe(policy, vocab, config, v, batch, &old_entropy)?;
+            (vps::token_advantages(batch, &adv.advantages, &probes, v.vps.alpha)?, Some(probes))
+        }
+        None => (rl.token_weighting.token_advantages(&view)?, None),
+    };
     let train_mask = train_mask(batch, &adv.advantages, config)?;
     batch.scores = Some(Scores {
         rewards: shaped,
@@ -103,6 +112,7 @@ pub fn score(
         old_log_prob,
         ref_log_prob,
         token_advantages,
+        vps: vps_probes,
         train_mask,
     });
     Ok(())

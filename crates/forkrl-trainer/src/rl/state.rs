@@ -41,6 +41,12 @@ pub struct TrainState {
     /// β of KL in the reward after the last step (the adaptive controller's state); `None` when it is off.
     #[serde(default)]
     pub kl_coef: Option<f64>,
+    /// HORA's per-prompt history (`source = { kind = "history" }`); `None` otherwise.
+    #[serde(default)]
+    pub prompt_stats: Option<forkrl_rollout::PromptStatsStore>,
+    /// The buffered balance's rows (`rl.balance = "buffered"`); `None` otherwise.
+    #[serde(default)]
+    pub balance_buffer: Option<crate::rl::balance::RowBuffer>,
 }
 
 /// State file inside a checkpoint directory.

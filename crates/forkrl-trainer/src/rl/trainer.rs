@@ -22,17 +22,19 @@ use burn::{
 };
 
 use forkrl_advantage::AdaptiveKlController;
+use forkrl_rollout::{PosteriorSource, PromptStatsStore};
 
 use crate::{
     Result, TrainerError,
     batch::RolloutBatch,
-    config::{CheckedConfig, KlCtrlKind},
+    config::{Balance, CheckedConfig, KlCtrlKind},
     eval, finite_scalar,
     model::{
-        self, Vocab, checkpoint, gradients,
+        self, Vocab, checkpoint, gradients, hf_export,
         policy::{Policy, PolicyConfig},
     },
     rl::{
+        balance::{self, RowBuffer},
         dump,
         metrics::{Event, MetricsRow, Observer, TrainSummary, rl_step_row},
         rollout, score,
@@ -60,6 +62,10 @@ pub struct Trainer {
     reference: Option<Policy>,
     /// β of KL in the reward (adapted after each batch by verl's controller when `kl_ctrl.type = "adaptive"`).
     kl_coef: f64,
+    /// HORA's per-prompt history and the last RL step recorded into it.
+    prompt_stats: Option<(PromptStatsStore, usize)>,
+    /// The buffered global balance's rows (`rl.balance = "buffered"`).
+    buffer: Option<RowBuffer>,
     sft_steps_done: usize,
     sft_finished: bool,
     rl_steps_done: usize,
@@ -134,6 +140,14 @@ impl Trainer {
             optim: rl_adamw(&config),
             reference: None,
             kl_coef: config.rl.kl_in_reward.map_or(0.0, |k| k.kl_ctrl.kl_coef),
+            prompt_stats: match config.rl.hora.map(|h| h.source) {
+                Some(PosteriorSource::History { decay }) => Some((PromptStatsStore::new(decay)?, 0)),
+                _ => None,
+            },
+            buffer: match config.rl.balance {
+                Balance::Buffered => Some(RowBuffer::new(config.rl.balance_buffer)?),
+                _ => None,
+            },
             sft_steps_done: 0,
             sft_finished: false,
             rl_steps_done: 0,
@@ -217,6 +231,12 @@ impl Trainer {
         if let Some(beta) = state.kl_coef {
             t.kl_coef = beta;
         }
+        if let (Some(stats), Some(store)) = (t.prompt_stats.as_mut(), state.prompt_stats) {
+            *stats = (store, state.step);
+        }
+        if let (Some(buffer), Some(saved)) = (t.buffer.as_mut(), state.balance_buffer) {
+            *buffer = saved;
+        }
         if t.config.needs_reference() && state.step > 0 {
             t.reference = Some(checkpoint::load_policy(&checkpoints.join("reference"), &t.device)?.0.valid());
         }
@@ -254,6 +274,12 @@ impl Trainer {
     /// The task.
     pub fn task(&self) -> &Task {
         &self.task
+    }
+
+    /// HORA's per-prompt history (`rl.hora.source = { kind = "history" }`), recorded by [`Trainer::score`] once per
+    /// step.
+    pub fn prompt_history(&self) -> Option<&PromptStatsStore> {
+        self.prompt_stats.as_ref().map(|(store, _)| store)
     }
 
     /// The held-out problems (`eval.size` of them at most).
@@ -316,7 +342,8 @@ impl Trainer {
     /// # Errors
     /// As [`rollout::rollout`].
     pub fn rollout(&self) -> Result<RolloutBatch> {
-        rollout::rollout(self.policy(), &self.vocab, &self.task, &self.config, self.rl_steps_done + 1)
+        let history = self.prompt_stats.as_ref().map(|(store, _)| store);
+        rollout::rollout(self.policy(), &self.vocab, &self.task, &self.config, self.rl_steps_done + 1, history)
     }
 
     /// Adds advantages, `log π_old`, `log π_ref`, entropies, token advantages and the loss rows to `batch`. The
@@ -332,7 +359,18 @@ impl Trainer {
             }
             self.reference = Some(self.policy().valid());
         }
-        score::score(&self.policy().valid(), self.reference.as_ref(), &self.config, batch, self.kl_coef)?;
+        let snapshot = self.policy().valid();
+        score::score(&snapshot, self.reference.as_ref(), &self.vocab, &self.config, batch, self.kl_coef)?;
+        if let Some((store, recorded)) = self.prompt_stats.as_mut().filter(|(_, recorded)| batch.step > *recorded) {
+            // HORA's history: each prompt's verifier rewards of this step, once per step.
+            let mut start = 0;
+            for &n in batch.group_sizes() {
+                let id = rollout::prompt_id(&batch.rollouts()[start].prompt);
+                store.record(id, &batch.rewards[start..start + n], batch.step as u64)?;
+                start += n;
+            }
+            *recorded = batch.step;
+        }
         if let (Some(k), Some((_, current_kl))) =
             (self.config.rl.kl_in_reward, batch.scores.as_ref().and_then(|s| s.reward_kl))
             && k.kl_ctrl.kind == KlCtrlKind::Adaptive
@@ -375,7 +413,30 @@ impl Trainer {
         Ok(mean.finish())
     }
 
-    /// One RL step: `rollout → score → update`; returns its metrics row and records its curves in the summary.
+    /// With `rl.balance = "buffered"`: pushes a scored batch into the buffer and returns the balanced update batch when
+    /// one is due (`None`: this step does not update), with `(minority_take, majority_take)`. Without it the batch
+    /// itself is the update batch: `Some` of a copy.
+    ///
+    /// # Errors
+    /// [`TrainerError::Stage`] for an unscored batch.
+    pub fn balanced_batch(&mut self, batch: &RolloutBatch) -> Result<Option<(RolloutBatch, (usize, usize))>> {
+        let Some(buffer) = self.buffer.as_mut() else {
+            return Ok(Some((batch.clone(), (0, batch.len()))));
+        };
+        let rl = &self.config.rl;
+        let size = rl.prompts_per_step * rl.group_size;
+        let last = batch.step >= rl.steps;
+        let drawn = balance::push_and_draw(buffer, batch, size, last, self.config.run.seed, self.vocab.pad)?;
+        Ok(drawn.map(|(b, info)| (b, (info.minority_take, info.majority_take))))
+    }
+
+    /// The buffered balance's `(positives, negatives)` held, when it is on.
+    pub fn buffer_counts(&self) -> Option<(usize, usize)> {
+        self.buffer.as_ref().map(RowBuffer::counts)
+    }
+
+    /// One RL step: `rollout → score → update` (with the buffered balance, the update runs on the buffer's balanced
+    /// batch when one is due, and is skipped otherwise); returns its metrics row and records its curves in the summary.
     ///
     /// # Errors
     /// The errors of the three stages.
@@ -383,12 +444,28 @@ impl Trainer {
         let start = Instant::now();
         let mut batch = self.rollout()?;
         self.score(&mut batch)?;
-        let stats = self.update(&batch)?;
+        let stats = if self.buffer.is_some() {
+            match self.balanced_batch(&batch)? {
+                Some((train, _)) => self.update(&train)?,
+                None => {
+                    self.rl_steps_done = batch.step;
+                    UpdateStats::skipped(self.config.rl_lr(batch.step))
+                }
+            }
+        } else {
+            self.update(&batch)?
+        };
         let every = self.config.rl.rollout_dump_every;
         if let Some(dir) = self.rollout_dumps.as_ref().filter(|_| every > 0 && batch.step.is_multiple_of(every)) {
             dump::write_dump(dir, &batch, &self.vocab)?;
         }
-        let (row, entropy) = rl_step_row(&batch, batch.scored("rl_step")?, &stats, start.elapsed().as_secs_f64())?;
+        let (mut row, entropy) = rl_step_row(&batch, batch.scored("rl_step")?, &stats, start.elapsed().as_secs_f64())?;
+        if let Some((p, n)) = self.buffer_counts() {
+            row = row
+                .with("balance/updated", if stats.minibatches > 0 { 1.0 } else { 0.0 })
+                .with("balance/buffer_positives", p as f64)
+                .with("balance/buffer_negatives", n as f64);
+        }
         let step = batch.step;
         let s = &mut self.summary;
         s.reward_curve.push((step, row.get("critic/score/mean").unwrap_or(f64::NAN)));
@@ -468,6 +545,20 @@ impl Trainer {
         Ok(eval::EvalReport { checkpoint: checkpoint.to_string(), step: self.rl_steps_done, seed: c.run.seed, sets })
     }
 
+    /// Writes the current policy as a Hugging Face directory `out` (atomically) that `transformers` loads: the source
+    /// checkpoint's architecture, dtype and tokenizer, or Llama with an equivalent `tokenizer.json` for the built-in
+    /// model (`model::hf_export`).
+    ///
+    /// # Errors
+    /// As [`hf_export::export`].
+    pub fn export(&self, out: &Path) -> Result<()> {
+        let source = match &self.config.model.hf_dir {
+            Some(dir) => hf_export::ExportSource::HfDir(dir),
+            None => hf_export::ExportSource::BuiltIn,
+        };
+        hf_export::export(self.policy(), &self.policy_config, source, out)
+    }
+
     /// Writes a checkpoint of the current step into `dir` (atomically; `latest` then names it). Returns its
     /// directory.
     ///
@@ -480,6 +571,8 @@ impl Trainer {
             summary: self.summary.clone(),
             metrics_lines: self.metrics_lines,
             kl_coef: self.config.rl.kl_in_reward.map(|_| self.kl_coef),
+            prompt_stats: self.prompt_stats.as_ref().map(|(store, _)| store.clone()),
+            balance_buffer: self.buffer.clone(),
         };
         save_checkpoint(dir, self.config.checkpoint.keep, self.policy(), &self.policy_config, &self.optim, &state)
     }

@@ -62,6 +62,27 @@ pub struct UpdateStats {
     pub minibatches: usize,
 }
 
+impl UpdateStats {
+    /// The stats of a step that did not update (the buffered balance waiting for a balanced batch): NaN losses,
+    /// no mini-batch.
+    pub fn skipped(lr: f64) -> Self {
+        let nan = f64::NAN;
+        Self {
+            pg_loss: nan,
+            entropy: nan,
+            pg_clipfrac: nan,
+            pg_clipfrac_lower: nan,
+            ppo_kl: nan,
+            kl_loss: nan,
+            grad_norm: nan,
+            lr,
+            forking_threshold: None,
+            forking_frac_selected: nan,
+            minibatches: 0,
+        }
+    }
+}
+
 /// The loss inputs of one mini-batch: its rows, masks and (when it is one micro-batch) its training forward.
 pub(crate) struct Minibatch {
     idx: Vec<usize>,
