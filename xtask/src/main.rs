@@ -13,7 +13,7 @@ use std::{
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(name = "cargo xtask", about = "forkrl's task runner: test, bench, simulate, train", long_about = None)]
+#[command(name = "cargo xtask", about = "forkrl's task runner: test, bench, simulate, train, experiment", long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Task,
@@ -61,6 +61,15 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// A paired experiment: per seed one SFT run, every arm's RL from its checkpoint with the same seed, then a report
+    /// with paired 95 % CIs. `cargo xtask experiment forking-tokens [--seeds N] [--quick] [--set key=value]...`
+    /// (the 80/20 arms: top-20 %, all tokens, bottom-80 %, random-20 %, rho 0.1 and 0.5; --quick: 2 seeds, 3 arms).
+    /// Writes runs/experiments/<name>/{report.md, curves.svg, entropy.svg, runs.json}.
+    Experiment {
+        /// The experiment's name, then its options.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -93,6 +102,10 @@ fn main() -> ExitCode {
             run(&cargo(), &cmd, &[])
         }
         Task::Train { args } => train(&args),
+        Task::Experiment { args } => {
+            let args: Vec<String> = std::iter::once("experiment".to_string()).chain(args).collect();
+            train(&args)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

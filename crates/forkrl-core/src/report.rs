@@ -2,15 +2,44 @@
 
 use std::{fmt::Write as _, io, path::Path};
 
-/// Writes `contents` to `path` atomically: a temporary file in the same folder, then a rename, so a reader never sees
-/// a half-written file.
+/// Writes `contents` to `path` atomically and durably: a temporary file in the same folder, flushed to disk (`fsync`),
+/// then renamed over `path`, and the folder flushed, so that neither a reader nor a power loss ever sees a half-written
+/// file (the old contents or the new, nothing between).
 ///
 /// # Errors
-/// The I/O error of the write or the rename.
+/// The I/O error of the write, the flush or the rename.
 pub fn write_atomic(path: &Path, contents: &str) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents)?;
-    std::fs::rename(&tmp, path)
+    write_atomic_bytes(path, contents.as_bytes())
+}
+
+/// [`write_atomic`] for bytes.
+///
+/// # Errors
+/// As [`write_atomic`].
+pub fn write_atomic_bytes(path: &Path, contents: &[u8]) -> io::Result<()> {
+    use std::io::Write as _;
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = path.with_file_name(name);
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    sync_dir(path.parent())
+}
+
+/// Flushes a folder's entries (a rename or a new file in it) to disk; a no-op where folders cannot be opened (Windows).
+///
+/// # Errors
+/// The I/O error of the flush.
+pub fn sync_dir(dir: Option<&Path>) -> io::Result<()> {
+    let dir = match dir {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if cfg!(unix) { std::fs::File::open(dir)?.sync_all() } else { Ok(()) }
 }
 
 /// One line of a chart.

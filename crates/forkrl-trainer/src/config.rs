@@ -500,6 +500,53 @@ impl CheckedConfig {
     }
 }
 
+/// Sets the dotted key `path` (e.g. `rl.forking.select`) of a TOML table to `value`, creating the tables on the way
+/// (what `--set key=value` does).
+///
+/// # Errors
+/// A message naming the key when it is empty or crosses a non-table value.
+pub fn set_path(root: &mut toml::Table, path: &str, value: toml::Value) -> std::result::Result<(), String> {
+    let mut parts: Vec<&str> = path.split('.').collect();
+    let last = parts.pop().filter(|p| !p.is_empty()).ok_or_else(|| format!("--set {path}: empty key"))?;
+    let mut table = root;
+    for p in parts {
+        table = table
+            .entry(p)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| format!("--set {path}: {p} is not a table"))?;
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// The value of a `--set key=value`: a TOML literal (number, bool, array, inline table, quoted string), else the text
+/// as a bare string.
+pub fn parse_set_value(text: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {text}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(text.to_string()))
+}
+
+impl TrainConfig {
+    /// This configuration with `key=value` settings applied in order (as `--set`).
+    ///
+    /// # Errors
+    /// [`TrainerError::InvalidConfig`] naming a key that cannot be set or a value of the wrong type.
+    pub fn with_sets(&self, sets: &[(String, String)]) -> Result<Self> {
+        let mut table = toml::Table::try_from(self)
+            .map_err(|e| TrainerError::invalid("config", "(resolved)", format!("cannot be written as TOML: {e}")))?;
+        for (k, v) in sets {
+            set_path(&mut table, k, parse_set_value(v)).map_err(|e| TrainerError::invalid(k, v, e))?;
+        }
+        let keys: Vec<&str> = sets.iter().map(|(k, _)| k.as_str()).collect();
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| TrainerError::invalid(keys.join(", "), "(set)", e.to_string()))
+    }
+}
+
 /// Losses that decide their own tokens: the sequence-level ones (their papers use every token) and HTPO.
 fn selects_its_own_tokens(loss: &PolicyLoss) -> bool {
     matches!(loss, PolicyLoss::Gspo(_) | PolicyLoss::GeoMean(_) | PolicyLoss::Holder(_) | PolicyLoss::Htpo(_))

@@ -17,6 +17,7 @@
 //! - [`model`]: the Llama / Qwen2 / Qwen3 policy, Hugging Face loading, tokenizers, the KV-cache sampler, checkpoints;
 //! - [`tasks`]: arithmetic, Countdown and JSONL datasets, with their verifiers;
 //! - [`rl`]: the [`Trainer`], its stages, [`Observer`], checkpoint state and the run directory;
+//! - [`experiment`]: paired experiments over arms × seeds (the 80/20 experiment) and their report;
 //! - [`smoke`]: the backend smoke check.
 //!
 //! `docs/architecture.md` maps the step to these files; `docs/extending.md` says which files a new loss, token
@@ -26,6 +27,7 @@ pub mod batch;
 pub mod config;
 pub mod error;
 pub mod eval;
+pub mod experiment;
 pub mod model;
 pub mod rl;
 pub mod sft;

@@ -143,3 +143,108 @@ fn cpu_backend_eval_and_export_read_a_saved_checkpoint_and_never_replace_their_o
     assert_eq!(snapshot(&hf), before);
     let _ = fs::remove_dir_all(&out);
 }
+
+/// The parameter values of a run's newest checkpoint, as bit patterns in module order (the file itself also holds
+/// per-process parameter ids).
+fn policy_bits(run: &Path) -> Vec<u32> {
+    use burn::module::{Module, ModuleVisitor, Param};
+    struct Collect(Vec<u32>);
+    impl ModuleVisitor for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<burn::tensor::Tensor<D>>) {
+            let values = param.val().into_data().try_to_vec::<f32>().expect("f32");
+            self.0.extend(values.iter().map(|v| v.to_bits()));
+        }
+    }
+    let latest = fs::read_to_string(run.join("checkpoints/latest")).expect("latest");
+    let device = forkrl_core::Backend::Cpu.device().expect("cpu");
+    let (policy, _) =
+        forkrl_trainer::model::checkpoint::load_policy(&run.join("checkpoints").join(latest.trim()), &device)
+            .expect("loads");
+    let mut c = Collect(Vec::new());
+    policy.visit(&mut c);
+    c.0
+}
+
+#[test]
+fn cpu_backend_a_run_killed_at_random_points_and_resumed_ends_as_a_straight_run() {
+    let out = scratch("crash");
+    let sets = [
+        "sft.steps=30",
+        "rl.steps=6",
+        "rl.prompts_per_step=2",
+        "rl.group_size=4",
+        "eval.size=8",
+        "eval.every=2",
+        "eval.pass_k_size=2",
+        "checkpoint.every=1",
+        "checkpoint.keep=2",
+    ];
+    let args = |name: &str, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = vec!["--set".into(), format!("run.out_dir={:?}", out.display().to_string())];
+        v.extend(["--name".into(), name.into()]);
+        for s in &sets {
+            v.extend(["--set".into(), (*s).into()]);
+        }
+        v.extend(extra.iter().map(|s| (*s).to_string()));
+        v
+    };
+    let bin = env!("CARGO_BIN_EXE_forkrl-train");
+    let straight = Command::new(bin).args(args("straight", &[])).output().expect("runs");
+    assert!(straight.status.success(), "{}", String::from_utf8_lossy(&straight.stderr));
+    // The crashed run: SIGKILL after a pseudo-random delay (within, then past, the run's length), then resume — or
+    // start over when no checkpoint was written yet — until a run finishes.
+    let run = out.join("crashed");
+    let mut delay_ms: u64 = 150;
+    let mut kills = 0;
+    for attempt in 0..40 {
+        let extra: &[&str] = if run.join("checkpoints/latest").exists() { &["--resume"] } else { &["--overwrite"] };
+        let mut child = Command::new(bin)
+            .args(args("crashed", extra))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawns");
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        if child.try_wait().expect("polls").is_none() && attempt < 30 {
+            child.kill().expect("SIGKILL");
+            kills += 1;
+        }
+        let status = child.wait_with_output().expect("waits");
+        if status.status.success() {
+            break;
+        }
+        assert!(kills > 0, "failed without a kill: {}", String::from_utf8_lossy(&status.stderr));
+        delay_ms = 100 + (delay_ms * 7919 + 13) % 900; // spread the kill points
+    }
+    assert!(kills >= 3, "the test killed only {kills} times");
+    let (a, b) = (policy_bits(&run), policy_bits(&out.join("straight")));
+    assert!(a.len() > 1000);
+    assert!(
+        a == b,
+        "final parameters differ in {} of {} values",
+        a.iter().zip(&b).filter(|(x, y)| x != y).count(),
+        a.len()
+    );
+    let metrics = |r: &Path| -> Vec<serde_json::Value> {
+        fs::read_to_string(r.join("metrics.jsonl"))
+            .expect("metrics")
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).expect("a whole json line");
+                v.as_object_mut().expect("object").retain(|k, _| !k.starts_with("perf/"));
+                v
+            })
+            .collect()
+    };
+    assert_eq!(metrics(&run), metrics(&out.join("straight")), "identical metrics, no torn or repeated line");
+    // Nothing a killed writer left behind survives a resumption.
+    for entry in fs::read_dir(run.join("checkpoints")).expect("ls") {
+        let name = entry.expect("entry").file_name().into_string().expect("utf-8");
+        assert!(name == "latest" || name.starts_with("step-") && !name.contains('.'), "left behind: {name}");
+    }
+    for entry in fs::read_dir(&run).expect("ls") {
+        let name = entry.expect("entry").file_name().into_string().expect("utf-8");
+        assert!(!name.contains(".tmp-"), "left behind: {name}");
+    }
+    let _ = fs::remove_dir_all(&out);
+}

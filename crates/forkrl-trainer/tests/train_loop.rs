@@ -82,3 +82,29 @@ fn dynamic_sampling_gives_up_with_a_typed_error_when_no_group_has_mixed_outcomes
         other => panic!("unexpected {other:?}"),
     }
 }
+
+#[test]
+fn a_metrics_write_failure_is_an_io_error_naming_the_file() {
+    /// A writer on a full disk.
+    struct Full;
+    impl std::io::Write for Full {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device"))
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let device = Backend::from_env().expect("known backend").device().expect("compiled backend");
+    let mut config = TrainConfig::default();
+    config.sft.steps = 1;
+    config.eval.size = 4;
+    let mut writer = forkrl_trainer::JsonlWriter::new(Full, "runs/full/metrics.jsonl");
+    match train(config.check().expect("valid"), &device, &mut writer) {
+        Err(TrainerError::Io { path, source }) => {
+            assert!(path.ends_with("metrics.jsonl"), "{}", path.display());
+            assert_eq!(source.kind(), std::io::ErrorKind::StorageFull);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}

@@ -136,6 +136,11 @@ fn cpu_backend_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     );
     assert_eq!(summary_a.eval_curve, summary_b.eval_curve);
     assert_eq!(summary_a.final_pass_at_k, summary_b.final_pass_at_k);
+    // summary.json byte for byte, wall time aside: the resumed run read its summary back from state.json exactly.
+    let json = |s: &forkrl_trainer::TrainSummary| {
+        serde_json::to_string(&forkrl_trainer::TrainSummary { seconds: 0.0, ..s.clone() }).expect("json")
+    };
+    assert_eq!(json(&summary_a), json(&summary_b));
     // keep = 2: only the two newest checkpoints remain.
     let mut names: Vec<String> = std::fs::read_dir(&a)
         .expect("ls")

@@ -7,6 +7,7 @@
 //!              [--model HF_DIR] [--data FILE.jsonl] [--resume | --overwrite] [--stop-after RL_STEP]
 //! forkrl-train eval --checkpoint DIR [--data FILE.jsonl]... [--k K] [--out REPORT.json] [--overwrite]
 //! forkrl-train export --checkpoint DIR --out HF_DIR [--overwrite]
+//! forkrl-train experiment forking-tokens [--seeds N] [--quick] [--config FILE] [--set key=value]... [--out DIR]
 //! ```
 //!
 //! With no arguments it runs the built-in default: the tiny policy on two-step arithmetic, SFT then GRPO with the
@@ -30,7 +31,12 @@ use std::{
 
 use clap::Parser;
 use forkrl_core::Backend;
-use forkrl_trainer::{Event, JsonlWriter, MetricsRow, Observer, TrainConfig, Trainer, TrainerError, rl::state::RunDir};
+use forkrl_trainer::{
+    Event, JsonlWriter, MetricsRow, Observer, TrainConfig, Trainer, TrainerError,
+    config::{parse_set_value, set_path},
+    experiment,
+    rl::state::RunDir,
+};
 
 /// Trains a policy with SFT then RLVR (GRPO with the 80/20 forking-token mask by default).
 #[derive(Parser, Debug)]
@@ -48,6 +54,35 @@ enum Command {
     Eval(EvalArgs),
     /// Writes a checkpoint as a Hugging Face model directory.
     Export(ExportArgs),
+    /// Runs a paired experiment (arms × seeds from shared SFT checkpoints) and writes its report.
+    Experiment(ExperimentArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ExperimentArgs {
+    /// The experiment: `forking-tokens` (the 80/20 arms: top-20 %, all tokens, bottom-80 %, random-20 %, ρ 0.1 / 0.5).
+    name: String,
+    /// Seeds (default 3; 2 with --quick).
+    #[arg(long)]
+    seeds: Option<usize>,
+    /// 2 seeds and 3 arms (top-20 %, all tokens, bottom-80 %).
+    #[arg(long)]
+    quick: bool,
+    /// A TOML configuration every run starts from.
+    #[arg(long, value_name = "FILE.toml")]
+    config: Option<PathBuf>,
+    /// Sets one key of the base configuration (as for training).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Output folder (default `runs/experiments/<name>`).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Replace an earlier experiment in the output folder.
+    #[arg(long)]
+    overwrite: bool,
+    /// Backend: cpu, wgpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    backend: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -117,29 +152,6 @@ struct Args {
     stop_after: Option<usize>,
 }
 
-fn set_path(root: &mut toml::Table, path: &str, value: toml::Value) -> Result<(), String> {
-    let mut parts: Vec<&str> = path.split('.').collect();
-    let last = parts.pop().filter(|p| !p.is_empty()).ok_or_else(|| format!("--set {path}: empty key"))?;
-    let mut table = root;
-    for p in parts {
-        table = table
-            .entry(p)
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-            .as_table_mut()
-            .ok_or_else(|| format!("--set {path}: {p} is not a table"))?;
-    }
-    table.insert(last.to_string(), value);
-    Ok(())
-}
-
-fn parse_value(text: &str) -> toml::Value {
-    // A TOML literal (number, bool, inline table, quoted string), else a bare string.
-    toml::from_str::<toml::Table>(&format!("v = {text}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(text.to_string()))
-}
-
 /// The configuration from `--config`, the shorthand flags and every `--set`, in that order.
 fn resolve(args: &Args) -> Result<TrainConfig, String> {
     let mut table = match &args.config {
@@ -166,7 +178,7 @@ fn resolve(args: &Args) -> Result<TrainConfig, String> {
     }
     for s in &args.sets {
         let (k, v) = s.split_once('=').ok_or_else(|| format!("--set {s}: expected key=value"))?;
-        sets.push((k.trim().to_string(), parse_value(v.trim())));
+        sets.push((k.trim().to_string(), parse_set_value(v.trim())));
     }
     for (k, v) in sets {
         set_path(&mut table, &k, v)?;
@@ -302,11 +314,54 @@ fn export(args: &ExportArgs) -> Result<(), String> {
     Ok(())
 }
 
+fn experiment(args: &ExperimentArgs, command: String) -> Result<(), String> {
+    if args.name != "forking-tokens" {
+        return Err(format!("experiment {:?}: unknown (known: forking-tokens)", args.name));
+    }
+    if args.seeds == Some(0) {
+        return Err("--seeds 0: must be at least 1".into());
+    }
+    let mut base = match &args.config {
+        Some(path) => {
+            let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            toml::from_str::<TrainConfig>(&text).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        None => TrainConfig::default(),
+    };
+    let mut sets = Vec::new();
+    for s in &args.sets {
+        let (k, v) = s.split_once('=').ok_or_else(|| format!("--set {s}: expected key=value"))?;
+        sets.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    base = base.with_sets(&sets).map_err(|e| e.to_string())?;
+    let out = args.out.clone().unwrap_or_else(|| base.run.out_dir.join("experiments").join(&args.name));
+    let mut config = experiment::forking_tokens(base, args.seeds, args.quick, out);
+    config.command = command;
+    let backend: Backend = args.backend.parse().map_err(|e| format!("{e}"))?;
+    let device = backend.device().map_err(|e| format!("{e}"))?;
+    let report = experiment::run(&config, &device, args.overwrite, |p| {
+        let eta = p.eta_seconds.map_or(String::new(), |e| format!(", eta {:.0} min", e / 60.0));
+        println!("[{}/{}] seed {} {}{eta}", p.done + 1, p.total, p.seed, p.arm);
+    })
+    .map_err(|e| match e {
+        TrainerError::RunExists { path } => {
+            format!("{}: an experiment is there already; pass --overwrite to replace it", path.display())
+        }
+        e => e.to_string(),
+    })?;
+    println!("\n{}", report.markdown());
+    println!("wrote {}/{{report.md, curves.svg, entropy.svg, runs.json}}", config.out_dir.display());
+    Ok(())
+}
+
 fn run() -> Result<(), String> {
+    let command =
+        std::iter::once("forkrl-train".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ");
     let cli = Cli::parse();
     match &cli.command {
         Some(Command::Eval(e)) => return eval(e),
         Some(Command::Export(e)) => return export(e),
+        Some(Command::Experiment(e)) => return experiment(e, command),
         None => {}
     }
     let args = cli.train;

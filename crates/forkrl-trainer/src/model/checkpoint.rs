@@ -47,7 +47,7 @@ pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir(&tmp).map_err(io(&tmp))?;
-    if let Err(e) = fill(&tmp) {
+    if let Err(e) = fill(&tmp).and_then(|()| sync_tree(&tmp)) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
@@ -60,7 +60,30 @@ pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
     } else {
         std::fs::rename(&tmp, dir).map_err(io(dir))?;
     }
-    Ok(())
+    forkrl_core::report::sync_dir(dir.parent()).map_err(io(dir))
+}
+
+/// Flushes every file of a freshly written directory, and the directory, to disk (so that a power loss after the
+/// rename cannot leave a checkpoint whose files are empty).
+fn sync_tree(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let path = entry.map_err(io(dir))?.path();
+        if path.is_file() {
+            std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io(&path))?;
+        }
+    }
+    forkrl_core::report::sync_dir(Some(dir)).map_err(io(dir))
+}
+
+/// Whether `name` is a temporary or set-aside sibling that [`write_dir_atomic`] or
+/// [`forkrl_core::report::write_atomic`] leaves behind when a process dies mid-write (`<name>.tmp-<pid>`,
+/// `<name>.old-<pid>`).
+pub fn is_stale_temporary(name: &str) -> bool {
+    name.rsplit_once('.').is_some_and(|(_, tag)| {
+        (tag.starts_with("tmp-") || tag.starts_with("old-"))
+            && tag.len() > 4
+            && tag[4..].chars().all(|c| c.is_ascii_digit())
+    })
 }
 
 /// Writes `policy_config.json` and `policy.bpk` into the (existing) directory `dir`, not atomically: the building

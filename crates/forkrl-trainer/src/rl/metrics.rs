@@ -273,6 +273,9 @@ pub struct TrainSummary {
     pub response_length_curve: Vec<(usize, f64)>,
     /// Entropy statistics (percentiles, log-spaced histogram) of the response tokens of the last RL batch.
     pub last_batch_entropy: Option<EntropySummary>,
+    /// The same for the first RL batch of this process: the policy as RL starts (after SFT) on a fresh run.
+    #[serde(default)]
+    pub first_batch_entropy: Option<EntropySummary>,
     /// Wall time of SFT and RL, seconds (of this process: a resumed run counts from its resumption).
     pub seconds: f64,
     /// What looks wrong with the run (e.g. a policy that RL made markedly worse).

@@ -56,23 +56,53 @@ pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
 /// File in the checkpoints folder naming the newest complete checkpoint.
 pub const LATEST_FILE: &str = "latest";
 
-/// The newest complete checkpoint under `dir`, if any.
+/// Whether `name` is a checkpoint directory's name, `step-` and digits.
+fn is_step_name(name: &str) -> bool {
+    name.strip_prefix("step-").is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Whether `path` holds a whole checkpoint: a readable `state.json`, the policy files and the optimizer.
+fn is_complete(path: &Path) -> bool {
+    path.is_dir()
+        && [checkpoint::POLICY_FILE, checkpoint::CONFIG_FILE, OPTIMIZER_FILE].iter().all(|f| path.join(f).is_file())
+        && read_state(path).is_ok()
+}
+
+/// The newest complete checkpoint under `dir`, if any: the one `latest` names, or — when `latest` is missing (a crash
+/// between a checkpoint's rename and the swap of `latest`), unreadable, or names a missing or incomplete directory —
+/// the newest complete `step-*` directory.
 ///
 /// # Errors
-/// [`TrainerError::Io`] when `latest` exists but cannot be read.
+/// [`TrainerError::Io`] when `dir` exists but cannot be listed.
 pub fn latest_checkpoint(dir: &Path) -> Result<Option<PathBuf>> {
     let latest = dir.join(LATEST_FILE);
-    if !latest.exists() {
+    let named = fs::read_to_string(&latest).ok().map(|n| n.trim().to_string()).filter(|n| is_step_name(n));
+    if let Some(path) = named.map(|n| dir.join(n)).filter(|p| is_complete(p)) {
+        return Ok(Some(path));
+    }
+    if !dir.is_dir() {
         return Ok(None);
     }
-    let name = fs::read_to_string(&latest).map_err(|source| TrainerError::Io { path: latest.clone(), source })?;
-    Ok(Some(dir.join(name.trim())))
+    let mut steps = step_dirs(dir)?;
+    steps.retain(|p| is_complete(p));
+    Ok(steps.pop())
+}
+
+/// The `step-*` directories of `dir`, oldest first.
+fn step_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut steps: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(|source| TrainerError::Io { path: dir.to_path_buf(), source })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir() && p.file_name().and_then(|n| n.to_str()).is_some_and(is_step_name))
+        .collect();
+    steps.sort();
+    Ok(steps)
 }
 
 /// Reads the state of a checkpoint directory.
 ///
 /// # Errors
-/// [`TrainerError::Io`] / [`TrainerError::Checkpoint`].
+/// [`TrainerError::Io`] / [`TrainerError::Checkpoint`] for a missing or malformed `state.json`.
 pub fn read_state(checkpoint: &Path) -> Result<TrainState> {
     let path = checkpoint.join(STATE_FILE);
     let text = fs::read_to_string(&path).map_err(|source| TrainerError::Io { path: path.clone(), source })?;
@@ -123,20 +153,40 @@ pub(crate) fn save_checkpoint(
     })?;
     let latest = dir.join(LATEST_FILE);
     write_atomic(&latest, &name).map_err(|source| TrainerError::Io { path: latest, source })?;
-    // Drop the oldest step-* directories beyond `keep`.
-    let mut steps: Vec<PathBuf> = fs::read_dir(dir)
-        .map_err(|source| TrainerError::Io { path: dir.to_path_buf(), source })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_dir()
-                && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-") && !n.contains('.'))
-        })
-        .collect();
-    steps.sort();
+    // Drop the oldest step-* directories beyond `keep`, and what crashed writers left behind (temporary and
+    // set-aside siblings of other processes).
+    let steps = step_dirs(dir)?;
     for old in steps.iter().take(steps.len().saturating_sub(keep)) {
         fs::remove_dir_all(old).map_err(|source| TrainerError::Io { path: old.clone(), source })?;
     }
+    remove_stale_temporaries(dir)?;
     Ok(target)
+}
+
+/// Removes what writers killed mid-write left in a checkpoints folder: temporary and set-aside siblings
+/// (`*.tmp-<pid>`, `*.old-<pid>`) of other processes. Called after each checkpoint and when a run resumes.
+///
+/// # Errors
+/// [`TrainerError::Io`] when the folder cannot be listed or an entry removed.
+pub fn remove_stale_temporaries(dir: &Path) -> Result<()> {
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    let ours = format!("-{}", std::process::id());
+    let stale: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(|source| TrainerError::Io { path: dir.to_path_buf(), source })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| checkpoint::is_stale_temporary(n) && !n.ends_with(&ours))
+        })
+        .collect();
+    for path in stale {
+        let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+        removed.map_err(|source| TrainerError::Io { path, source })?;
+    }
+    Ok(())
 }
 
 /// A run's folder: `config.toml`, `metrics.jsonl`, `checkpoints/`, `summary.json`, `plot.svg`.
@@ -186,6 +236,7 @@ impl RunDir {
     /// [`TrainerError::RunExists`] (see [`RunDir::check_new`]); [`TrainerError::Io`].
     pub fn start(&self, config: &TrainConfig, overwrite: bool) -> Result<fs::File> {
         self.check_new(overwrite)?;
+        remove_stale_temporaries(&self.path)?;
         let checkpoints = self.checkpoints();
         if checkpoints.exists() {
             fs::remove_dir_all(&checkpoints).map_err(|source| TrainerError::Io { path: checkpoints, source })?;
@@ -201,6 +252,7 @@ impl RunDir {
     /// # Errors
     /// [`TrainerError::Checkpoint`] when the file has fewer lines; [`TrainerError::Io`].
     pub fn resume(&self, config: &TrainConfig, metrics_lines: usize) -> Result<fs::File> {
+        remove_stale_temporaries(&self.path)?;
         let path = self.metrics_path();
         let io = |source| TrainerError::Io { path: path.clone(), source };
         let text = fs::read_to_string(&path).map_err(io)?;
@@ -261,6 +313,65 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("forkrl-rundir-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         dir
+    }
+
+    /// A checkpoint directory with every file present and a valid state of `step`.
+    fn fake_checkpoint(dir: &Path, step: usize) -> PathBuf {
+        let path = dir.join(format!("step-{step:06}"));
+        fs::create_dir_all(&path).expect("mkdir");
+        for f in [checkpoint::POLICY_FILE, checkpoint::CONFIG_FILE, OPTIMIZER_FILE] {
+            fs::write(path.join(f), b"x").expect("write");
+        }
+        let state = TrainState {
+            step,
+            config: TrainConfig::default(),
+            summary: TrainSummary::default(),
+            metrics_lines: step,
+            kl_coef: None,
+            prompt_stats: None,
+            balance_buffer: None,
+        };
+        fs::write(path.join(STATE_FILE), serde_json::to_string(&state).expect("json")).expect("write");
+        path
+    }
+
+    #[test]
+    fn latest_falls_back_to_the_newest_complete_checkpoint() {
+        let dir = scratch("latest");
+        fs::create_dir_all(&dir).expect("mkdir");
+        assert_eq!(latest_checkpoint(&dir).expect("lists"), None);
+        let one = fake_checkpoint(&dir, 1);
+        // No `latest` yet (a crash between the rename and the swap): the newest complete one.
+        assert_eq!(latest_checkpoint(&dir).expect("lists"), Some(one.clone()));
+        let two = fake_checkpoint(&dir, 2);
+        fs::write(dir.join(LATEST_FILE), "step-000002\n").expect("write");
+        assert_eq!(latest_checkpoint(&dir).expect("lists"), Some(two.clone()));
+        // `latest` names a missing directory, garbage, or a path outside: the newest complete one (step 2).
+        for text in ["step-000009", "", "../../etc", "step-00000x", "\u{0}"] {
+            fs::write(dir.join(LATEST_FILE), text).expect("write");
+            assert_eq!(latest_checkpoint(&dir).expect("lists"), Some(two.clone()), "{text:?}");
+        }
+        // A newer directory with a corrupt state or a missing file is skipped.
+        let three = fake_checkpoint(&dir, 3);
+        fs::write(three.join(STATE_FILE), "{ not json").expect("write");
+        let four = fake_checkpoint(&dir, 4);
+        fs::remove_file(four.join(OPTIMIZER_FILE)).expect("rm");
+        fs::write(dir.join(LATEST_FILE), "step-000003").expect("write");
+        assert_eq!(latest_checkpoint(&dir).expect("lists"), Some(two));
+        fs::remove_dir_all(dir.join("step-000002")).expect("rm");
+        assert_eq!(latest_checkpoint(&dir).expect("lists"), Some(one));
+        assert_eq!(latest_checkpoint(&dir.join("missing")).expect("no folder"), None);
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn stale_temporaries_are_recognised_and_checkpoints_are_not() {
+        for stale in ["step-000002.tmp-123", "reference.old-9", "latest.tmp-4242"] {
+            assert!(checkpoint::is_stale_temporary(stale), "{stale}");
+        }
+        for kept in ["step-000002", "latest", "reference", "step-000002.tmp-", "a.tmp-x1", "notes.tmp"] {
+            assert!(!checkpoint::is_stale_temporary(kept), "{kept}");
+        }
     }
 
     #[test]

@@ -39,7 +39,8 @@ use crate::{
         metrics::{Event, MetricsRow, Observer, TrainSummary, rl_step_row},
         rollout, score,
         state::{
-            OPTIMIZER_FILE, OptimizerState, TrainState, latest_checkpoint, read_state, resumable, save_checkpoint,
+            OPTIMIZER_FILE, OptimizerState, TrainState, latest_checkpoint, read_state, remove_stale_temporaries,
+            resumable, save_checkpoint,
         },
         update::{StatsMean, UpdateStats, Updater},
     },
@@ -245,6 +246,7 @@ impl Trainer {
         t.rl_steps_done = state.step;
         t.summary = state.summary;
         t.metrics_lines = state.metrics_lines;
+        remove_stale_temporaries(checkpoints)?;
         t.checkpoints = Some(checkpoints.to_path_buf());
         t.resumed_from = Some(from);
         Ok(t)
@@ -471,6 +473,9 @@ impl Trainer {
         s.reward_curve.push((step, row.get("critic/score/mean").unwrap_or(f64::NAN)));
         s.entropy_curve.push((step, entropy.mean));
         s.response_length_curve.push((step, row.get("response_length/mean").unwrap_or(f64::NAN)));
+        if s.first_batch_entropy.is_none() {
+            s.first_batch_entropy = Some(entropy.clone());
+        }
         s.last_batch_entropy = Some(entropy);
         Ok(row)
     }
@@ -514,6 +519,27 @@ impl Trainer {
         t.policy = Some(loaded);
         (t.sft_steps_done, t.sft_finished, t.rl_steps_done, t.summary) =
             (t.config.sft.steps, true, state.step, state.summary);
+        Ok(t)
+    }
+
+    /// A new run whose RL starts from the policy of `checkpoint` (an SFT checkpoint, typically `step-000000`) with
+    /// `config`'s RL settings: no SFT (the post-SFT evaluation still runs, on the loaded policy), a fresh RL optimiser,
+    /// RL steps counted from 1. The paired design of an experiment: every arm of a seed starts from one SFT
+    /// checkpoint. The policy shapes must agree.
+    ///
+    /// # Errors
+    /// [`TrainerError::Checkpoint`] for a missing or mismatched checkpoint; the errors of [`Trainer::new`].
+    pub fn from_sft_checkpoint(config: CheckedConfig, checkpoint: &Path, device: &Device) -> Result<Self> {
+        let mut t = Self::new(config, device)?;
+        let (loaded, loaded_config) = checkpoint::load_policy(checkpoint, &t.device)?;
+        if loaded_config != t.policy_config {
+            return Err(TrainerError::Checkpoint {
+                path: checkpoint.join(checkpoint::CONFIG_FILE),
+                reason: "the checkpoint's policy shape differs from the configuration's".into(),
+            });
+        }
+        t.policy = Some(loaded);
+        t.sft_steps_done = t.config.sft.steps;
         Ok(t)
     }
 

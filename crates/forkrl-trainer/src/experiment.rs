@@ -1,0 +1,530 @@
+//! Paired experiments: arms × seeds over one base configuration, and their report.
+//!
+//! **Paired design.** Per seed, one SFT run writes a checkpoint (`seed-S/sft/checkpoints/step-000000`); every arm of
+//! that seed starts RL from it ([`Trainer::from_sft_checkpoint`]) with the same run seed, so the arms see the same
+//! SFT policy, the same prompts at each step (the prompt draw depends only on the seed and the step) and the same
+//! sampling streams; what differs between arms is the arm. The effect of an arm is the per-seed difference of its
+//! final held-out accuracy to the baseline arm's, averaged over seeds with a 95 % confidence interval from the
+//! t-distribution with `n − 1` degrees of freedom (`mean ± t·sd/√n`; undefined for one seed).
+//!
+//! [`forking_tokens`] is the 80/20 experiment ("Beyond the 80/20 Rule", arXiv 2506.01939): top-20 % (the paper), all
+//! tokens (baseline), bottom-80 % (the paper's ablation), random-20 % (a control with the top arm's token count) and a
+//! ρ sweep (0.1, 0.5). [`run`] writes per run `metrics.jsonl` and `summary.json`, then `report.md`, `curves.svg`
+//! (held-out accuracy per RL step, mean over seeds per arm) and `entropy.svg` (the SFT model's token-entropy histogram
+//! with its 80th percentile, and the top arm's entropy percentiles over training). Nothing is printed: progress goes
+//! to a callback.
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use burn::tensor::Device;
+use forkrl_core::report::{Panel, Series, line_chart_svg, write_atomic};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    JsonlWriter, MetricsRow, Observer, Result, TrainConfig, Trainer, TrainerError,
+    rl::metrics::{Event, TrainSummary},
+};
+
+/// One arm: a name and the settings it changes (`key=value`, as `--set`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Arm {
+    /// Name in the report and the run folder.
+    pub name: String,
+    /// Settings applied over the base configuration.
+    pub sets: Vec<(String, String)>,
+}
+
+impl Arm {
+    fn new(name: &str, sets: &[(&str, &str)]) -> Self {
+        Self { name: name.into(), sets: sets.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() }
+    }
+}
+
+/// What an experiment runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExperimentConfig {
+    /// The experiment's name (`forking-tokens`).
+    pub name: String,
+    /// The configuration every run starts from (its `run.seed` is replaced by each seed).
+    pub base: TrainConfig,
+    /// The seeds.
+    pub seeds: Vec<u64>,
+    /// The arms; `baseline` names the one the others are compared with.
+    pub arms: Vec<Arm>,
+    /// The baseline arm's name.
+    pub baseline: String,
+    /// Output folder (`runs/experiments/<name>`).
+    pub out_dir: PathBuf,
+    /// The command that made it, for the report.
+    pub command: String,
+}
+
+/// The 80/20 experiment's arms: top-20 %, all tokens (the baseline), bottom-80 %, random-20 %, and with `sweep` top-ρ
+/// for ρ = 0.1 and 0.5. The quick variant runs the first three.
+pub fn forking_tokens_arms(quick: bool) -> Vec<Arm> {
+    let mut arms = vec![
+        Arm::new("top-20%", &[("rl.forking.select", "top"), ("rl.forking.top_entropy_ratio", "0.2")]),
+        Arm::new("all tokens", &[("rl.forking.select", "all")]),
+        Arm::new("bottom-80%", &[("rl.forking.select", "bottom"), ("rl.forking.top_entropy_ratio", "0.2")]),
+    ];
+    if !quick {
+        arms.push(Arm::new("random-20%", &[("rl.forking.select", "random"), ("rl.forking.top_entropy_ratio", "0.2")]));
+        arms.push(Arm::new("top-10%", &[("rl.forking.select", "top"), ("rl.forking.top_entropy_ratio", "0.1")]));
+        arms.push(Arm::new("top-50%", &[("rl.forking.select", "top"), ("rl.forking.top_entropy_ratio", "0.5")]));
+    }
+    arms
+}
+
+/// The 80/20 experiment over `base`: `seeds` seeds (default 3; 2 when `quick`), the arms of [`forking_tokens_arms`].
+pub fn forking_tokens(base: TrainConfig, seeds: Option<usize>, quick: bool, out_dir: PathBuf) -> ExperimentConfig {
+    let n = seeds.unwrap_or(if quick { 2 } else { 3 });
+    ExperimentConfig {
+        name: "forking-tokens".into(),
+        base,
+        seeds: (0..n as u64).collect(),
+        arms: forking_tokens_arms(quick),
+        baseline: "all tokens".into(),
+        out_dir,
+        command: String::new(),
+    }
+}
+
+/// Where a run of the experiment stands, for a progress display.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    /// `sft` or the arm's name.
+    pub arm: String,
+    /// The seed.
+    pub seed: u64,
+    /// Runs done so far and in all.
+    pub done: usize,
+    /// Runs in all (SFT runs included).
+    pub total: usize,
+    /// Estimated seconds left (from the runs so far; `None` before the first has finished).
+    pub eta_seconds: Option<f64>,
+}
+
+/// One arm × seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArmRun {
+    /// The arm.
+    pub arm: String,
+    /// The seed.
+    pub seed: u64,
+    /// The SFT checkpoint RL started from (one per seed: the paired design).
+    pub sft_checkpoint: PathBuf,
+    /// The run's summary.
+    pub summary: TrainSummary,
+    /// Mean policy-gradient tokens trained per RL step (`forking/frac_selected × response tokens`).
+    pub tokens_per_step: f64,
+    /// `(step, p50, p80, p95)` of the rollout policy's token entropy per RL step.
+    pub entropy_percentiles: Vec<(usize, f64, f64, f64)>,
+}
+
+/// An observer that writes `metrics.jsonl` and keeps what the report needs.
+struct Collect {
+    jsonl: JsonlWriter<std::fs::File>,
+    tokens: Vec<f64>,
+    percentiles: Vec<(usize, f64, f64, f64)>,
+}
+
+impl Observer for Collect {
+    fn metrics(&mut self, row: &MetricsRow) -> Result<()> {
+        if row.phase == "rl" {
+            let get = |k: &str| row.get(k).unwrap_or(f64::NAN);
+            self.tokens.push(get("forking/frac_selected") * get("response_length/mean") * get("rollout/num_responses"));
+            let p = |q: &str| get(&format!("rollout/entropy/{q}"));
+            self.percentiles.push((row.step, p("p50"), p("p80"), p("p95")));
+        }
+        self.jsonl.metrics(row)
+    }
+
+    fn event(&mut self, _: &Event<'_>) {}
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainerError + '_ {
+    move |source| TrainerError::Io { path: path.to_path_buf(), source }
+}
+
+/// Runs every seed's SFT, then every arm from it, and writes the report. Refuses an output folder that holds an
+/// experiment unless `overwrite` (nothing is deleted otherwise).
+///
+/// # Errors
+/// [`TrainerError::RunExists`] for an existing experiment; [`TrainerError::InvalidConfig`] for an arm whose settings
+/// do not apply or a baseline that is not an arm; the errors of the runs and of the writes.
+pub fn run(
+    config: &ExperimentConfig,
+    device: &Device,
+    overwrite: bool,
+    mut progress: impl FnMut(&Progress),
+) -> Result<ExperimentReport> {
+    // Every configuration is built and checked before anything runs or is written.
+    let mut runs: Vec<(u64, Option<&Arm>, crate::CheckedConfig)> = Vec::new();
+    for &seed in &config.seeds {
+        let mut sft = config.base.clone();
+        sft.run.seed = seed;
+        sft.rl.steps = 0;
+        runs.push((seed, None, sft.check()?));
+        for arm in &config.arms {
+            let mut c = config.base.with_sets(&arm.sets)?;
+            c.run.seed = seed;
+            runs.push((seed, Some(arm), c.check()?));
+        }
+    }
+    if !config.arms.iter().any(|a| a.name == config.baseline) {
+        return Err(TrainerError::invalid("baseline", &config.baseline, "is not one of the arms"));
+    }
+    let report_path = config.out_dir.join("report.md");
+    if report_path.exists() && !overwrite {
+        return Err(TrainerError::RunExists { path: config.out_dir.clone() });
+    }
+    let start = Instant::now();
+    let total = runs.len();
+    let mut arm_runs = Vec::new();
+    for (done, (seed, arm, checked)) in runs.into_iter().enumerate() {
+        let eta = (done > 0).then(|| start.elapsed().as_secs_f64() / done as f64 * (total - done) as f64);
+        let name = arm.map_or("sft".to_string(), |a| a.name.clone());
+        progress(&Progress { arm: name.clone(), seed, done, total, eta_seconds: eta });
+        let seed_dir = config.out_dir.join(format!("seed-{seed}"));
+        let sft_dir = seed_dir.join("sft");
+        let sft_checkpoint = sft_dir.join("checkpoints").join("step-000000");
+        let dir = seed_dir.join(folder_name(&name));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io(&dir))?; // only reached with `overwrite`, or a partial run
+        }
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let metrics = dir.join("metrics.jsonl");
+        let file = std::fs::File::create(&metrics).map_err(io(&metrics))?;
+        let mut observer =
+            Collect { jsonl: JsonlWriter::new(file, &metrics), tokens: Vec::new(), percentiles: Vec::new() };
+        let mut trainer = match arm {
+            None => Trainer::new(checked, device)?.with_checkpoints(dir.join("checkpoints")),
+            Some(_) => Trainer::from_sft_checkpoint(checked, &sft_checkpoint, device)?,
+        };
+        let summary = trainer.run(&mut observer, None)?;
+        observer.jsonl.flush()?;
+        let text = serde_json::to_string_pretty(&summary).map_err(|e| TrainerError::Shape(e.to_string()))?;
+        let path = dir.join("summary.json");
+        write_atomic(&path, &text).map_err(io(&path))?;
+        if let Some(a) = arm {
+            let tokens = finite_mean(&observer.tokens);
+            arm_runs.push(ArmRun {
+                arm: a.name.clone(),
+                seed,
+                sft_checkpoint,
+                summary,
+                tokens_per_step: tokens,
+                entropy_percentiles: observer.percentiles,
+            });
+        }
+    }
+    let report = ExperimentReport { config: config.clone(), runs: arm_runs, seconds: start.elapsed().as_secs_f64() };
+    report.write()?;
+    Ok(report)
+}
+
+fn folder_name(arm: &str) -> String {
+    arm.replace('%', "pct").chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '-' }).collect()
+}
+
+fn finite_mean(v: &[f64]) -> f64 {
+    let f: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if f.is_empty() { f64::NAN } else { f.iter().sum::<f64>() / f.len() as f64 }
+}
+
+/// Two-sided 95 % quantile of Student's t with `df` degrees of freedom (1.96 beyond 30).
+pub fn t_975(df: usize) -> f64 {
+    const T: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+    ];
+    match df {
+        0 => f64::NAN,
+        d if d <= 30 => T[d - 1],
+        _ => 1.96,
+    }
+}
+
+/// `(mean, half-width of the 95 % CI)` of a sample (half-width NaN for fewer than two values).
+pub fn mean_ci(values: &[f64]) -> (f64, f64) {
+    let n = values.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let mean = values.iter().sum::<f64>() / n as f64;
+    if n < 2 {
+        return (mean, f64::NAN);
+    }
+    let var = values.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    (mean, t_975(n - 1) * (var / n as f64).sqrt())
+}
+
+/// An experiment's runs and its statistics.
+#[derive(Debug, Clone)]
+pub struct ExperimentReport {
+    /// What ran.
+    pub config: ExperimentConfig,
+    /// Every arm × seed.
+    pub runs: Vec<ArmRun>,
+    /// Wall time of the whole experiment.
+    pub seconds: f64,
+}
+
+/// One arm's row of the report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArmRow {
+    /// The arm.
+    pub arm: String,
+    /// Mean over seeds of `final − SFT` held-out greedy accuracy.
+    pub gain: f64,
+    /// Mean paired difference of the final accuracy to the baseline's, and its 95 % CI half-width.
+    pub diff: (f64, f64),
+    /// Mean final pass@1 and pass@k.
+    pub pass: (f64, f64),
+    /// Mean policy-gradient tokens per RL step.
+    pub tokens_per_step: f64,
+    /// Mean wall time per run, seconds.
+    pub seconds: f64,
+}
+
+impl ExperimentReport {
+    /// The runs of `arm`, in seed order.
+    pub fn arm_runs(&self, arm: &str) -> Vec<&ArmRun> {
+        let mut v: Vec<&ArmRun> = self.runs.iter().filter(|r| r.arm == arm).collect();
+        v.sort_by_key(|r| r.seed);
+        v
+    }
+
+    /// The table's rows, in the arms' order.
+    pub fn rows(&self) -> Vec<ArmRow> {
+        let base = self.arm_runs(&self.config.baseline);
+        self.config
+            .arms
+            .iter()
+            .map(|a| {
+                let runs = self.arm_runs(&a.name);
+                let mean = |f: &dyn Fn(&ArmRun) -> f64| finite_mean(&runs.iter().map(|r| f(r)).collect::<Vec<_>>());
+                let diffs: Vec<f64> = runs
+                    .iter()
+                    .filter_map(|r| base.iter().find(|b| b.seed == r.seed))
+                    .zip(&runs)
+                    .map(|(b, r)| r.summary.final_accuracy - b.summary.final_accuracy)
+                    .collect();
+                ArmRow {
+                    arm: a.name.clone(),
+                    gain: mean(&|r| r.summary.final_accuracy - r.summary.sft_accuracy),
+                    diff: mean_ci(&diffs),
+                    pass: (mean(&|r| r.summary.final_pass_at_k.0), mean(&|r| r.summary.final_pass_at_k.1)),
+                    tokens_per_step: mean(&|r| r.tokens_per_step),
+                    seconds: mean(&|r| r.summary.seconds),
+                }
+            })
+            .collect()
+    }
+
+    /// `report.md`.
+    pub fn markdown(&self) -> String {
+        let c = &self.config;
+        let k = c.base.eval.pass_k;
+        let mut s = String::new();
+        let _ = writeln!(s, "# Experiment `{}`\n", c.name);
+        if !c.command.is_empty() {
+            let _ = writeln!(s, "Made by `{}` in {:.0} s.\n", c.command, self.seconds);
+        }
+        let _ = writeln!(
+            s,
+            "Paired design: per seed, one SFT run ({} steps) whose checkpoint every arm starts from, with the same RL \
+             seed in every arm; {} RL steps per arm; held-out greedy accuracy on {} problems; seeds {:?}. The \
+             difference to `{}` is per seed, then averaged, with a 95 % CI from the t-distribution (n − 1 degrees of \
+             freedom; none for one seed).\n",
+            c.base.sft.steps, c.base.rl.steps, c.base.eval.size, c.seeds, c.baseline
+        );
+        let _ = writeln!(
+            s,
+            "| arm | mean accuracy gain (after RL − after SFT) | paired difference to {} [95 % CI] | pass@1 | pass@{k} | \
+             tokens trained / step | time / run (s) |",
+            c.baseline
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+        for r in self.rows() {
+            let diff = if r.arm == c.baseline {
+                "—".to_string()
+            } else if r.diff.1.is_finite() {
+                format!("{:+.3} [{:+.3}, {:+.3}]", r.diff.0, r.diff.0 - r.diff.1, r.diff.0 + r.diff.1)
+            } else {
+                format!("{:+.3} (one seed: no CI)", r.diff.0)
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {:+.3} | {} | {:.3} | {:.3} | {:.0} | {:.0} |",
+                r.arm, r.gain, diff, r.pass.0, r.pass.1, r.tokens_per_step, r.seconds
+            );
+        }
+        let _ = writeln!(s, "\nPer seed (held-out greedy accuracy after SFT → after RL):\n");
+        let _ = writeln!(s, "| seed | {} |", c.arms.iter().map(|a| a.name.as_str()).collect::<Vec<_>>().join(" | "));
+        let _ = writeln!(s, "|---|{}", "---|".repeat(c.arms.len()));
+        for &seed in &c.seeds {
+            let cells: Vec<String> = c
+                .arms
+                .iter()
+                .map(|a| {
+                    self.runs.iter().find(|r| r.arm == a.name && r.seed == seed).map_or("—".into(), |r| {
+                        format!("{:.3} → {:.3}", r.summary.sft_accuracy, r.summary.final_accuracy)
+                    })
+                })
+                .collect();
+            let _ = writeln!(s, "| {seed} | {} |", cells.join(" | "));
+        }
+        if let Some(h) = self.sft_entropy() {
+            let below = h.frac_below.iter().find(|(t, _)| (*t - 1e-2).abs() < 1e-12).map_or(f64::NAN, |x| x.1);
+            let p80 = h.percentiles.iter().find(|(q, _)| *q == 80.0).map_or(f64::NAN, |x| x.1);
+            let _ = writeln!(
+                s,
+                "\nThe SFT model's token entropy (the first RL batch of seed {}, {} response tokens): {:.1} % of tokens \
+                 below 0.01 nats (paper: 50.6 %), 80th percentile {:.3} (paper: 0.672). `entropy.svg` shows the \
+                 histogram and the top arm's percentiles over training; `curves.svg` the held-out accuracy per arm.",
+                c.seeds.first().copied().unwrap_or(0),
+                h.count,
+                100.0 * below,
+                p80
+            );
+        }
+        s
+    }
+
+    /// The SFT model's token-entropy summary: the first RL batch of the first seed's first arm.
+    pub fn sft_entropy(&self) -> Option<&forkrl_entropy::EntropySummary> {
+        let seed = self.config.seeds.first()?;
+        let arm = self.config.arms.first()?;
+        self.runs.iter().find(|r| r.seed == *seed && r.arm == arm.name)?.summary.first_batch_entropy.as_ref()
+    }
+
+    /// `curves.svg`: mean held-out accuracy per evaluation step, one line per arm.
+    pub fn curves_svg(&self) -> String {
+        let series = self
+            .config
+            .arms
+            .iter()
+            .map(|a| {
+                let runs = self.arm_runs(&a.name);
+                let steps: Vec<usize> =
+                    runs.first().map(|r| r.summary.eval_curve.iter().map(|p| p.0).collect()).unwrap_or_default();
+                let points = steps
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &step)| {
+                        let v: Vec<f64> =
+                            runs.iter().filter_map(|r| r.summary.eval_curve.get(i).map(|p| p.1)).collect();
+                        (step as f64, mean_ci(&v).0)
+                    })
+                    .collect();
+                Series { name: a.name.clone(), points }
+            })
+            .collect();
+        line_chart_svg(&[Panel {
+            title: format!("held-out greedy accuracy, mean over {} seeds", self.config.seeds.len()),
+            x_label: "RL step".into(),
+            y_max: 1.0,
+            series,
+        }])
+    }
+
+    /// `entropy.svg`: the SFT model's token-entropy histogram (share of tokens per log-spaced bin) with its 80th
+    /// percentile marked, and the first arm's percentiles per RL step (first seed).
+    pub fn entropy_svg(&self) -> String {
+        let mut panels = Vec::new();
+        if let Some(h) = self.sft_entropy() {
+            let hist = &h.histogram;
+            let total = (hist.counts.iter().sum::<u64>() + hist.underflow + hist.overflow).max(1) as f64;
+            let points: Vec<(f64, f64)> =
+                hist.edges.iter().zip(&hist.counts).map(|(&lo, &c)| (lo.log10(), c as f64 / total)).collect();
+            let top = points.iter().map(|p| p.1).fold(0.0, f64::max);
+            let mut series = vec![Series { name: "share of tokens".into(), points }];
+            if let Some(&(_, p80)) = h.percentiles.iter().find(|(q, _)| *q == 80.0) {
+                let x = p80.max(1e-12).log10();
+                series.push(Series { name: format!("80th percentile {p80:.3}"), points: vec![(x, 0.0), (x, top)] });
+            }
+            panels.push(Panel {
+                title: format!(
+                    "SFT model: token entropy ({:.0} % below the first bin)",
+                    100.0 * hist.underflow as f64 / total
+                ),
+                x_label: "log10 entropy (nats)".into(),
+                y_max: top,
+                series,
+            });
+        }
+        if let (Some(arm), Some(seed)) = (self.config.arms.first(), self.config.seeds.first())
+            && let Some(r) = self.runs.iter().find(|r| r.arm == arm.name && r.seed == *seed)
+        {
+            let pick = |f: fn(&(usize, f64, f64, f64)) -> f64| -> Vec<(f64, f64)> {
+                r.entropy_percentiles.iter().map(|p| (p.0 as f64, f(p))).collect()
+            };
+            let top = r.entropy_percentiles.iter().map(|p| p.3).fold(0.0, f64::max);
+            panels.push(Panel {
+                title: format!("{}: rollout token entropy over training (seed {seed})", arm.name),
+                x_label: "RL step".into(),
+                y_max: top,
+                series: vec![
+                    Series { name: "p50".into(), points: pick(|p| p.1) },
+                    Series { name: "p80".into(), points: pick(|p| p.2) },
+                    Series { name: "p95".into(), points: pick(|p| p.3) },
+                ],
+            });
+        }
+        line_chart_svg(&panels)
+    }
+
+    /// Writes `report.md`, `curves.svg`, `entropy.svg` and `runs.json` (every run's numbers) atomically.
+    ///
+    /// # Errors
+    /// [`TrainerError::Io`].
+    pub fn write(&self) -> Result<()> {
+        let dir = &self.config.out_dir;
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let runs = serde_json::to_string_pretty(&self.runs).map_err(|e| TrainerError::Shape(e.to_string()))?;
+        for (name, text) in [
+            ("curves.svg", self.curves_svg()),
+            ("entropy.svg", self.entropy_svg()),
+            ("runs.json", runs),
+            ("report.md", self.markdown()),
+        ] {
+            let path = dir.join(name);
+            write_atomic(&path, &text).map_err(io(&path))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paired_ci_uses_student_t() {
+        // d = [0.1, 0.2, 0.3]: mean 0.2, sd 0.1, t(2) = 4.303 → half-width 4.303 · 0.1 / √3.
+        let (m, h) = mean_ci(&[0.1, 0.2, 0.3]);
+        assert!((m - 0.2).abs() < 1e-12 && (h - 4.303 * 0.1 / 3f64.sqrt()).abs() < 1e-9, "{m} {h}");
+        assert!(mean_ci(&[0.5]).1.is_nan() && mean_ci(&[]).0.is_nan());
+        assert_eq!((t_975(1), t_975(30), t_975(100)), (12.706, 2.042, 1.96));
+    }
+
+    #[test]
+    fn the_arms_are_the_papers_and_a_control() {
+        let quick: Vec<String> = forking_tokens_arms(true).into_iter().map(|a| a.name).collect();
+        assert_eq!(quick, ["top-20%", "all tokens", "bottom-80%"]);
+        let full = forking_tokens_arms(false);
+        assert_eq!(full.len(), 6);
+        let base = TrainConfig::default();
+        for arm in &full {
+            let c = base.with_sets(&arm.sets).expect("applies").check().expect("valid");
+            let expect = arm.sets.iter().find(|(k, _)| k == "rl.forking.select").map(|(_, v)| v.as_str());
+            assert_eq!(Some(c.token_selection().name()), expect, "{}", arm.name);
+        }
+        assert_eq!(folder_name("top-20%"), "top-20pct");
+    }
+}

@@ -1,0 +1,77 @@
+//! A minimal paired experiment (1 seed, 2 arms, a few steps) on the CPU backend: the report's structure, and the
+//! paired design — every arm starts from the seed's one SFT checkpoint, so the arms agree on everything before their
+//! first update (post-SFT accuracy, the first rollout batch) and differ after it.
+
+use forkrl_core::Backend;
+use forkrl_trainer::{
+    TrainConfig, TrainerError,
+    experiment::{self, Arm, ExperimentConfig},
+};
+
+fn tiny() -> TrainConfig {
+    let mut c = TrainConfig::default();
+    c.sft.steps = 40;
+    c.rl.steps = 3;
+    c.rl.prompts_per_step = 4;
+    c.rl.group_size = 4;
+    c.eval.size = 16;
+    c.eval.every = 1;
+    c.eval.pass_k = 2;
+    c.eval.pass_k_size = 4;
+    c
+}
+
+#[test]
+fn cpu_backend_a_minimal_experiment_is_paired_and_reported() {
+    let device = Backend::Cpu.device().expect("cpu");
+    let out = std::env::temp_dir().join(format!("forkrl-experiment-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let mut config = experiment::forking_tokens(tiny(), Some(1), true, out.clone());
+    config.arms.truncate(2); // top-20 %, all tokens
+    let mut seen = Vec::new();
+    let report =
+        experiment::run(&config, &device, false, |p| seen.push((p.arm.clone(), p.done, p.total))).expect("runs");
+    assert_eq!(seen, [("sft".to_string(), 0, 3), ("top-20%".into(), 1, 3), ("all tokens".into(), 2, 3)]);
+    // Paired: one SFT checkpoint, the same post-SFT policy and the same first batch in both arms.
+    let (top, all) = (&report.arm_runs("top-20%")[0], &report.arm_runs("all tokens")[0]);
+    assert_eq!(top.sft_checkpoint, all.sft_checkpoint);
+    assert!(top.sft_checkpoint.join("policy.bpk").is_file());
+    assert_eq!(top.summary.sft_accuracy, all.summary.sft_accuracy);
+    assert_eq!(top.summary.eval_curve[0], all.summary.eval_curve[0]);
+    assert_eq!(top.summary.first_batch_entropy, all.summary.first_batch_entropy, "same SFT policy, same first batch");
+    assert!(top.summary.first_batch_entropy.is_some());
+    // The arms differ in what they train on: ρ of the tokens against all of them.
+    assert!(top.tokens_per_step < 0.5 * all.tokens_per_step, "{} vs {}", top.tokens_per_step, all.tokens_per_step);
+    // The report: the table with both arms, the baseline's own row without a difference, the files.
+    let md = std::fs::read_to_string(out.join("report.md")).expect("report.md");
+    assert!(md.contains("| arm | mean accuracy gain") && md.contains("| top-20% |") && md.contains("| all tokens |"));
+    assert!(md.contains("(one seed: no CI)"), "{md}");
+    for f in ["curves.svg", "entropy.svg", "runs.json", "seed-0/sft/metrics.jsonl", "seed-0/top-20pct/summary.json"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let runs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("runs.json")).expect("read")).expect("json");
+    assert_eq!(runs.as_array().map(Vec::len), Some(2));
+    // A second experiment in the same folder is refused, and nothing is touched.
+    let before = std::fs::read(out.join("report.md")).expect("read");
+    assert!(matches!(experiment::run(&config, &device, false, |_| {}), Err(TrainerError::RunExists { .. })));
+    assert_eq!(std::fs::read(out.join("report.md")).expect("read"), before);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn bad_arms_are_refused_before_anything_runs() {
+    let out = std::env::temp_dir().join(format!("forkrl-experiment-bad-{}", std::process::id()));
+    let config = ExperimentConfig {
+        name: "x".into(),
+        base: tiny(),
+        seeds: vec![0],
+        arms: vec![Arm { name: "a".into(), sets: vec![("rl.forking.select".into(), "sideways".into())] }],
+        baseline: "a".into(),
+        out_dir: out.clone(),
+        command: String::new(),
+    };
+    let device = Backend::Cpu.device().expect("cpu");
+    assert!(experiment::run(&config, &device, false, |_| panic!("nothing runs")).is_err());
+    assert!(!out.exists(), "nothing written");
+}
