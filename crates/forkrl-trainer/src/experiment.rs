@@ -9,10 +9,10 @@
 //!
 //! [`forking_tokens`] is the 80/20 experiment ("Beyond the 80/20 Rule", arXiv 2506.01939): top-20 % (the paper), all
 //! tokens (baseline), bottom-80 % (the paper's ablation), random-20 % (a control with the top arm's token count) and a
-//! ρ sweep (0.1, 0.5). [`run`] writes per run `metrics.jsonl` and `summary.json`, then `report.md`, `curves.svg`
-//! (held-out accuracy per RL step, mean over seeds per arm) and `entropy.svg` (the SFT model's token-entropy histogram
-//! with its 80th percentile, and the top arm's entropy percentiles over training). Nothing is printed: progress goes
-//! to a callback.
+//! ρ sweep (0.1, 0.5). [`run`] writes per run `metrics.jsonl`, `summary.json` and the final checkpoint, then
+//! `report.md`, `curves.svg` (held-out accuracy per RL step, mean over seeds per arm), `entropy.svg` (the SFT model's
+//! token-entropy histogram with its 80th percentile, and the top arm's entropy percentiles over training) and the
+//! analyses of [`analyze`] (`analysis.json`, and in the report). Nothing is printed: progress goes to a callback.
 
 use std::{
     fmt::Write as _,
@@ -203,7 +203,8 @@ pub fn run(
             Collect { jsonl: JsonlWriter::new(file, &metrics), tokens: Vec::new(), percentiles: Vec::new() };
         let mut trainer = match arm {
             None => Trainer::new(checked, device)?.with_checkpoints(dir.join("checkpoints")),
-            Some(_) => Trainer::from_sft_checkpoint(checked, &sft_checkpoint, device)?,
+            Some(_) => Trainer::from_sft_checkpoint(checked, &sft_checkpoint, device)?
+                .with_checkpoints(dir.join("checkpoints")),
         };
         let summary = trainer.run(&mut observer, None)?;
         observer.jsonl.flush()?;
@@ -222,7 +223,12 @@ pub fn run(
             });
         }
     }
-    let report = ExperimentReport { config: config.clone(), runs: arm_runs, seconds: start.elapsed().as_secs_f64() };
+    let analysis = match config.seeds.first() {
+        Some(&seed) => Some(analyze(config, seed, device)?),
+        None => None,
+    };
+    let report =
+        ExperimentReport { config: config.clone(), runs: arm_runs, analysis, seconds: start.elapsed().as_secs_f64() };
     report.write()?;
     Ok(report)
 }
@@ -236,6 +242,137 @@ fn finite_mean(v: &[f64]) -> f64 {
     if f.is_empty() { f64::NAN } else { f.iter().sum::<f64>() / f.len() as f64 }
 }
 
+/// The paper's §3–4 analyses in miniature, for one seed, on a fixed set of held-out responses: up to
+/// [`ANALYSIS_RESPONSES`] held-out prompts, one response each sampled from the SFT model at the rollout decoding, then
+/// teacher-forced through the SFT model and each arm's final model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EntropyAnalysis {
+    /// The seed analysed.
+    pub seed: u64,
+    /// Responses and response tokens analysed.
+    pub responses: usize,
+    /// Response tokens.
+    pub tokens: usize,
+    /// SFT model: share of tokens with entropy below 0.01 (paper: 50.6 %).
+    pub frac_below_0_01: f64,
+    /// SFT model: 80th percentile of token entropy (paper: 0.672).
+    pub p80: f64,
+    /// SFT model: the highest-mean-entropy tokens seen more than 5 times ("forking tokens"), decoded.
+    pub forking_tokens: Vec<forkrl_entropy::TokenEntropy>,
+    /// SFT model: the lowest-mean-entropy tokens seen more than 5 times, decoded.
+    pub low_entropy_tokens: Vec<forkrl_entropy::TokenEntropy>,
+    /// Per arm: the share of the SFT model's top-20 % entropy positions that stay in the final model's top 20 % (the
+    /// paper's Table 1).
+    pub overlap: Vec<(String, f64)>,
+    /// Per arm: entropy change (final − SFT) binned by the SFT model's entropy percentile (the paper's Fig. 4).
+    pub change: Vec<(String, Vec<forkrl_entropy::EntropyChangeBin>)>,
+    /// Two-temperature decoding of the SFT model (the paper's Fig. 3): `(t_high, pass@1, pass@k)` with the temperature
+    /// `t_high` at tokens whose entropy exceeds the SFT model's 80th percentile and the rollout temperature elsewhere;
+    /// `t_high` equal to the rollout temperature is plain sampling.
+    pub two_temperature: Vec<(f64, f64, f64)>,
+    /// `k` of the pass@k above.
+    pub k: usize,
+}
+
+/// Held-out prompts of [`EntropyAnalysis`] (at most).
+pub const ANALYSIS_RESPONSES: usize = 100;
+
+/// Entropy `[rows, W]` of `batch`'s target tokens under `policy` at `temperature`, on the host.
+fn entropies(
+    policy: &crate::model::policy::Policy,
+    batch: &crate::batch::RolloutBatch,
+    temperature: f32,
+) -> Result<Vec<f32>> {
+    let (h, _) = crate::model::token_stats(policy, batch.ids(), batch.width(), temperature)?;
+    crate::host_f32(h)
+}
+
+/// [`EntropyAnalysis`] of `seed` from its SFT checkpoint and its arms' final checkpoints.
+///
+/// # Errors
+/// Checkpoint, sampler and library errors.
+pub fn analyze(config: &ExperimentConfig, seed: u64, device: &Device) -> Result<EntropyAnalysis> {
+    use forkrl_core::{SeedStream, derive_seed};
+    use forkrl_entropy::{
+        SummaryOptions, entropy_change_by_base_percentile, summarize, token_entropy_table, top_entropy_overlap,
+        top_high_entropy_tokens,
+    };
+    use forkrl_rollout::Decoding;
+
+    use crate::{
+        batch::{Rollout, RolloutBatch},
+        eval,
+    };
+
+    let seed_dir = config.out_dir.join(format!("seed-{seed}"));
+    let sft = Trainer::from_checkpoint(&seed_dir.join("sft").join("checkpoints").join("step-000000"), device)?;
+    let (c, vocab) = (sft.config(), sft.vocab());
+    let problems: Vec<crate::tasks::Problem> = sft.test_set().iter().take(ANALYSIS_RESPONSES).cloned().collect();
+    let prompts: Vec<Vec<u32>> = problems.iter().map(|p| vocab.encode(&p.prompt)).collect::<Result<_>>()?;
+    let stream = derive_seed(c.run.seed, SeedStream::Control, &[0xA7A1_7515]);
+    let out = eval::generate(sft.policy(), vocab, &prompts, c.rl.decoding, c.rl.max_response_len, stream)?;
+    let rollouts: Vec<Rollout> = prompts
+        .iter()
+        .zip(out)
+        .map(|(p, (response, truncated))| Rollout { prompt: p.clone(), response, truncated, reward: 0.0 })
+        .collect();
+    let n = rollouts.len();
+    let batch = RolloutBatch::new(0, rollouts, vec![1; n], vocab.pad)?;
+    let (mask, w) = (batch.response_mask().to_vec(), batch.width());
+    let temperature = c.temperature();
+    let sft_policy = burn::module::Module::valid(sft.policy());
+    let base = entropies(&sft_policy, &batch, temperature)?;
+    let summary = summarize(&base, &mask, &SummaryOptions::default())?;
+    let targets: Vec<u32> = batch.ids().iter().flat_map(|row| row[1..=w].iter().copied()).collect();
+    let table = token_entropy_table(&targets, &base, &mask)?;
+    let decode = |id: u32| {
+        if vocab.eos.contains(&id) { "<eos>".to_string() } else { vocab.tokenizer.decode_response(&[id], &[]) }
+    };
+    let forking_tokens = top_high_entropy_tokens(&table, 5, 15, decode);
+    let mut low: Vec<&forkrl_entropy::TokenEntropy> = table.iter().filter(|t| t.count > 5).collect();
+    low.sort_by(|a, b| a.mean_entropy.total_cmp(&b.mean_entropy).then(b.count.cmp(&a.count)));
+    let low_entropy_tokens = low
+        .into_iter()
+        .take(10)
+        .map(|t| forkrl_entropy::TokenEntropy { text: Some(decode(t.id)), ..t.clone() })
+        .collect();
+    let (mut overlap, mut change) = (Vec::new(), Vec::new());
+    for arm in &config.arms {
+        let dir = seed_dir.join(folder_name(&arm.name)).join("checkpoints");
+        let Some(last) = crate::rl::state::latest_checkpoint(&dir)? else { continue };
+        let (policy, _) = crate::model::checkpoint::load_policy(&last, device)?;
+        let trained = entropies(&policy, &batch, temperature)?;
+        overlap.push((arm.name.clone(), top_entropy_overlap(&base, &trained, &mask, 0.2)?));
+        change.push((arm.name.clone(), entropy_change_by_base_percentile(&base, &trained, &mask, 5)?));
+    }
+    let p80 = summary.percentiles.iter().find(|(q, _)| *q == 80.0).map_or(f64::NAN, |x| x.1);
+    let k = c.eval.pass_k.max(1);
+    let t = f64::from(temperature);
+    let mut two_temperature = Vec::new();
+    for t_high in [t, 0.5 * t, 1.5 * t, 2.0 * t] {
+        let decoding = if t_high == t {
+            c.rl.decoding
+        } else {
+            Decoding::TwoTemperature { t_high, t_low: t, threshold: p80.max(0.0) }
+        };
+        let (p1, pk) = eval::pass_at_k(sft.policy(), vocab, &problems, k, decoding, c.rl.max_response_len, stream)?;
+        two_temperature.push((t_high, p1, pk));
+    }
+    Ok(EntropyAnalysis {
+        seed,
+        responses: n,
+        tokens: summary.count,
+        frac_below_0_01: summary.frac_below.iter().find(|(x, _)| (*x - 1e-2).abs() < 1e-12).map_or(f64::NAN, |x| x.1),
+        p80,
+        forking_tokens,
+        low_entropy_tokens,
+        overlap,
+        change,
+        two_temperature,
+        k,
+    })
+}
+
 /// Two-sided 95 % quantile of Student's t with `df` degrees of freedom (1.96 beyond 30).
 pub fn t_975(df: usize) -> f64 {
     const T: [f64; 30] = [
@@ -247,6 +384,50 @@ pub fn t_975(df: usize) -> f64 {
         d if d <= 30 => T[d - 1],
         _ => 1.96,
     }
+}
+
+fn analysis_markdown(a: &EntropyAnalysis) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n## Entropy analyses (seed {}, {} held-out responses sampled from the SFT model, {} response tokens)\n",
+        a.seed, a.responses, a.tokens
+    );
+    let _ = writeln!(
+        s,
+        "SFT model: {:.1} % of tokens below 0.01 nats (paper: 50.6 %); 80th percentile {:.3} nats (paper: 0.672).\n",
+        100.0 * a.frac_below_0_01,
+        a.p80
+    );
+    let list = |v: &[forkrl_entropy::TokenEntropy]| -> String {
+        v.iter()
+            .map(|t| format!("`{}` ({:.3}, ×{})", t.text.as_deref().unwrap_or("?"), t.mean_entropy, t.count))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let _ =
+        writeln!(s, "Forking tokens (highest mean entropy, seen more than 5 times): {}.\n", list(&a.forking_tokens));
+    let _ = writeln!(s, "Lowest-entropy tokens: {}.\n", list(&a.low_entropy_tokens));
+    let _ = writeln!(
+        s,
+        "| arm | top-20 % overlap SFT → final (Table 1) | entropy change by SFT-entropy quintile (Fig. 4), low → high |"
+    );
+    let _ = writeln!(s, "|---|---|---|");
+    for ((arm, o), (_, bins)) in a.overlap.iter().zip(&a.change) {
+        let bins: Vec<String> = bins.iter().map(|b| format!("{:+.3}", b.mean_change)).collect();
+        let _ = writeln!(s, "| {arm} | {:.1} % | {} |", 100.0 * o, bins.join(" / "));
+    }
+    let _ = writeln!(
+        s,
+        "\nTwo-temperature decoding of the SFT model (Fig. 3): temperature `t_high` above the 80th-percentile entropy, \
+         the rollout temperature below.\n"
+    );
+    let _ = writeln!(s, "| t_high | pass@1 | pass@{} |", a.k);
+    let _ = writeln!(s, "|---|---|---|");
+    for (t, p1, pk) in &a.two_temperature {
+        let _ = writeln!(s, "| {t:.2} | {p1:.3} | {pk:.3} |");
+    }
+    s
 }
 
 /// `(mean, half-width of the 95 % CI)` of a sample (half-width NaN for fewer than two values).
@@ -270,6 +451,8 @@ pub struct ExperimentReport {
     pub config: ExperimentConfig,
     /// Every arm × seed.
     pub runs: Vec<ArmRun>,
+    /// The entropy analyses of the first seed.
+    pub analysis: Option<EntropyAnalysis>,
     /// Wall time of the whole experiment.
     pub seconds: f64,
 }
@@ -379,6 +562,9 @@ impl ExperimentReport {
                 .collect();
             let _ = writeln!(s, "| {seed} | {} |", cells.join(" | "));
         }
+        if let Some(a) = &self.analysis {
+            s.push_str(&analysis_markdown(a));
+        }
         if let Some(h) = self.sft_entropy() {
             let below = h.frac_below.iter().find(|(t, _)| (*t - 1e-2).abs() < 1e-12).map_or(f64::NAN, |x| x.1);
             let p80 = h.percentiles.iter().find(|(q, _)| *q == 80.0).map_or(f64::NAN, |x| x.1);
@@ -479,7 +665,8 @@ impl ExperimentReport {
         line_chart_svg(&panels)
     }
 
-    /// Writes `report.md`, `curves.svg`, `entropy.svg` and `runs.json` (every run's numbers) atomically.
+    /// Writes `report.md`, `curves.svg`, `entropy.svg`, `runs.json` (every run's numbers) and `analysis.json`
+    /// atomically.
     ///
     /// # Errors
     /// [`TrainerError::Io`].
@@ -487,7 +674,9 @@ impl ExperimentReport {
         let dir = &self.config.out_dir;
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let runs = serde_json::to_string_pretty(&self.runs).map_err(|e| TrainerError::Shape(e.to_string()))?;
+        let analysis = serde_json::to_string_pretty(&self.analysis).map_err(|e| TrainerError::Shape(e.to_string()))?;
         for (name, text) in [
+            ("analysis.json", analysis),
             ("curves.svg", self.curves_svg()),
             ("entropy.svg", self.entropy_svg()),
             ("runs.json", runs),

@@ -49,6 +49,16 @@ fn cpu_backend_a_minimal_experiment_is_paired_and_reported() {
     for f in ["curves.svg", "entropy.svg", "runs.json", "seed-0/sft/metrics.jsonl", "seed-0/top-20pct/summary.json"] {
         assert!(out.join(f).is_file(), "{f}");
     }
+    // The analyses: the SFT model's entropy on held-out responses, and each arm's final model against it.
+    let a = report.analysis.as_ref().expect("analysed");
+    assert_eq!(a.responses, 16, "eval.size held-out prompts");
+    assert!(a.tokens > 0 && (0.0..=1.0).contains(&a.frac_below_0_01) && a.p80 >= 0.0);
+    assert_eq!(a.overlap.iter().map(|(arm, _)| arm.as_str()).collect::<Vec<_>>(), ["top-20%", "all tokens"]);
+    assert!(a.overlap.iter().all(|(_, o)| (0.0..=1.0).contains(o)));
+    assert!(a.change.iter().all(|(_, bins)| bins.len() == 5));
+    assert_eq!(a.two_temperature.len(), 4);
+    assert!(md.contains("## Entropy analyses") && md.contains("| t_high | pass@1 |"), "{md}");
+    assert!(out.join("analysis.json").is_file());
     let runs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("runs.json")).expect("read")).expect("json");
     assert_eq!(runs.as_array().map(Vec::len), Some(2));

@@ -350,7 +350,7 @@ fn experiment(args: &ExperimentArgs, command: String) -> Result<(), String> {
         e => e.to_string(),
     })?;
     println!("\n{}", report.markdown());
-    println!("wrote {}/{{report.md, curves.svg, entropy.svg, runs.json}}", config.out_dir.display());
+    println!("wrote {}/{{report.md, curves.svg, entropy.svg, runs.json, analysis.json}}", config.out_dir.display());
     Ok(())
 }
 
