@@ -150,8 +150,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainerError + '_ {
     move |source| TrainerError::Io { path: path.to_path_buf(), source }
 }
 
-/// Runs every seed's SFT, then every arm from it, and writes the report. Refuses an output folder that holds an
-/// experiment unless `overwrite` (nothing is deleted otherwise).
+/// Runs every seed's SFT, then every arm from it, and writes the report. Refuses an output folder that is not empty
+/// unless `overwrite` (nothing is deleted otherwise).
 ///
 /// # Errors
 /// [`TrainerError::RunExists`] for an existing experiment; [`TrainerError::InvalidConfig`] for an arm whose settings
@@ -178,8 +178,10 @@ pub fn run(
     if !config.arms.iter().any(|a| a.name == config.baseline) {
         return Err(TrainerError::invalid("baseline", &config.baseline, "is not one of the arms"));
     }
-    let report_path = config.out_dir.join("report.md");
-    if report_path.exists() && !overwrite {
+    // A folder with anything in it (a finished experiment, or the runs of an interrupted one) is never replaced
+    // unasked.
+    let occupied = std::fs::read_dir(&config.out_dir).is_ok_and(|mut entries| entries.next().is_some());
+    if occupied && !overwrite {
         return Err(TrainerError::RunExists { path: config.out_dir.clone() });
     }
     let start = Instant::now();
@@ -194,7 +196,7 @@ pub fn run(
         let sft_checkpoint = sft_dir.join("checkpoints").join("step-000000");
         let dir = seed_dir.join(folder_name(&name));
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(io(&dir))?; // only reached with `overwrite`, or a partial run
+            std::fs::remove_dir_all(&dir).map_err(io(&dir))?; // only reached with `overwrite`
         }
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let metrics = dir.join("metrics.jsonl");
