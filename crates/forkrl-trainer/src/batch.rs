@@ -164,6 +164,16 @@ impl RolloutBatch {
         gather_rows(values, self.width, rows)
     }
 
+    /// The flat positions (into a `[B, W]` array) of row `row`'s response tokens, in order.
+    pub fn response_positions(&self, row: usize) -> impl Iterator<Item = usize> + '_ {
+        (row * self.width..(row + 1) * self.width).filter(|&i| self.response_mask[i])
+    }
+
+    /// The entries of a `[B, W]` array at row `row`'s response tokens, in order (one per response token).
+    pub fn response_values(&self, values: &[f32], row: usize) -> Vec<f32> {
+        self.response_positions(row).map(|i| values[i]).collect()
+    }
+
     /// The scores, or a typed error naming the stage that needs them.
     ///
     /// # Errors

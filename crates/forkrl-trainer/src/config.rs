@@ -600,6 +600,7 @@ impl TrainConfig {
         self.check_optimiser()?;
         self.check_rollout()?;
         self.check_loss()?;
+        self.check_credit()?;
         Ok(CheckedConfig(self))
     }
 
@@ -719,6 +720,20 @@ impl TrainConfig {
         if let Some(kl) = rl.kl_loss.filter(|kl| !(kl.kl_loss_coef.is_finite() && kl.kl_loss_coef >= 0.0)) {
             return Err(TrainerError::invalid("rl.kl_loss.kl_loss_coef", kl.kl_loss_coef, "must be finite and >= 0"));
         }
+        if matches!(rl.policy_loss, PolicyLoss::Htpo(_)) && (rl.kl_loss.is_some() || rl.entropy_coeff != 0.0) {
+            return Err(TrainerError::invalid(
+                "rl.policy_loss.loss_mode",
+                "htpo",
+                "HTPO replaces the actor loss: unset rl.kl_loss and rl.entropy_coeff",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The options that change the rows, rewards or token advantages the loss sees: the buffered balance, GRPO-VPS,
+    /// overlong shaping and KL in the reward.
+    fn check_credit(&self) -> Result<()> {
+        let rl = &self.rl;
         if rl.balance == Balance::Buffered {
             BalancedBuffer::<()>::new(rl.balance_buffer).map_err(TrainerError::in_section("rl.balance_buffer"))?;
             if matches!(rl.policy_loss, PolicyLoss::Htpo(_)) {
@@ -763,13 +778,6 @@ impl TrainConfig {
                 positive("rl.kl_in_reward.kl_ctrl.target_kl", c.target_kl)?;
                 positive("rl.kl_in_reward.kl_ctrl.horizon", c.horizon)?;
             }
-        }
-        if matches!(rl.policy_loss, PolicyLoss::Htpo(_)) && (rl.kl_loss.is_some() || rl.entropy_coeff != 0.0) {
-            return Err(TrainerError::invalid(
-                "rl.policy_loss.loss_mode",
-                "htpo",
-                "HTPO replaces the actor loss: unset rl.kl_loss and rl.entropy_coeff",
-            ));
         }
         Ok(())
     }

@@ -58,24 +58,45 @@ pub fn pass_at_k(
     max_new: usize,
     seed: u64,
 ) -> Result<(f64, f64)> {
-    let mut counts = Vec::with_capacity(problems.len());
+    let counts: Vec<(usize, usize)> = sample_k(policy, vocab, problems, k, decoding, max_new, seed)?
+        .iter()
+        .zip(problems)
+        .map(|(texts, p)| (k, texts.iter().filter(|t| p.reward(t) > 0.0).count()))
+        .collect();
+    if counts.is_empty() {
+        return Ok((f64::NAN, f64::NAN));
+    }
+    Ok((mean_pass_at_k(&counts, 1)?, mean_pass_at_k(&counts, k)?))
+}
+
+/// The decoded texts of `k` samples per problem with `decoding`; each chunk of problems samples from its own
+/// [`SeedStream::PassAtK`] stream of `seed` (indexed by the problems before it).
+///
+/// # Errors
+/// Tokenizer and sampler errors.
+fn sample_k(
+    policy: &Policy,
+    vocab: &Vocab,
+    problems: &[Problem],
+    k: usize,
+    decoding: Decoding,
+    max_new: usize,
+    seed: u64,
+) -> Result<Vec<Vec<String>>> {
+    let mut texts = Vec::with_capacity(problems.len());
     for chunk in problems.chunks((256 / k.max(1)).max(1)) {
         let prompts: Vec<Vec<u32>> = chunk
             .iter()
             .flat_map(|p| std::iter::repeat_n(p, k))
             .map(|p| vocab.encode(&p.prompt))
             .collect::<Result<_>>()?;
-        let stream = derive_seed(seed, SeedStream::PassAtK, &[counts.len() as u64]);
+        let stream = derive_seed(seed, SeedStream::PassAtK, &[texts.len() as u64]);
         let out = generate(policy, vocab, &prompts, decoding, max_new, stream)?;
-        for (j, p) in chunk.iter().enumerate() {
-            let c = out[j * k..(j + 1) * k].iter().filter(|(r, _)| p.reward(&vocab.text(r)) > 0.0).count();
-            counts.push((k, c));
+        for j in 0..chunk.len() {
+            texts.push(out[j * k..(j + 1) * k].iter().map(|(r, _)| vocab.text(r)).collect());
         }
     }
-    if counts.is_empty() {
-        return Ok((f64::NAN, f64::NAN));
-    }
-    Ok((mean_pass_at_k(&counts, 1)?, mean_pass_at_k(&counts, k)?))
+    Ok(texts)
 }
 
 /// One evaluation set's numbers.
@@ -145,19 +166,9 @@ pub fn evaluate_set(
     let greedy_accuracy = greedy_accuracy(policy, vocab, problems, max_new)?;
     let mut counts = Vec::with_capacity(problems.len());
     let mut majority = 0usize;
-    for chunk in problems.chunks((256 / k).max(1)) {
-        let prompts: Vec<Vec<u32>> = chunk
-            .iter()
-            .flat_map(|p| std::iter::repeat_n(p, k))
-            .map(|p| vocab.encode(&p.prompt))
-            .collect::<Result<_>>()?;
-        let stream = derive_seed(seed, SeedStream::PassAtK, &[counts.len() as u64]);
-        let out = generate(policy, vocab, &prompts, decoding, max_new, stream)?;
-        for (j, p) in chunk.iter().enumerate() {
-            let texts: Vec<String> = out[j * k..(j + 1) * k].iter().map(|(r, _)| vocab.text(r)).collect();
-            counts.push((k, texts.iter().filter(|t| p.reward(t) > 0.0).count()));
-            majority += usize::from(majority_correct(p, &texts));
-        }
+    for (texts, p) in sample_k(policy, vocab, problems, k, decoding, max_new, seed)?.iter().zip(problems) {
+        counts.push((k, texts.iter().filter(|t| p.reward(t) > 0.0).count()));
+        majority += usize::from(majority_correct(p, texts));
     }
     let (pass_at_1, pass_at_k) = if counts.is_empty() {
         (f64::NAN, f64::NAN)

@@ -14,11 +14,7 @@
 //! token-entropy histogram with its 80th percentile, and the top arm's entropy percentiles over training) and the
 //! analyses of [`analyze`] (`analysis.json`, and in the report). Nothing is printed: progress goes to a callback.
 
-use std::{
-    fmt::Write as _,
-    path::{Path, PathBuf},
-    time::Instant,
-};
+use std::{fmt::Write as _, path::PathBuf, time::Instant};
 
 use burn::tensor::Device;
 use forkrl_core::report::{Panel, Series, line_chart_svg, write_atomic};
@@ -26,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     JsonlWriter, MetricsRow, Observer, Result, TrainConfig, Trainer, TrainerError,
+    model::checkpoint::io,
     rl::metrics::{Event, TrainSummary},
 };
 
@@ -144,10 +141,6 @@ impl Observer for Collect {
     }
 
     fn event(&mut self, _: &Event<'_>) {}
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainerError + '_ {
-    move |source| TrainerError::Io { path: path.to_path_buf(), source }
 }
 
 /// Runs every seed's SFT, then every arm from it, and writes the report. Refuses an output folder that is not empty

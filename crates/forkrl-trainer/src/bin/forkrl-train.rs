@@ -152,6 +152,16 @@ struct Args {
     stop_after: Option<usize>,
 }
 
+/// The `key=value` pairs of `--set` arguments, trimmed.
+fn key_values(sets: &[String]) -> Result<Vec<(String, String)>, String> {
+    sets.iter()
+        .map(|s| {
+            let (k, v) = s.split_once('=').ok_or_else(|| format!("--set {s}: expected key=value"))?;
+            Ok((k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect()
+}
+
 /// The configuration from `--config`, the shorthand flags and every `--set`, in that order.
 fn resolve(args: &Args) -> Result<TrainConfig, String> {
     let mut table = match &args.config {
@@ -176,9 +186,8 @@ fn resolve(args: &Args) -> Result<TrainConfig, String> {
         sets.push(("task.kind".into(), string("jsonl")));
         sets.push(("task.path".into(), string(&d.to_string_lossy())));
     }
-    for s in &args.sets {
-        let (k, v) = s.split_once('=').ok_or_else(|| format!("--set {s}: expected key=value"))?;
-        sets.push((k.trim().to_string(), parse_set_value(v.trim())));
+    for (k, v) in key_values(&args.sets)? {
+        sets.push((k, parse_set_value(&v)));
     }
     for (k, v) in sets {
         set_path(&mut table, &k, v)?;
@@ -328,12 +337,7 @@ fn experiment(args: &ExperimentArgs, command: String) -> Result<(), String> {
         }
         None => TrainConfig::default(),
     };
-    let mut sets = Vec::new();
-    for s in &args.sets {
-        let (k, v) = s.split_once('=').ok_or_else(|| format!("--set {s}: expected key=value"))?;
-        sets.push((k.trim().to_string(), v.trim().to_string()));
-    }
-    base = base.with_sets(&sets).map_err(|e| e.to_string())?;
+    base = base.with_sets(&key_values(&args.sets)?).map_err(|e| e.to_string())?;
     let out = args.out.clone().unwrap_or_else(|| base.run.out_dir.join("experiments").join(&args.name));
     let mut config = experiment::forking_tokens(base, args.seeds, args.quick, out);
     config.command = command;

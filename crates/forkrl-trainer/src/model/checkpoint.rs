@@ -20,7 +20,7 @@ pub const POLICY_FILE: &str = "policy.bpk";
 /// File of the configuration inside a checkpoint directory.
 pub const CONFIG_FILE: &str = "policy_config.json";
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainerError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainerError + '_ {
     move |source| TrainerError::Io { path: path.to_path_buf(), source }
 }
 

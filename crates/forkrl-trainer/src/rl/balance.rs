@@ -48,13 +48,12 @@ pub type RowBuffer = BalancedBuffer<BufferedRow>;
 /// [`crate::TrainerError::Stage`] for an unscored batch.
 pub fn rows_of(batch: &RolloutBatch) -> Result<Vec<(BufferedRow, bool)>> {
     let s = batch.scored("balance")?;
-    let (w, mask) = (batch.width(), batch.response_mask());
     Ok(batch
         .rollouts()
         .iter()
         .enumerate()
         .map(|(r, rollout)| {
-            let pick = |v: &[f32]| -> Vec<f32> { (r * w..(r + 1) * w).filter(|&i| mask[i]).map(|i| v[i]).collect() };
+            let pick = |v: &[f32]| batch.response_values(v, r);
             let row = BufferedRow {
                 step: batch.step,
                 rollout: rollout.clone(),
@@ -108,20 +107,18 @@ pub fn batch_of(rows: Vec<BufferedRow>, step: usize, pad: u32) -> Result<Rollout
     let n = rows.len();
     let rollouts: Vec<Rollout> = rows.iter().map(|r| r.rollout.clone()).collect();
     let mut batch = RolloutBatch::new(step, rollouts, vec![1; n], pad)?;
-    let (w, mask) = (batch.width(), batch.response_mask().to_vec());
+    let w = batch.width();
     let lay = |values: &dyn Fn(&BufferedRow) -> &[f32]| -> Vec<f32> {
         let mut out = vec![0.0f32; n * w];
         for (r, row) in rows.iter().enumerate() {
-            let positions = (r * w..(r + 1) * w).filter(|&i| mask[i]);
-            for (i, &v) in positions.zip(values(row)) {
+            for (i, &v) in batch.response_positions(r).zip(values(row)) {
                 out[i] = v;
             }
         }
         out
     };
     let has_ref = rows.iter().all(|r| r.ref_log_prob.is_some());
-    batch.rewards = rows.iter().map(|r| r.reward).collect();
-    batch.scores = Some(Scores {
+    let scores = Scores {
         rewards: rows.iter().map(|r| r.shaped_reward).collect(),
         reward_kl: None,
         advantages: rows.iter().map(|r| r.advantage).collect(),
@@ -131,7 +128,9 @@ pub fn batch_of(rows: Vec<BufferedRow>, step: usize, pad: u32) -> Result<Rollout
         ref_log_prob: has_ref.then(|| lay(&|r| r.ref_log_prob.as_deref().unwrap_or(&[]))),
         token_advantages: lay(&|r| &r.token_advantages),
         vps: None,
-        train_mask: mask,
-    });
+        train_mask: batch.response_mask().to_vec(),
+    };
+    batch.rewards = rows.iter().map(|r| r.reward).collect();
+    batch.scores = Some(scores);
     Ok(batch)
 }

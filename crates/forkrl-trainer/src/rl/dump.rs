@@ -42,26 +42,23 @@ pub struct DumpRecord {
 /// [`TrainerError::Stage`] for an unscored batch.
 pub fn dump_records(batch: &RolloutBatch, vocab: &Vocab) -> Result<Vec<DumpRecord>> {
     let s = batch.scored("rollout dump")?;
-    let (w, mask, group_of) = (batch.width(), batch.response_mask(), batch.group_of());
+    let group_of = batch.group_of();
     Ok(batch
         .rollouts()
         .iter()
         .enumerate()
-        .map(|(r, rollout)| {
-            let pick = |v: &[f32]| -> Vec<f32> { (r * w..(r + 1) * w).filter(|&i| mask[i]).map(|i| v[i]).collect() };
-            DumpRecord {
-                step: batch.step,
-                group: group_of[r],
-                prompt: vocab.tokenizer.decode_response(&rollout.prompt, &[]),
-                response: vocab.text(&rollout.response),
-                response_ids: rollout.response.clone(),
-                reward: batch.rewards[r],
-                shaped_reward: s.rewards[r],
-                advantage: s.advantages[r],
-                truncated: rollout.truncated,
-                entropy: pick(&s.old_entropy),
-                log_prob: pick(&s.old_log_prob),
-            }
+        .map(|(r, rollout)| DumpRecord {
+            step: batch.step,
+            group: group_of[r],
+            prompt: vocab.tokenizer.decode_response(&rollout.prompt, &[]),
+            response: vocab.text(&rollout.response),
+            response_ids: rollout.response.clone(),
+            reward: batch.rewards[r],
+            shaped_reward: s.rewards[r],
+            advantage: s.advantages[r],
+            truncated: rollout.truncated,
+            entropy: batch.response_values(&s.old_entropy, r),
+            log_prob: batch.response_values(&s.old_log_prob, r),
         })
         .collect())
 }

@@ -53,31 +53,7 @@ pub fn score(
         }
         (false, _) => None,
     };
-    let mut shaped = batch.rewards.clone();
-    if let Some(o) = &rl.overlong {
-        for (r, rollout) in shaped.iter_mut().zip(batch.rollouts()) {
-            *r += o.penalty(rollout.response.len())? as f32;
-        }
-    }
-    let reward_kl = match (&rl.kl_in_reward, &ref_log_prob) {
-        (Some(k), Some(reference)) => {
-            let estimator = k.kl_penalty.estimator;
-            let mut seq_means = Vec::with_capacity(batch.len());
-            for (row, r) in shaped.iter_mut().enumerate() {
-                let span = row * w..(row + 1) * w;
-                let (mut sum, mut n) = (0.0f64, 0usize);
-                for i in span.filter(|&i| batch.response_mask()[i]) {
-                    sum += kl_value(estimator, f64::from(old_log_prob[i]), f64::from(reference[i]));
-                    n += 1;
-                }
-                *r = (f64::from(*r) - kl_coef * sum) as f32;
-                seq_means.push(if n == 0 { 0.0 } else { sum / n as f64 });
-            }
-            // verl's `current_kl`: the batch mean of the per-sequence token means.
-            Some((kl_coef, seq_means.iter().sum::<f64>() / seq_means.len().max(1) as f64))
-        }
-        _ => None,
-    };
+    let (shaped, reward_kl) = shaped_rewards(batch, config, &old_log_prob, ref_log_prob.as_deref(), kl_coef)?;
     let adv = group_advantages(&shaped, batch.group_sizes(), &rl.advantage)?;
     let hidden = if rl.token_weighting.needs_hidden_states() {
         let states = policy.hidden_states(ids_tensor(batch.ids(), &policy.device()).narrow(1, 0, w))?;
@@ -116,6 +92,40 @@ pub fn score(
         train_mask,
     });
     Ok(())
+}
+
+/// `(β, current_kl)` of KL in the reward.
+type RewardKl = (f64, f64);
+
+/// The reward the advantages see — the verifier's, plus the overlong penalty, minus `β · Σ_t kl_t` with KL in the
+/// reward — and `(β, current_kl)` of the latter (verl's `current_kl`: the batch mean of the per-sequence token means).
+fn shaped_rewards(
+    batch: &RolloutBatch,
+    config: &CheckedConfig,
+    old_log_prob: &[f32],
+    ref_log_prob: Option<&[f32]>,
+    kl_coef: f64,
+) -> Result<(Vec<f32>, Option<RewardKl>)> {
+    let rl = &config.rl;
+    let mut shaped = batch.rewards.clone();
+    if let Some(o) = &rl.overlong {
+        for (r, rollout) in shaped.iter_mut().zip(batch.rollouts()) {
+            *r += o.penalty(rollout.response.len())? as f32;
+        }
+    }
+    let (Some(k), Some(reference)) = (&rl.kl_in_reward, ref_log_prob) else { return Ok((shaped, None)) };
+    let mut seq_means = Vec::with_capacity(batch.len());
+    for (row, r) in shaped.iter_mut().enumerate() {
+        let (mut sum, mut n) = (0.0f64, 0usize);
+        for i in batch.response_positions(row) {
+            sum += kl_value(k.kl_penalty.estimator, f64::from(old_log_prob[i]), f64::from(reference[i]));
+            n += 1;
+        }
+        *r = (f64::from(*r) - kl_coef * sum) as f32;
+        seq_means.push(if n == 0 { 0.0 } else { sum / n as f64 });
+    }
+    let current_kl = seq_means.iter().sum::<f64>() / seq_means.len().max(1) as f64;
+    Ok((shaped, Some((kl_coef, current_kl))))
 }
 
 /// The response mask less the rows that reward balancing and overlong filtering drop.

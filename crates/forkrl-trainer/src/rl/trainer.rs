@@ -218,15 +218,7 @@ impl Trainer {
         state: TrainState,
         device: &Device,
     ) -> Result<Self> {
-        let mut t = Self::new(config, device)?;
-        let (loaded, loaded_config) = checkpoint::load_policy(&from, &t.device)?;
-        if loaded_config != t.policy_config {
-            return Err(TrainerError::Checkpoint {
-                path: from.join(checkpoint::CONFIG_FILE),
-                reason: "the checkpoint's policy shape differs from the configuration's".into(),
-            });
-        }
-        t.policy = Some(loaded);
+        let mut t = Self::new(config, device)?.with_policy_from(&from)?;
         let fresh = rl_adamw(&t.config);
         t.optim = std::mem::replace(&mut t.optim, fresh).load_from(&from.join(OPTIMIZER_FILE))?;
         if let Some(beta) = state.kl_coef {
@@ -508,15 +500,7 @@ impl Trainer {
     /// [`Trainer::new`].
     pub fn from_checkpoint(checkpoint: &Path, device: &Device) -> Result<Self> {
         let state = read_state(checkpoint)?;
-        let mut t = Self::new(state.config.check()?, device)?;
-        let (loaded, loaded_config) = checkpoint::load_policy(checkpoint, &t.device)?;
-        if loaded_config != t.policy_config {
-            return Err(TrainerError::Checkpoint {
-                path: checkpoint.join(checkpoint::CONFIG_FILE),
-                reason: "the checkpoint's policy shape differs from its configuration's".into(),
-            });
-        }
-        t.policy = Some(loaded);
+        let mut t = Self::new(state.config.check()?, device)?.with_policy_from(checkpoint)?;
         (t.sft_steps_done, t.sft_finished, t.rl_steps_done, t.summary) =
             (t.config.sft.steps, true, state.step, state.summary);
         Ok(t)
@@ -530,17 +514,22 @@ impl Trainer {
     /// # Errors
     /// [`TrainerError::Checkpoint`] for a missing or mismatched checkpoint; the errors of [`Trainer::new`].
     pub fn from_sft_checkpoint(config: CheckedConfig, checkpoint: &Path, device: &Device) -> Result<Self> {
-        let mut t = Self::new(config, device)?;
-        let (loaded, loaded_config) = checkpoint::load_policy(checkpoint, &t.device)?;
-        if loaded_config != t.policy_config {
+        let mut t = Self::new(config, device)?.with_policy_from(checkpoint)?;
+        t.sft_steps_done = t.config.sft.steps;
+        Ok(t)
+    }
+
+    /// This trainer with the policy of `checkpoint`, whose shape must be the configuration's.
+    fn with_policy_from(mut self, checkpoint: &Path) -> Result<Self> {
+        let (loaded, loaded_config) = checkpoint::load_policy(checkpoint, &self.device)?;
+        if loaded_config != self.policy_config {
             return Err(TrainerError::Checkpoint {
                 path: checkpoint.join(checkpoint::CONFIG_FILE),
                 reason: "the checkpoint's policy shape differs from the configuration's".into(),
             });
         }
-        t.policy = Some(loaded);
-        t.sft_steps_done = t.config.sft.steps;
-        Ok(t)
+        self.policy = Some(loaded);
+        Ok(self)
     }
 
     /// [`eval::EvalReport`] of the current policy: the task's held-out set (`eval.size` problems) and every problem

@@ -69,14 +69,13 @@ pub fn probe(
                  rollout)"
             .into(),
     })?;
-    let (w, mask, group_of) = (batch.width(), batch.response_mask(), batch.group_of());
+    let group_of = batch.group_of();
     let max_len = config.rl.max_response_len;
     // Per row: segments, and the prefixes (prompt + first k segments) to probe for k = 0..K−1.
     let mut segments = Vec::with_capacity(batch.len());
     let mut prefixes: Vec<(usize, Vec<u32>, usize)> = Vec::new(); // (row, ids, response tokens in the prefix)
     for (r, rollout) in batch.rollouts().iter().enumerate() {
-        let h: Vec<f32> = (r * w..(r + 1) * w).filter(|&i| mask[i]).map(|i| entropy[i]).collect();
-        let seg = vps_segments(&h, &cfg.vps)?;
+        let seg = vps_segments(&batch.response_values(entropy, r), &cfg.vps)?;
         let k_max = seg.last().map_or(0, |&k| k + 1);
         for k in 0..k_max {
             let cut = seg.iter().position(|&s| s == k).unwrap_or(0);
@@ -122,12 +121,11 @@ pub fn probe(
 /// # Errors
 /// The library's errors.
 pub fn token_advantages(batch: &RolloutBatch, advantages: &[f32], probes: &VpsProbes, alpha: f64) -> Result<Vec<f32>> {
-    let (w, mask) = (batch.width(), batch.response_mask());
+    let w = batch.width();
     let mut out = vec![0.0f32; batch.len() * w];
     for r in 0..batch.len() {
         let a = vps_advantages(advantages[r], &probes.segments[r], &probes.beliefs[r], alpha)?;
-        let positions = (r * w..(r + 1) * w).filter(|&i| mask[i]);
-        for (i, v) in positions.zip(a) {
+        for (i, v) in batch.response_positions(r).zip(a) {
             out[i] = v;
         }
     }
