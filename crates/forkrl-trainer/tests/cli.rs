@@ -121,6 +121,17 @@ fn cpu_backend_eval_and_export_read_a_saved_checkpoint_and_never_replace_their_o
     assert_eq!(fs::read(&report).expect("read"), before, "the report is untouched");
     let (ok, err) = eval(&["--k", "0"]);
     assert!(!ok && err.contains("--k"), "{err}");
+    // A closed stdout (`forkrl-train eval ... | head -1`) is not a panic: the report is still written.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_forkrl-train"))
+        .args(["eval", "--checkpoint", &out.join("done").display().to_string(), "--k", "2", "--overwrite"])
+        .args(["--out", &report.display().to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawns");
+    drop(child.stdout.take());
+    let closed = child.wait_with_output().expect("waits");
+    assert!(closed.status.success(), "{}", String::from_utf8_lossy(&closed.stderr));
 
     // export: a Hugging Face directory, never written over unasked.
     let hf = out.join("hf");

@@ -30,6 +30,14 @@ use std::{
 };
 
 use clap::Parser;
+
+/// `println!` that ignores a closed stdout (`forkrl-train ... | head` must not panic on the broken pipe; results are
+/// in files, stdout only shows progress).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
 use forkrl_core::Backend;
 use forkrl_trainer::{
     Event, JsonlWriter, MetricsRow, Observer, TrainConfig, Trainer, TrainerError,
@@ -209,10 +217,11 @@ struct Progress {
 impl Progress {
     fn line(&self, line: &str, keep: bool) {
         if self.tty {
-            print!("\r\x1b[2K{line}{}", if keep { "\n" } else { "" });
-            let _ = std::io::stdout().flush();
+            let mut out = std::io::stdout();
+            let _ = write!(out, "\r\x1b[2K{line}{}", if keep { "\n" } else { "" });
+            let _ = out.flush();
         } else {
-            println!("{line}");
+            say!("{line}");
         }
     }
 }
@@ -230,15 +239,15 @@ impl Observer for Progress {
 
     fn event(&mut self, event: &Event<'_>) {
         match *event {
-            Event::Resumed { checkpoint, step } => println!("resuming from {} (RL step {step})", checkpoint.display()),
+            Event::Resumed { checkpoint, step } => say!("resuming from {} (RL step {step})", checkpoint.display()),
             Event::SftStep { step, total, loss } if step.is_multiple_of(25) || step + 1 == total => {
                 self.line(&format!("sft {} {step:>4}/{total} loss {loss:.4}", bar(step + 1, total)), step + 1 == total);
             }
             Event::Evaluated { step: 0, accuracy: Some(acc), pass_at_k: Some((k, p1, pk)) } => {
-                println!("held-out after SFT: greedy accuracy {acc:.3}, pass@1 {p1:.3}, pass@{k} {pk:.3}");
+                say!("held-out after SFT: greedy accuracy {acc:.3}, pass@1 {p1:.3}, pass@{k} {pk:.3}");
             }
             Event::Evaluated { accuracy: None, pass_at_k: Some((k, p1, pk)), .. } => {
-                println!("held-out after RL: pass@1 {p1:.3}, pass@{k} {pk:.3}");
+                say!("held-out after RL: pass@1 {p1:.3}, pass@{k} {pk:.3}");
             }
             Event::RlStep { step, total, row, eta_seconds } => {
                 let acc = row.get("eval/acc");
@@ -253,7 +262,7 @@ impl Observer for Progress {
                 );
                 self.line(&line, acc.is_some() || step == total);
             }
-            Event::Stopped { step } => println!("stopping after the checkpoint of RL step {step} (--stop-after)"),
+            Event::Stopped { step } => say!("stopping after the checkpoint of RL step {step} (--stop-after)"),
             _ => {}
         }
     }
@@ -294,7 +303,7 @@ fn eval(args: &EvalArgs) -> Result<(), String> {
     let report =
         trainer.evaluate_report(&checkpoint.display().to_string(), &args.data, args.k).map_err(|e| e.to_string())?;
     for s in &report.sets {
-        println!(
+        say!(
             "{}: {} problems, greedy accuracy {:.3}, pass@1 {:.3}, pass@{k} {:.3}, maj@{k} {:.3}",
             s.name,
             s.problems,
@@ -307,7 +316,7 @@ fn eval(args: &EvalArgs) -> Result<(), String> {
     }
     let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
     forkrl_core::report::write_atomic(&out, &text).map_err(|e| format!("{}: {e}", out.display()))?;
-    println!("wrote {}", out.display());
+    say!("wrote {}", out.display());
     Ok(())
 }
 
@@ -319,7 +328,7 @@ fn export(args: &ExportArgs) -> Result<(), String> {
     let device = Backend::Cpu.device().map_err(|e| format!("{e}"))?;
     let trainer = Trainer::from_checkpoint(&checkpoint, &device).map_err(|e| e.to_string())?;
     trainer.export(&args.out).map_err(|e| e.to_string())?;
-    println!("wrote {} (from {})", args.out.display(), checkpoint.display());
+    say!("wrote {} (from {})", args.out.display(), checkpoint.display());
     Ok(())
 }
 
@@ -345,7 +354,7 @@ fn experiment(args: &ExperimentArgs, command: String) -> Result<(), String> {
     let device = backend.device().map_err(|e| format!("{e}"))?;
     let report = experiment::run(&config, &device, args.overwrite, |p| {
         let eta = p.eta_seconds.map_or(String::new(), |e| format!(", eta {:.0} min", e / 60.0));
-        println!("[{}/{}] seed {} {}{eta}", p.done + 1, p.total, p.seed, p.arm);
+        say!("[{}/{}] seed {} {}{eta}", p.done + 1, p.total, p.seed, p.arm);
     })
     .map_err(|e| match e {
         TrainerError::RunExists { path } => {
@@ -353,8 +362,8 @@ fn experiment(args: &ExperimentArgs, command: String) -> Result<(), String> {
         }
         e => e.to_string(),
     })?;
-    println!("\n{}", report.markdown());
-    println!("wrote {}/{{report.md, curves.svg, entropy.svg, runs.json, analysis.json}}", config.out_dir.display());
+    say!("\n{}", report.markdown());
+    say!("wrote {}/{{report.md, curves.svg, entropy.svg, runs.json, analysis.json}}", config.out_dir.display());
     Ok(())
 }
 
@@ -392,17 +401,18 @@ fn run() -> Result<(), String> {
             .with_rollout_dumps(run_dir.path().join("rollouts"));
         (trainer, run_dir.start(&config, args.overwrite).map_err(err)?)
     };
-    println!("training on {backend}; outputs in {}", run_dir.path().display());
+    say!("training on {backend}; outputs in {}", run_dir.path().display());
     let tty = std::io::stdout().is_terminal();
     let mut progress = Progress { jsonl: JsonlWriter::new(metrics, run_dir.metrics_path()), tty };
     let summary = trainer.run(&mut progress, args.stop_after).map_err(err)?;
     progress.jsonl.flush().map_err(err)?;
     run_dir.write_summary(&summary).map_err(err)?;
     if let Some(step) = args.stop_after.filter(|&s| s < config.rl.steps) {
-        println!(
+        say!(
             "\nstopped after RL step {step} of {} (held-out greedy accuracy {:.3}); continue with the same arguments \
              and --resume instead of --stop-after",
-            config.rl.steps, summary.final_accuracy
+            config.rl.steps,
+            summary.final_accuracy
         );
         return Ok(());
     }
@@ -410,7 +420,7 @@ fn run() -> Result<(), String> {
         eprintln!("warning: {warning}");
     }
     let k = config.eval.pass_k;
-    println!(
+    say!(
         "\nheld-out greedy accuracy: {:.3} after SFT -> {:.3} after {} RL steps; pass@1 {:.3} -> {:.3}, pass@{k} {:.3} -> {:.3} ({:.0} s).\nWrote {}/{{config.toml, metrics.jsonl, summary.json, plot.svg}}",
         summary.sft_accuracy,
         summary.final_accuracy,
