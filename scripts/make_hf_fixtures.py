@@ -15,8 +15,12 @@ What it writes, per model directory (all `save_pretrained` output of `transforme
 - `reference.json`: greedy continuations of a left-padded batch of two prompts of different lengths
   (`model.generate(do_sample=False)`), and tokenizer encode/decode cases.
 
-The four models cover: Qwen2 with tied embeddings saved in bf16; Qwen2 untied, f32, sharded; Qwen3 (q/k norms, an
-explicit `head_dim` different from hidden/heads) saved in f16; Llama with grouped-query attention, f32, one file. Every
+The six models cover: Qwen2 with tied embeddings saved in bf16; Qwen2 untied, f32, sharded; Qwen3 (q/k norms, an
+explicit `head_dim` different from hidden/heads) saved in f16; Llama with grouped-query attention, f32, one file; Llama
+with Llama 3's RoPE scaling (`rope_type = "llama3"`, a pre-training context of 32 so that the scaling changes the
+logits of 12 positions); Qwen2 with YaRN (factor 4, attention factor 0.1·ln 4 + 1).
+
+Names given on the command line rebuild only those fixtures (`... make_hf_fixtures.py llama3-rope qwen2-yarn`). Every
 parameter, RMSNorm gains included, is drawn at random so that a weight loaded into the wrong place changes the logits.
 """
 
@@ -24,6 +28,7 @@ import json
 import os
 import random
 import shutil
+import sys
 
 import torch
 from safetensors.torch import save_file
@@ -86,7 +91,7 @@ def randomise(model, seed):
                 p.copy_(0.15 * torch.randn(p.shape, generator=g))
 
 
-def build(name, cls, config, dtype, shard, seed, tok):
+def build_one(name, cls, config, dtype, shard, seed, tok):
     out = os.path.join(ROOT, name)
     shutil.rmtree(out, ignore_errors=True)
     torch.manual_seed(seed)
@@ -154,6 +159,12 @@ def main():
         pad_token_id=pad,
         bos_token_id=None,
     )
+    only = set(sys.argv[1:])
+
+    def build(name, *args):
+        if not only or name in only:
+            build_one(name, *args)
+
     build("qwen2-tied", Qwen2ForCausalLM, Qwen2Config(**common, tie_word_embeddings=True, rms_norm_eps=1e-6),
           torch.bfloat16, "5GB", 1, tok)
     build("qwen2-untied", Qwen2ForCausalLM, Qwen2Config(**common, tie_word_embeddings=False, rope_theta=1e6),
@@ -163,6 +174,15 @@ def main():
     build("llama", LlamaForCausalLM,
           LlamaConfig(**{**common, "num_key_value_heads": 1}, tie_word_embeddings=False, rope_theta=5e5,
                       rms_norm_eps=1e-5), torch.float32, "5GB", 4, tok)
+    llama3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    build("llama3-rope", LlamaForCausalLM,
+          LlamaConfig(**{**common, "num_key_value_heads": 1}, tie_word_embeddings=False, rope_parameters=llama3,
+                      rms_norm_eps=1e-5), torch.float32, "5GB", 5, tok)
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}
+    build("qwen2-yarn", Qwen2ForCausalLM,
+          Qwen2Config(**common, tie_word_embeddings=True, rope_parameters=yarn, rms_norm_eps=1e-6),
+          torch.float32, "5GB", 6, tok)
 
 
 if __name__ == "__main__":

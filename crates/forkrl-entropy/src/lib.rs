@@ -21,12 +21,15 @@
 //!
 //! - [`tensor`] (cargo feature `burn`, on by default): entropy and target log-probs on burn tensors, chunked,
 //!   differentiable, any backend; [`tensor_op`]: the custom burn operation behind it (its own backward pass; the host
-//!   kernels on the CPU backend).
+//!   kernels on the CPU backend); [`fused_head`]: the same statistics straight from the last hidden states and the LM
+//!   head weight, chunk by chunk, without ever holding the `[N, V]` logits (forward and backward).
 
 pub mod cancellation;
 pub mod entropy_flow;
 pub mod entropy_stats;
 pub mod forking_mask;
+#[cfg(feature = "burn")]
+pub mod fused_head;
 pub mod kernel;
 pub mod polarity_entropy;
 pub mod rock_tokens;

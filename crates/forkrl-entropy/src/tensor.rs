@@ -164,7 +164,7 @@ fn composed(logits: Tensor<3>, targets: Tensor<2, Int>, temperature: f32, chunk_
 }
 
 /// Every id must index the vocabulary: a gather out of range is undefined on some backends.
-fn check_target_ids(targets: &Tensor<2, Int>, vocab: usize) -> Result<()> {
+pub(crate) fn check_target_ids(targets: &Tensor<2, Int>, vocab: usize) -> Result<()> {
     // Minimum and maximum in one read-back (each read is a device sync).
     let range = Tensor::cat(vec![targets.clone().min(), targets.clone().max()], 0);
     let Some(&[lo, hi]) = range.into_data().try_into_vec_as::<i64>().ok().as_deref() else {

@@ -74,6 +74,34 @@ pub trait EntropyBackend: Backend {
     ) -> FloatTensor<Self> {
         backward::<Self>(logits, targets, stats, grad, temperature, chunk_rows)
     }
+
+    /// The fused LM head ([`crate::fused_head`]): the `[N, 3]` statistics of the logits `hidden · weightᵀ` for `[N, d]`
+    /// hidden states and a `[V, d]` head weight, computed `chunk_rows` rows at a time, so that no `[N, V]` tensor is
+    /// ever held (one `[chunk_rows, V]` chunk at a time). The caller checks shapes, ids and parameters.
+    fn head_stats(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        temperature: f32,
+        chunk_rows: usize,
+    ) -> FloatTensor<Self> {
+        head_forward::<Self>(hidden, weight, targets, temperature, chunk_rows)
+    }
+
+    /// The backward pass of [`EntropyBackend::head_stats`]: the gradients `([N, d], [V, d])` with respect to the hidden
+    /// states and the head weight of a loss whose gradient with respect to the `[N, 3]` statistics is `grad`. The
+    /// logits are recomputed chunk by chunk; each chunk's logit gradient is folded into both results and dropped.
+    fn head_stats_backward(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        temperature: f32,
+        chunk_rows: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        head_backward::<Self>(hidden, weight, targets, stats, grad, temperature, chunk_rows)
+    }
 }
 
 /// On the CPU the logits are host memory: both passes run the host kernels of [`crate::kernel`] on them in place
@@ -144,6 +172,53 @@ impl<B: Backend + EntropyBackend, C: CheckpointStrategy> EntropyBackend for Auto
             OpsKind::UnTracked(prep) => {
                 prep.finish(B::entropy_stats(logits.into_primitive(), targets, temperature, chunk_rows))
             }
+        }
+    }
+
+    fn head_stats(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        temperature: f32,
+        chunk_rows: usize,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct HeadStatsBackward;
+
+        impl<B: Backend + EntropyBackend> Backward<B, 2> for HeadStatsBackward {
+            /// Hidden states, head weight, targets, the `[N, 3]` statistics, temperature, `chunk_rows`.
+            type State = (FloatTensor<B>, FloatTensor<B>, IntTensor<B>, FloatTensor<B>, f32, usize);
+
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let [hidden_node, weight_node] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                if hidden_node.is_none() && weight_node.is_none() {
+                    return;
+                }
+                let (hidden, weight, targets, stats, temperature, chunk_rows) = ops.state;
+                let (dh, dw) = B::head_stats_backward(hidden, weight, targets, stats, grad, temperature, chunk_rows);
+                if let Some(node) = hidden_node {
+                    grads.register::<B>(node.id, dh);
+                }
+                if let Some(node) = weight_node {
+                    grads.register::<B>(node.id, dw);
+                }
+            }
+        }
+
+        match HeadStatsBackward.prepare::<C>([hidden.node(), weight.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (h, w) = (hidden.primitive().clone(), weight.primitive().clone());
+                let stats = B::head_stats(h.clone(), w.clone(), targets.clone(), temperature, chunk_rows);
+                prep.finish((h, w, targets, stats.clone(), temperature, chunk_rows), stats)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::head_stats(
+                hidden.into_primitive(),
+                weight.into_primitive(),
+                targets,
+                temperature,
+                chunk_rows,
+            )),
         }
     }
 }
@@ -256,6 +331,74 @@ pub fn backward<B: Backend>(
         dz = B::float_slice_assign(dz, &rows, d);
     }
     dz
+}
+
+/// Rows `start..end` of a `[N, d]` tensor.
+fn rows<B: Backend>(x: &FloatTensor<B>, start: usize, end: usize) -> FloatTensor<B> {
+    B::float_slice(x.clone(), &[Slice::from(start..end), Slice::full()])
+}
+
+/// The fused head's forward pass over backend primitives: per chunk of rows, the logits `h_c · Wᵀ` and their
+/// statistics by [`EntropyBackend::entropy_stats`] (the host kernels on the CPU backend).
+pub fn head_forward<B: EntropyBackend>(
+    hidden: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    targets: IntTensor<B>,
+    temperature: f32,
+    chunk_rows: usize,
+) -> FloatTensor<B> {
+    let [n, _d] = hidden.shape().dims::<2>();
+    let step = chunk_rows.max(1);
+    let wt = B::float_transpose(weight); // [d, V]
+    let mut out = Vec::with_capacity(n.div_ceil(step));
+    for start in (0..n).step_by(step) {
+        let end = (start + step).min(n);
+        let z = B::float_matmul(rows::<B>(&hidden, start, end), wt.clone()); // [c, V]
+        let ids = B::int_slice(targets.clone(), &[Slice::from(start..end)]);
+        out.push(B::entropy_stats(z, ids, temperature, step));
+    }
+    if out.is_empty() {
+        return B::float_zeros(Shape::new([0, 3]), &hidden.device(), compute_dtype(hidden.dtype()));
+    }
+    B::float_cat(out, 0)
+}
+
+/// The fused head's backward pass over backend primitives: per chunk, the logits are recomputed, their gradient `g_z`
+/// comes from [`EntropyBackend::entropy_stats_backward`], and `∂L/∂h_c = g_z · W`, `∂L/∂W += g_zᵀ · h_c`.
+pub fn head_backward<B: EntropyBackend>(
+    hidden: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    targets: IntTensor<B>,
+    stats: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    temperature: f32,
+    chunk_rows: usize,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let [n, d] = hidden.shape().dims::<2>();
+    let [v, _] = weight.shape().dims::<2>();
+    let device = hidden.device();
+    let step = chunk_rows.max(1);
+    let wt = B::float_transpose(weight.clone()); // [d, V]
+    let mut dh = B::float_zeros(Shape::new([n, d]), &device, FloatDType::from(hidden.dtype()));
+    let mut dw = B::float_zeros(Shape::new([v, d]), &device, FloatDType::from(weight.dtype()));
+    for start in (0..n).step_by(step) {
+        let end = (start + step).min(n);
+        let h = rows::<B>(&hidden, start, end); // [c, d]
+        let z = B::float_matmul(h.clone(), wt.clone()); // [c, V]
+        let ids = B::int_slice(targets.clone(), &[Slice::from(start..end)]);
+        let gz = B::entropy_stats_backward(
+            z,
+            ids,
+            rows::<B>(&stats, start, end),
+            rows::<B>(&grad, start, end),
+            temperature,
+            step,
+        );
+        let dh_c = B::float_matmul(gz.clone(), weight.clone()); // [c, d]
+        dh = B::float_slice_assign(dh, &[Slice::from(start..end), Slice::full()], dh_c);
+        dw = B::float_add(dw, B::float_matmul(B::float_transpose(gz), h)); // [V, d]
+    }
+    (dh, dw)
 }
 
 /// The host-kernel implementation on Flex tensors (contiguous host buffers, read in place).

@@ -54,11 +54,24 @@ pub struct ModelConfig {
     pub n_heads: usize,
     /// MLP width (tiny model).
     pub d_ff: usize,
+    /// Recompute activations in the backward pass instead of keeping them (transformers'
+    /// `gradient_checkpointing_enable()`, verl's `enable_gradient_checkpointing`): burn's balanced checkpointing
+    /// strategy on the policy's autodiff device, which keeps compute-bound results (matmuls, the fused head) and
+    /// recomputes memory-bound ones. Same gradients, less activation memory, more time.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { hf_dir: None, max_len: None, d_model: 64, n_layers: 2, n_heads: 4, d_ff: 192 }
+        Self {
+            hf_dir: None,
+            max_len: None,
+            d_model: 64,
+            n_layers: 2,
+            n_heads: 4,
+            d_ff: 192,
+            gradient_checkpointing: false,
+        }
     }
 }
 
@@ -170,6 +183,11 @@ pub struct RlConfig {
     /// the mini-batch's (up to rounding; Clip-Cov / KL-Cov select their tokens per micro-batch). The forking mask
     /// then comes from an extra forward without a graph over the mini-batch. `None` = one pass per mini-batch.
     pub ppo_micro_batch_size: Option<usize>,
+    /// Rows per forward without a graph (verl `log_prob_micro_batch_size_per_gpu`): the rollout policy's and the
+    /// reference's log-probs, and the forking mask's entropy when training runs in micro-batches. With the fused LM
+    /// head no `[rows, T, V]` logits are held, so peak memory of these forwards is set by this number. `None` =
+    /// `ppo_micro_batch_size`, or every row at once when that is unset too.
+    pub log_prob_micro_batch_size: Option<usize>,
     /// Linear learning-rate warm-up over this many RL steps (verl `lr_warmup_steps`; stepped once per RL step,
     /// `lr · (step − 1)/warmup` during warm-up); 0 = none (the 80/20 paper).
     pub lr_warmup_steps: usize,
@@ -318,6 +336,7 @@ impl Default for RlConfig {
             token_weighting: TokenWeighting::None,
             ppo_mini_batch_size: None,
             ppo_micro_batch_size: None,
+            log_prob_micro_batch_size: None,
             lr_warmup_steps: 0,
             entropy_coeff: 0.0,
             kl_loss: None,
@@ -439,6 +458,12 @@ impl CheckedConfig {
     /// The configuration.
     pub fn into_inner(self) -> TrainConfig {
         self.0
+    }
+
+    /// Rows per forward without a graph (`rl.log_prob_micro_batch_size`, else `rl.ppo_micro_batch_size`); `None` =
+    /// every row at once.
+    pub fn log_prob_micro_batch_size(&self) -> Option<usize> {
+        self.rl.log_prob_micro_batch_size.or(self.rl.ppo_micro_batch_size)
     }
 
     /// The temperature of the rollout decoding operator: the training temperature of entropy and log-probs (1 for
@@ -585,6 +610,9 @@ impl TrainConfig {
         at_least("eval.size", self.eval.size, 1)?;
         if let Some(n) = rl.ppo_micro_batch_size {
             at_least("rl.ppo_micro_batch_size", n, 1)?;
+        }
+        if let Some(n) = rl.log_prob_micro_batch_size {
+            at_least("rl.log_prob_micro_batch_size", n, 1)?;
         }
         if let Some(n) = rl.ppo_mini_batch_size {
             at_least("rl.ppo_mini_batch_size", n, 1)?;

@@ -18,7 +18,7 @@ use forkrl_trainer::{
 };
 use safetensors::SafeTensors;
 
-const MODELS: [&str; 4] = ["qwen2-tied", "qwen2-untied", "qwen3", "llama"];
+const MODELS: [&str; 6] = ["qwen2-tied", "qwen2-untied", "qwen3", "llama", "llama3-rope", "qwen2-yarn"];
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name)
@@ -61,6 +61,48 @@ fn configs_parse_to_the_right_architecture() {
     let untied = hf::read_config(&fixture("qwen2-untied"), None).expect("config");
     assert_eq!(untied.policy.rope_theta, 1e6);
     assert_eq!(untied.policy.max_len, 128);
+    assert_eq!(untied.policy.rope_scaling, None);
+}
+
+#[test]
+fn rope_scalings_parse_with_the_transformers_defaults() {
+    use forkrl_trainer::model::policy::RopeScaling;
+    let llama3 = hf::read_config(&fixture("llama3-rope"), None).expect("config").policy.rope_scaling;
+    assert_eq!(
+        llama3,
+        Some(RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 32.0
+        })
+    );
+    let Some(RopeScaling::Yarn { factor, attention_factor, beta_fast, beta_slow, truncate, .. }) =
+        hf::read_config(&fixture("qwen2-yarn"), None).expect("config").policy.rope_scaling
+    else {
+        panic!("yarn expected");
+    };
+    assert_eq!((factor, beta_fast, beta_slow, truncate), (4.0, 32.0, 1.0, true));
+    assert!((attention_factor - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-12, "{attention_factor}");
+    // Unknown scalings and bad parameters are errors naming config.json.
+    for (rope, why) in [
+        (serde_json::json!({"rope_type": "dynamic", "factor": 2.0}), "dynamic"),
+        (serde_json::json!({"rope_type": "llama3", "factor": 8.0}), "low_freq_factor"),
+        (
+            serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+                               "original_max_position_embeddings": 32}),
+            "high_freq_factor",
+        ),
+        (serde_json::json!({"rope_type": "linear", "factor": -1.0}), "factor"),
+    ] {
+        let dir = scratch("llama3-rope", why);
+        edit_config(&dir, |c| {
+            c.insert("rope_parameters".into(), rope.clone());
+        });
+        let err = hf::read_config(&dir, None).expect_err("refused").to_string();
+        assert!(err.contains(why) && err.contains("config.json"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 #[test]
@@ -176,10 +218,10 @@ fn broken_checkpoints_are_typed_errors() {
 
     let dir = scratch("llama", "rope");
     edit_config(&dir, |c| {
-        c.insert("rope_parameters".into(), serde_json::json!({"rope_type": "yarn", "factor": 4.0}));
+        c.insert("rope_parameters".into(), serde_json::json!({"rope_type": "longrope", "factor": 4.0}));
     });
     let err = hf::load(&dir, None, &device).expect_err("rope scaling");
-    assert!(err.to_string().contains("yarn"), "{err}");
+    assert!(err.to_string().contains("longrope"), "{err}");
 
     // Sizes that would overflow or exhaust memory, and special ids outside the vocabulary, are errors naming the key.
     for (key, value, named) in [
@@ -303,7 +345,7 @@ fn logits_of(policy: &forkrl_trainer::model::policy::Policy, ids: &[i64], device
 fn an_exported_hugging_face_checkpoint_loads_back_with_the_same_logits_dtype_and_tokenizer() {
     use forkrl_trainer::model::hf_export::{ExportSource, export};
     let device = device();
-    for name in ["qwen2-tied", "qwen3", "llama"] {
+    for name in ["qwen2-tied", "qwen3", "llama", "llama3-rope", "qwen2-yarn"] {
         let model = hf::load(&fixture(name), Some(16), &device).expect("loads");
         let out = scratch(name, "export").join("out");
         export(&model.policy, &model.config.policy, ExportSource::HfDir(&fixture(name)), &out).expect("exports");

@@ -106,3 +106,51 @@ fn bad_requests_are_typed_errors() {
     let none = generate(&policy, &[], Decoding::Greedy, &config).expect("empty batch");
     assert_eq!(none.tokens.len(), 0);
 }
+
+#[test]
+fn the_kv_cache_grows_past_its_capacity_and_keeps_only_retained_rows() {
+    use burn::tensor::{Int, Tensor, TensorData};
+    let device = device();
+    let policy = policy(&device);
+    // Three left-padded rows of width 4; every step appends the same new id to every row.
+    let rows = [vec![0u32, 0, 3, 4], vec![5, 6, 7, 8], vec![0, 9, 10, 11]];
+    let pads = [2usize, 0, 1];
+    let ids = |rows: &[Vec<u32>]| {
+        let flat: Vec<i64> = rows.iter().flatten().map(|&t| i64::from(t)).collect();
+        Tensor::<2, Int>::from_data(TensorData::new(flat, [rows.len(), rows[0].len()]), &device)
+    };
+    let last_logits = |rows: &[Vec<u32>], pads: &[usize]| -> Vec<f32> {
+        let w = rows[0].len();
+        let logits = policy.forward_left_padded(ids(rows), pads).expect("forward");
+        logits.narrow(1, w - 1, 1).into_data().try_to_vec::<f32>().expect("f32")
+    };
+    let close = |a: &[f32], b: &[f32], what: &str| {
+        assert_eq!(a.len(), b.len(), "{what}");
+        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "{what}: differs by {worst}");
+    };
+    let (_, mut cache) = policy.prefill(ids(&rows), &pads, 4).expect("prefill");
+    assert_eq!(cache.capacity(), 4, "room for the prompt only");
+    let mut seqs: Vec<Vec<u32>> = rows.to_vec();
+    for step in 0..3u32 {
+        let new: Vec<Vec<u32>> = (0..seqs.len()).map(|r| vec![12 + step + r as u32]).collect();
+        let cached = policy.decode(ids(&new), &mut cache).expect("decode");
+        for (s, n) in seqs.iter_mut().zip(&new) {
+            s.push(n[0]);
+        }
+        close(&cached.into_data().try_to_vec::<f32>().expect("f32"), &last_logits(&seqs, &pads), "grown cache");
+    }
+    assert!(cache.capacity() >= 7, "the buffers grew: {}", cache.capacity());
+    // Rows 2 and 0 keep decoding, in that order; row 1 leaves.
+    cache.retain_rows(&[2, 0]).expect("valid rows");
+    assert_eq!(cache.rows(), 2);
+    let kept: Vec<Vec<u32>> = vec![seqs[2].clone(), seqs[0].clone()];
+    let mut kept_seqs = kept;
+    let new = vec![vec![30u32], vec![31]];
+    let cached = policy.decode(ids(&new), &mut cache).expect("decode after retain");
+    kept_seqs[0].push(30);
+    kept_seqs[1].push(31);
+    close(&cached.into_data().try_to_vec::<f32>().expect("f32"), &last_logits(&kept_seqs, &[1, 2]), "retained rows");
+    assert!(cache.retain_rows(&[5]).is_err(), "a row that is not there is a typed error");
+    assert!(policy.decode(ids(&[vec![1u32], vec![2], vec![3]]), &mut cache).is_err(), "three rows, cache of two");
+}

@@ -381,6 +381,28 @@ fn weight_decay_shrinks_the_parameters_by_lr_times_decay() {
 }
 
 #[test]
+fn gradient_checkpointing_gives_the_same_update() {
+    // burn's balanced checkpointing recomputes memory-bound activations in the backward pass: same gradients, so the
+    // same parameters after one update (up to rounding), and the device carries the strategy.
+    let mut plain = trainer("[rl]\nppo_epochs = 1\n");
+    let mut ckpt = trainer("[model]\ngradient_checkpointing = true\n[rl]\nppo_epochs = 1\n");
+    assert_eq!(
+        ckpt.policy().device().gradient_checkpointing_strategy(),
+        Some(burn::tensor::GradientCheckpointingStrategy::Balanced)
+    );
+    let before = params(plain.policy());
+    assert_eq!(before, params(ckpt.policy()), "same seed, same initial policy");
+    let mut batch = fixed_batch(&plain);
+    plain.score(&mut batch).expect("scores");
+    plain.update(&batch).expect("update");
+    ckpt.update(&batch).expect("update");
+    let (a, b) = (params(plain.policy()), params(ckpt.policy()));
+    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(worst < 1e-6, "checkpointed update differs by {worst}");
+    assert!(before.iter().zip(&a).any(|(x, y)| (x - y).abs() > 1e-5), "the update moved the policy");
+}
+
+#[test]
 fn overlong_shaping_moves_the_reward_and_filtering_drops_truncated_rows() {
     // L_max 9, L_cache 4: lengths ≤ 5 are free, 6 costs 0.25, 8 costs 0.75 (responses count their EOS).
     let mut t = trainer("[rl.overlong]\nmax_response_length = 9\nbuffer_length = 4\n");

@@ -12,7 +12,8 @@
 //! `model.layers.i.post_attention_layernorm.weight` → MLP norm; `model.layers.i.mlp.{gate,up,down}_proj.weight`;
 //! `model.norm.weight`; `lm_head.weight` (untied models only; ignored when the embeddings are tied).
 //!
-//! Supported RoPE: the default (`rope_scaling` absent or null, or `rope_type = "default"`); any other scaling is an
+//! Supported RoPE: the default (`rope_scaling` absent or null, or `rope_type = "default"`) and the `linear`, `llama3`
+//! (Llama 3.1+) and `yarn` scalings ([`RopeScaling`]); any other scaling (`dynamic`, `longrope`, ...) is an
 //! [`TrainerError::HfConfig`] error rather than silently wrong positions. Sliding-window attention likewise.
 
 use std::{
@@ -30,7 +31,7 @@ use serde_json::Value;
 
 use crate::{
     TrainerError,
-    model::policy::{Block, Policy, PolicyConfig},
+    model::policy::{Block, Policy, PolicyConfig, RopeScaling},
 };
 
 type Result<T> = std::result::Result<T, TrainerError>;
@@ -154,13 +155,11 @@ pub fn read_config(dir: &Path, max_len: Option<usize>) -> Result<HfConfig> {
         return Err(j.err(format!("`hidden_act` = {act}: only \"silu\" (SwiGLU) is implemented")));
     }
     // RoPE: transformers ≥ 5 writes `rope_parameters`, older versions `rope_theta` and `rope_scaling`.
-    let rope_params = j.get("rope_parameters").or_else(|| j.get("rope_scaling"));
-    if let Some(p) = rope_params {
-        let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
-        if kind != "default" {
-            return Err(j.err(format!("RoPE scaling `rope_type` = {kind:?} is not implemented (only \"default\")")));
-        }
-    }
+    let rope_params = j.get("rope_parameters").or_else(|| j.get("rope_scaling")).filter(|p| !p.is_null());
+    let rope_scaling = match rope_params {
+        Some(p) => rope_scaling(&j, p)?,
+        None => None,
+    };
     let rope_theta = match j.f64("rope_theta")? {
         Some(t) => t,
         None => rope_params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64).unwrap_or(10000.0),
@@ -192,6 +191,7 @@ pub fn read_config(dir: &Path, max_len: Option<usize>) -> Result<HfConfig> {
         mlp_bias: j.bool("mlp_bias")?.unwrap_or(false),
         qk_norm: architecture == Architecture::Qwen3,
         max_len: max_len.map_or(max_position_embeddings, |m| m.min(max_position_embeddings)),
+        rope_scaling,
     };
     policy.validate().map_err(|e| j.err(e.to_string()))?;
     let mut special = SpecialTokens { eos: j.ids("eos_token_id")?, pad: None, bos: None };
@@ -216,6 +216,69 @@ pub fn read_config(dir: &Path, max_len: Option<usize>) -> Result<HfConfig> {
         }
     }
     Ok(HfConfig { architecture, policy, special, max_position_embeddings })
+}
+
+/// The RoPE scaling of a `rope_scaling` / `rope_parameters` object: `None` for `default`, the parameters of `linear`,
+/// `llama3` and `yarn` with `transformers`' defaults, an error naming any other type.
+fn rope_scaling(j: &Json<'_>, p: &Value) -> Result<Option<RopeScaling>> {
+    let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let num = |key: &str| -> Result<Option<f64>> {
+        match p.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| j.err(format!("RoPE `{key}` = {v} is not a number"))),
+        }
+    };
+    let req = |key: &str| num(key)?.ok_or_else(|| j.err(format!("RoPE scaling {kind:?} needs `{key}`")));
+    // The pre-training context: in the RoPE object, else top-level (Phi-3), else `max_position_embeddings`.
+    let original = || -> Result<f64> {
+        match num("original_max_position_embeddings")? {
+            Some(v) => Ok(v),
+            None => match j.f64("original_max_position_embeddings")? {
+                Some(v) => Ok(v),
+                None => Ok(j.req_usize("max_position_embeddings")? as f64),
+            },
+        }
+    };
+    Ok(match kind {
+        "default" => None,
+        "linear" => Some(RopeScaling::Linear { factor: req("factor")? }),
+        "llama3" => Some(RopeScaling::Llama3 {
+            factor: req("factor")?,
+            low_freq_factor: req("low_freq_factor")?,
+            high_freq_factor: req("high_freq_factor")?,
+            original_max_position_embeddings: original()?,
+        }),
+        "yarn" => {
+            let original = original()?;
+            let factor = match num("factor")? {
+                Some(f) => f,
+                None => j.req_usize("max_position_embeddings")? as f64 / original,
+            };
+            let mscale = |m: f64| if factor <= 1.0 { 1.0 } else { 0.1 * m * factor.ln() + 1.0 };
+            let attention_factor = match (num("attention_factor")?, num("mscale")?, num("mscale_all_dim")?) {
+                (Some(a), _, _) => a,
+                (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => mscale(m) / mscale(all),
+                _ => mscale(1.0),
+            };
+            let truncate = match p.get("truncate") {
+                None | Some(Value::Null) => true,
+                Some(v) => v.as_bool().ok_or_else(|| j.err(format!("RoPE `truncate` = {v} is not a boolean")))?,
+            };
+            Some(RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: original,
+                attention_factor,
+                beta_fast: num("beta_fast")?.filter(|&b| b != 0.0).unwrap_or(32.0),
+                beta_slow: num("beta_slow")?.filter(|&b| b != 0.0).unwrap_or(1.0),
+                truncate,
+            })
+        }
+        other => {
+            return Err(j.err(format!(
+                "RoPE scaling `rope_type` = {other:?} is not implemented (default, linear, llama3 and yarn are)"
+            )));
+        }
+    })
 }
 
 /// Where one tensor lies: its file, dtype, shape and byte range in the file.

@@ -187,6 +187,21 @@ fn config_json(
         "use_cache": true,
     });
     let o = v.as_object_mut().expect("an object literal");
+    if let Some(scaling) = &c.rope_scaling {
+        let mut rope = serde_json::to_value(scaling).unwrap_or(Value::Null);
+        if let Some(r) = rope.as_object_mut() {
+            r.insert("rope_theta".into(), json!(c.rope_theta));
+            // transformers writes the pre-training context as an integer.
+            if let Some(n) = r
+                .get("original_max_position_embeddings")
+                .and_then(Value::as_f64)
+                .filter(|n| n.fract() == 0.0 && *n >= 0.0)
+            {
+                r.insert("original_max_position_embeddings".into(), json!(n as u64));
+            }
+        }
+        o.insert("rope_scaling".into(), rope);
+    }
     match arch {
         Architecture::Llama => {
             o.insert("attention_bias".into(), json!(c.qkv_bias));

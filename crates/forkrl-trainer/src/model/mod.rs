@@ -17,7 +17,7 @@ use burn::{
     module::{Module, ModuleVisitor, Param},
     tensor::{Device, Int, Tensor, TensorData},
 };
-use forkrl_entropy::tensor::entropy_and_logprobs;
+use forkrl_entropy::fused_head::{DEFAULT_CHUNK_BYTES, chunk_rows_for, head_entropy_and_logprobs};
 
 use crate::{
     Result, TrainerError,
@@ -186,12 +186,38 @@ pub fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Tensor<2, Int> {
 }
 
 /// Entropy and log-prob `[B, W]` of every next token of right-padded sequences `[B, W + 1]` at `temperature`, on the
-/// policy's device (with a graph when the policy is on an autodiff device), in one pass over the logits.
+/// policy's device (with a graph when the policy is on an autodiff device), by the fused LM head
+/// (`forkrl_entropy::fused_head`): the `[B, W, V]` logits are never materialised, only one chunk of at most
+/// [`forkrl_entropy::fused_head::DEFAULT_CHUNK_BYTES`] of them at a time, in the forward and the backward pass.
 ///
 /// # Errors
 /// The policy's and the entropy kernel's errors.
 pub fn token_stats(policy: &Policy, seqs: &[Vec<u32>], w: usize, temperature: f32) -> Result<(Tensor<2>, Tensor<2>)> {
     let ids = ids_tensor(seqs, &policy.device());
-    let logits = policy.forward(ids.clone().narrow(1, 0, w))?;
-    Ok(entropy_and_logprobs(logits, ids.narrow(1, 1, w), temperature, 4096)?)
+    let hidden = policy.hidden_states(ids.clone().narrow(1, 0, w))?;
+    let chunk = chunk_rows_for(policy.vocab_size(), DEFAULT_CHUNK_BYTES);
+    Ok(head_entropy_and_logprobs(hidden, policy.head_weight(), ids.narrow(1, 1, w), temperature, chunk)?)
+}
+
+/// [`token_stats`] without a graph, read back to the host, `micro` rows per forward (verl's
+/// `log_prob_micro_batch_size_per_gpu`): peak memory is set by `micro`, not by the number of rows. Returns the row-major
+/// `[B, W]` entropy and log-prob.
+///
+/// # Errors
+/// As [`token_stats`].
+pub fn token_stats_host(
+    policy: &Policy,
+    seqs: &[Vec<u32>],
+    w: usize,
+    temperature: f32,
+    micro: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let valid = policy.valid();
+    let (mut entropy, mut log_prob) = (Vec::with_capacity(seqs.len() * w), Vec::with_capacity(seqs.len() * w));
+    for rows in seqs.chunks(micro.max(1)) {
+        let (h, lp) = token_stats(&valid, rows, w, temperature)?;
+        entropy.extend(crate::host_f32(h)?);
+        log_prob.extend(crate::host_f32(lp)?);
+    }
+    Ok((entropy, log_prob))
 }

@@ -73,6 +73,164 @@ pub struct PolicyConfig {
     /// Longest sequence (prompt + response) the RoPE tables cover.
     #[config(default = 32)]
     pub max_len: usize,
+    /// RoPE scaling (`rope_scaling` / `rope_parameters` of a Hugging Face config); `None` = plain RoPE.
+    #[config(default = "None")]
+    pub rope_scaling: Option<RopeScaling>,
+}
+
+/// RoPE scaling as `transformers`' `ROPE_INIT_FUNCTIONS` compute it: each changes the inverse frequencies `θ_i` (and
+/// YaRN scales `cos`/`sin` by an attention factor). With `λ_i = 2π/θ_i` the wavelength of pair `i`:
+/// - `linear`: `θ_i / factor`;
+/// - `llama3` (Llama 3.1+): `θ_i` where `λ_i < L/high_freq_factor`, `θ_i / factor` where `λ_i > L/low_freq_factor`,
+///   and between them `(1 − s)·θ_i/factor + s·θ_i` with `s = (L/λ_i − low_freq_factor)/(high_freq_factor −
+///   low_freq_factor)`, `L = original_max_position_embeddings`;
+/// - `yarn` (arXiv 2309.00071): `θ_i = θ_i^int·(1 − e_i) + θ_i^ext·e_i` with `θ^ext = θ`, `θ^int = θ/factor` and `e_i
+///   = 1 − ramp(i)` the linear ramp between the correction dimensions of `beta_fast` and `beta_slow` rotations over
+///   `L` positions (floored / ceiled when `truncate`), and `cos`, `sin` times `attention_factor` (default `0.1·ln
+///   factor + 1`, or the `mscale` / `mscale_all_dim` ratio).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    /// Position interpolation: every frequency divided by `factor`.
+    Linear {
+        /// Divisor of the frequencies.
+        factor: f64,
+    },
+    /// Llama 3's frequency-dependent scaling.
+    Llama3 {
+        /// Divisor of the low frequencies (8 in Llama 3.1).
+        factor: f64,
+        /// Wavelengths above `L / low_freq_factor` are scaled (1).
+        low_freq_factor: f64,
+        /// Wavelengths below `L / high_freq_factor` are kept (4).
+        high_freq_factor: f64,
+        /// `L`: the pre-training context (8192).
+        original_max_position_embeddings: f64,
+    },
+    /// YaRN.
+    Yarn {
+        /// Context extension factor.
+        factor: f64,
+        /// `L`: the pre-training context.
+        original_max_position_embeddings: f64,
+        /// Scale of `cos` and `sin`.
+        attention_factor: f64,
+        /// Rotations bounding extrapolation (32).
+        beta_fast: f64,
+        /// Rotations bounding interpolation (1).
+        beta_slow: f64,
+        /// Round the correction range outward (true).
+        truncate: bool,
+    },
+}
+
+impl RopeScaling {
+    /// The checks of [`PolicyConfig::validate`]: finite positive factors, `high_freq_factor > low_freq_factor`.
+    fn validate(&self) -> Result<(), TrainerError> {
+        let values: Vec<(&str, f64)> = match *self {
+            RopeScaling::Linear { factor } => vec![("factor", factor)],
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                if high_freq_factor <= low_freq_factor {
+                    return Err(TrainerError::invalid(
+                        "rope_scaling.high_freq_factor",
+                        high_freq_factor,
+                        format!("must exceed low_freq_factor = {low_freq_factor}"),
+                    ));
+                }
+                vec![
+                    ("factor", factor),
+                    ("low_freq_factor", low_freq_factor),
+                    ("high_freq_factor", high_freq_factor),
+                    ("original_max_position_embeddings", original_max_position_embeddings),
+                ]
+            }
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                attention_factor,
+                beta_fast,
+                beta_slow,
+                ..
+            } => {
+                vec![
+                    ("factor", factor),
+                    ("original_max_position_embeddings", original_max_position_embeddings),
+                    ("attention_factor", attention_factor),
+                    ("beta_fast", beta_fast),
+                    ("beta_slow", beta_slow),
+                ]
+            }
+        };
+        for (key, v) in values {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(TrainerError::invalid(format!("rope_scaling.{key}"), v, "must be finite and > 0"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The scaled inverse frequencies (`inv_freq` as `transformers` computes it in f32, here in f64 then rounded) and
+    /// the factor on `cos`/`sin`.
+    pub fn apply(&self, inv_freq: &[f64], rope_theta: f64, head_dim: usize) -> (Vec<f64>, f64) {
+        use std::f64::consts::PI;
+        match *self {
+            RopeScaling::Linear { factor } => (inv_freq.iter().map(|f| f / factor).collect(), 1.0),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                let (low_wavelen, high_wavelen) = (
+                    original_max_position_embeddings / low_freq_factor,
+                    original_max_position_embeddings / high_freq_factor,
+                );
+                let scaled = inv_freq
+                    .iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * PI / f;
+                        if wavelen > low_wavelen {
+                            f / factor
+                        } else if wavelen < high_wavelen {
+                            f
+                        } else {
+                            let smooth = (original_max_position_embeddings / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect();
+                (scaled, 1.0)
+            }
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                attention_factor,
+                beta_fast,
+                beta_slow,
+                truncate,
+            } => {
+                let dim = head_dim as f64;
+                let correction = |rotations: f64| {
+                    dim * (original_max_position_embeddings / (rotations * 2.0 * PI)).ln() / (2.0 * rope_theta.ln())
+                };
+                let (mut low, mut high) = (correction(beta_fast), correction(beta_slow));
+                if truncate {
+                    low = low.floor();
+                    high = high.ceil();
+                }
+                let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+                if low == high {
+                    high += 0.001;
+                }
+                let scaled = inv_freq
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &f)| {
+                        let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                        let extrapolation = 1.0 - ramp;
+                        (f / factor) * (1.0 - extrapolation) + f * extrapolation
+                    })
+                    .collect();
+                (scaled, attention_factor)
+            }
+        }
+    }
 }
 
 /// One pre-norm block.
@@ -106,9 +264,13 @@ pub struct Policy {
 }
 
 /// Keys and values of the tokens seen so far, per block, and each row's number of leading pad tokens.
+///
+/// Each block's keys and values live in one preallocated `[B, H_kv, capacity, D_h]` buffer that new positions are
+/// written into in place (burn's `slice_assign` on a uniquely held tensor), so decoding copies nothing per token; the
+/// capacity doubles when a decode step would pass it. [`KvCache::retain_rows`] drops finished rows.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    layers: Vec<(Tensor<4>, Tensor<4>)>,
+    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
     pads: Vec<usize>,
     len: usize,
 }
@@ -122,6 +284,39 @@ impl KvCache {
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.pads.len()
+    }
+
+    /// Positions the buffers hold before they grow.
+    pub fn capacity(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    /// Keeps only the rows `keep` (indices into the current rows, in the order given): the rows of a generation that
+    /// are still decoding, so that finished rows cost nothing in later steps.
+    ///
+    /// # Errors
+    /// [`TrainerError::Shape`] for an index that is not a current row.
+    pub fn retain_rows(&mut self, keep: &[usize]) -> Result<(), TrainerError> {
+        let rows = self.rows();
+        if let Some(&r) = keep.iter().find(|&&r| r >= rows) {
+            return Err(TrainerError::Shape(format!("retain_rows: row {r} of a cache of {rows} rows")));
+        }
+        if keep.len() == rows && keep.iter().enumerate().all(|(i, &r)| i == r) {
+            return Ok(());
+        }
+        self.pads = keep.iter().map(|&r| self.pads[r]).collect();
+        for layer in self.layers.iter_mut().flatten() {
+            let device = layer.0.device();
+            let idx: Vec<i64> = keep.iter().map(|&r| r as i64).collect();
+            let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [keep.len()]), &device);
+            *layer = (layer.0.clone().select(0, idx.clone()), layer.1.clone().select(0, idx));
+        }
+        Ok(())
     }
 }
 
@@ -198,6 +393,9 @@ impl PolicyConfig {
                 format!("must divide n_heads = {}", self.n_heads),
             ));
         }
+        if let Some(scaling) = &self.rope_scaling {
+            scaling.validate()?;
+        }
         if self.rope_theta.is_nan()
             || self.rope_theta <= 0.0
             || self.rope_theta.is_infinite()
@@ -254,15 +452,20 @@ impl PolicyConfig {
     ) -> Policy {
         let dh = self.head_width();
         let half = dh / 2;
+        let inv_freq: Vec<f64> = (0..half).map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / dh as f64)).collect();
+        let (inv_freq, scale) = match &self.rope_scaling {
+            Some(s) => s.apply(&inv_freq, self.rope_theta, dh),
+            None => (inv_freq, 1.0),
+        };
+        let scale = scale as f32;
         let mut cos = Vec::with_capacity(self.max_len * half);
         let mut sin = Vec::with_capacity(self.max_len * half);
         for p in 0..self.max_len {
-            for i in 0..half {
+            for &f in &inv_freq {
                 // transformers computes inv_freq in f32 and the angle p·inv_freq in f32; so do we.
-                let inv_freq = (1.0 / self.rope_theta.powf((2 * i) as f64 / dh as f64)) as f32;
-                let angle = p as f32 * inv_freq;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                let angle = p as f32 * f as f32;
+                cos.push(angle.cos() * scale);
+                sin.push(angle.sin() * scale);
             }
         }
         Policy {
@@ -290,15 +493,6 @@ fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     Tensor::cat(vec![x1.clone() * cos.clone() - x2.clone() * sin.clone(), x1 * sin + x2 * cos], 3)
 }
 
-/// `[B, Hkv, T, Dh]` → `[B, Hkv·rep, T, Dh]`, each kv head repeated for its `rep` query heads.
-fn repeat_kv(x: Tensor<4>, rep: usize) -> Tensor<4> {
-    if rep == 1 {
-        return x;
-    }
-    let [b, h, t, dh] = x.dims();
-    x.reshape([b, h, 1, t, dh]).expand([b, h, rep, t, dh]).reshape([b, h * rep, t, dh])
-}
-
 /// Attention inputs shared by the blocks of one forward call.
 struct Shared<'a> {
     ctx: &'a Ctx,
@@ -309,12 +503,50 @@ struct Shared<'a> {
     head_dim: usize,
 }
 
+/// Writes the new keys/values `[B, H_kv, S, D_h]` at positions `len..len + S` of a block's cache buffers (growing
+/// them when full) and returns the keys/values of every position so far (views into the buffers).
+fn append_kv(
+    slot: &mut Option<(Tensor<4>, Tensor<4>)>,
+    len: usize,
+    k: Tensor<4>,
+    v: Tensor<4>,
+) -> (Tensor<4>, Tensor<4>) {
+    let [b, hkv, s, dh] = k.dims();
+    let Some((mut kc, mut vc)) = slot.take() else {
+        return (k, v); // no buffer (a cache of zero blocks cannot reach here)
+    };
+    let cap = kc.dims()[2];
+    if len + s > cap {
+        let extra = (len + s).max(2 * cap) - cap;
+        let device = kc.device();
+        let zeros = Tensor::<4>::zeros([b, hkv, extra, dh], &device);
+        kc = Tensor::cat(vec![kc, zeros.clone()], 2);
+        vc = Tensor::cat(vec![vc, zeros], 2);
+    }
+    let at = [0..b, 0..hkv, len..len + s, 0..dh];
+    kc = kc.slice_assign(at.clone(), k);
+    vc = vc.slice_assign(at, v);
+    let out = (kc.clone().narrow(2, 0, len + s), vc.clone().narrow(2, 0, len + s));
+    *slot = Some((kc, vc));
+    out
+}
+
 impl Block {
-    /// One block over new tokens `x: [B, S, D]`; `past` holds the keys/values of earlier positions and is replaced by
-    /// the extended cache.
-    fn forward(&self, x: Tensor<3>, sh: &Shared<'_>, past: Option<&mut (Tensor<4>, Tensor<4>)>) -> Tensor<3> {
+    /// One block over new tokens `x: [B, S, D]`; `past` is this block's cache slot and the number of positions already
+    /// in it: the new keys/values are written there and attention covers every cached position.
+    ///
+    /// Grouped-query attention runs without repeating the key/value heads: the `rep = H_q / H_kv` query heads of one
+    /// key/value head are stacked along the query axis (`[B, H_kv, rep·S, D_h]`, a reshape), so one batched matmul per
+    /// key/value head serves them all.
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        sh: &Shared<'_>,
+        past: Option<(&mut Option<(Tensor<4>, Tensor<4>)>, usize)>,
+    ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (hq, hkv, dh) = (sh.n_heads, sh.n_kv_heads, sh.head_dim);
+        let rep = hq / hkv;
         let h = self.attn_norm.forward(x.clone());
         let heads = |l: &Linear, n: usize, norm: &Option<RmsNorm>| {
             let t = l.forward(h.clone()).reshape([b, s, n, dh]);
@@ -327,18 +559,16 @@ impl Block {
         let q = rope(heads(&self.q, hq, &self.q_norm), &sh.cos, &sh.sin);
         let mut k = rope(heads(&self.k, hkv, &self.k_norm), &sh.cos, &sh.sin);
         let mut v = heads(&self.v, hkv, &None);
-        if let Some(past) = past {
-            if past.0.dims()[2] > 0 {
-                k = Tensor::cat(vec![past.0.clone(), k], 2);
-                v = Tensor::cat(vec![past.1.clone(), v], 2);
-            }
-            *past = (k.clone(), v.clone());
+        if let Some((slot, len)) = past {
+            (k, v) = append_kv(slot, len, k, v);
         }
         let tk = k.dims()[2];
-        let (k, v) = (repeat_kv(k, hq / hkv), repeat_kv(v, hq / hkv));
-        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((dh as f32).sqrt());
+        // Query head h = g·rep + r reads key/value head g: [B, H_q, S, D_h] → [B, H_kv, rep·S, D_h].
+        let q = q.reshape([b, hkv, rep * s, dh]);
+        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((dh as f32).sqrt()).reshape([b, hq, s, tk]);
         let scores = scores.mask_fill(sh.ctx.mask.clone().expand([b, hq, s, tk]), f32::NEG_INFINITY);
-        let attn = activation::softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b, s, hq * dh]);
+        let probs = activation::softmax(scores, 3).reshape([b, hkv, rep * s, tk]);
+        let attn = probs.matmul(v).reshape([b, hq, s, dh]).swap_dims(1, 2).reshape([b, s, hq * dh]);
         let x = x + self.o.forward(attn);
         let m = self.mlp_norm.forward(x.clone());
         x.clone() + self.down.forward(activation::silu(self.gate.forward(m.clone())) * self.up.forward(m))
@@ -349,6 +579,15 @@ impl Policy {
     /// Vocabulary size.
     pub fn vocab_size(&self) -> usize {
         self.embed.dims()[0]
+    }
+
+    /// The LM head weight as `[V, D]`: the embedding when tied, else `lm_head`'s weight (stored `[D, V]` by burn's
+    /// `Linear`, transposed here as a view).
+    pub fn head_weight(&self) -> Tensor<2> {
+        match &self.lm_head {
+            Some(head) => head.weight.val().transpose(),
+            None => self.embed.val(),
+        }
     }
 
     /// The device of the parameters.
@@ -423,7 +662,7 @@ impl Policy {
         let d = embed.dims()[1];
         let mut x = embed.select(0, tokens.reshape([b * s])).reshape([b, s, d]);
         for (i, block) in self.blocks.iter().enumerate() {
-            let past = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let past = cache.as_deref_mut().map(|c| (&mut c.layers[i], c.len));
             x = block.forward(x, &sh, past);
         }
         self.norm.forward(x)
@@ -466,18 +705,25 @@ impl Policy {
 
     /// Runs a left-padded prompt batch and returns the logits of its last position `[B, 1, V]` (the only ones
     /// generation needs: with a 150k vocabulary, all `[B, T, V]` of a long prompt batch would not fit in memory) and
-    /// the KV cache for [`Policy::decode`].
+    /// the KV cache for [`Policy::decode`], with room for `capacity` positions (at least the prompt's; more positions
+    /// grow it).
     ///
     /// # Errors
     /// As [`Policy::forward_left_padded`].
-    pub fn prefill(&self, tokens: Tensor<2, Int>, pads: &[usize]) -> Result<(Tensor<3>, KvCache), TrainerError> {
+    pub fn prefill(
+        &self,
+        tokens: Tensor<2, Int>,
+        pads: &[usize],
+        capacity: usize,
+    ) -> Result<(Tensor<3>, KvCache), TrainerError> {
         let [b, t] = tokens.dims();
         self.check_len(t)?;
         check_pads(pads, b, t)?;
         let device = tokens.device();
-        let empty = Tensor::<4>::zeros([b, self.n_kv_heads, 0, self.head_dim], &device);
-        let mut cache =
-            KvCache { layers: vec![(empty.clone(), empty); self.blocks.len()], pads: pads.to_vec(), len: 0 };
+        let cap = capacity.clamp(t, self.max_len());
+        let buffer = || Tensor::<4>::zeros([b, self.n_kv_heads, cap, self.head_dim], &device);
+        let layers = (0..self.blocks.len()).map(|_| Some((buffer(), buffer()))).collect();
+        let mut cache = KvCache { layers, pads: pads.to_vec(), len: 0 };
         let ctx = self.ctx(pads, t, 0, &device);
         let hidden = self.trunk(tokens, &ctx, Some(&mut cache));
         cache.len = t;
@@ -491,7 +737,7 @@ impl Policy {
     /// from the cache's.
     pub fn decode(&self, tokens: Tensor<2, Int>, cache: &mut KvCache) -> Result<Tensor<3>, TrainerError> {
         let [b, s] = tokens.dims();
-        if b != cache.pads.len() {
+        if b != cache.rows() {
             return Err(TrainerError::Shape(format!("decode: {b} rows, the KV cache has {}", cache.pads.len())));
         }
         self.check_len(cache.len + s)?;

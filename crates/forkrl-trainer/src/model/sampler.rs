@@ -6,8 +6,10 @@
 //! ([`Policy::decode`]), so the prefix is never recomputed. The next token of every row is drawn on the host by a
 //! `forkrl_rollout` decoding operator (greedy, temperature, top-k, top-p, two-temperature, CUTS), from the stream
 //! `(seed, row_id, position)`, so a row's tokens depend on neither the batch composition nor the thread count.
-//! A row stops at its first EOS id (kept in the response) or after `max_new_tokens` (then it is *truncated*); rows
-//! that have stopped are fed the pad id until the whole batch is done.
+//! A row stops at its first EOS id (kept in the response) or after `max_new_tokens` (then it is *truncated*); a row
+//! that has stopped leaves the active batch ([`crate::model::policy::KvCache::retain_rows`]), so later steps decode
+//! only the rows still running. The cache is preallocated for the longest prompt plus `max_new_tokens` and written in
+//! place: no per-token concatenation.
 //!
 //! Generation runs on the policy's device. For a policy on an autodiff device, pass `policy.valid()` (burn's
 //! `Module::valid`): sampling then records no graph.
@@ -163,41 +165,53 @@ pub fn generate_rows(policy: &Policy, rows: &[SampleRow<'_>], config: &SamplerCo
     let eos_for_ops = config.eos.first().copied();
     let mut done = vec![false; b];
     let mut cache = None;
+    // Rows still decoding (indices into `rows`), in the order of the cache's rows.
+    let mut active: Vec<usize> = (0..b).collect();
     let mut last: Vec<i64> = Vec::with_capacity(b);
     for pos in 0..config.max_new_tokens {
         let logits = match (config.use_cache, cache.as_mut()) {
             (true, None) => {
-                let (logits, c) = policy.prefill(ids_tensor(prefix(&seqs, width), b, width, device), &pads)?;
+                let ids = ids_tensor(prefix(&seqs, width), b, width, device);
+                let (logits, c) = policy.prefill(ids, &pads, stride)?;
                 cache = Some(c);
                 logits
             }
-            (true, Some(c)) => policy.decode(ids_tensor(last.clone(), b, 1, device), c)?,
+            (true, Some(c)) => policy.decode(ids_tensor(last.clone(), active.len(), 1, device), c)?,
             (false, _) => {
+                // The reference path: the whole batch, every row, every step.
                 let w = width + pos;
-                policy.forward_left_padded(ids_tensor(prefix(&seqs, w), b, w, device), &pads)?
+                let logits = policy.forward_left_padded(ids_tensor(prefix(&seqs, w), b, w, device), &pads)?;
+                let idx: Vec<i64> = active.iter().map(|&r| r as i64).collect();
+                let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [active.len()]), device);
+                logits.narrow(1, w - 1, 1).select(0, idx)
             }
         };
-        let [_, s, v] = logits.dims();
-        let next = host_f32(logits.narrow(1, s - 1, 1).reshape([b, v]))?;
+        let [a, s, v] = logits.dims();
+        let next = host_f32(logits.narrow(1, s - 1, 1).reshape([a, v]))?;
         let requests: Vec<RowRequest> =
-            rows.iter().map(|r| RowRequest { op: r.op, position: pos, row_id: r.row_id }).collect();
+            active.iter().map(|&r| RowRequest { op: rows[r].op, position: pos, row_id: rows[r].row_id }).collect();
         let sampled = decode_rows(&next, v, &requests, eos_for_ops, config.seed, config.threads)?;
-        last.clear();
-        for (r, s) in sampled.iter().enumerate() {
-            let token = if done[r] { config.pad } else { s.token };
-            last.push(i64::from(token));
-            seqs[r * stride + width + pos] = i64::from(token);
-            if !done[r] {
-                out.tokens[r].push(token);
-                out.logprobs[r].push(s.logprob);
-                out.entropies[r].push(s.entropy);
-                out.fallbacks[r] += usize::from(s.fallback);
-                done[r] = config.eos.contains(&token);
-            }
+        for (&r, s) in active.iter().zip(&sampled) {
+            seqs[r * stride + width + pos] = i64::from(s.token);
+            out.tokens[r].push(s.token);
+            out.logprobs[r].push(s.logprob);
+            out.entropies[r].push(s.entropy);
+            out.fallbacks[r] += usize::from(s.fallback);
+            done[r] = config.eos.contains(&s.token);
         }
-        if done.iter().all(|&d| d) {
+        // Finished rows leave the batch: later steps decode only the rows still running.
+        let keep: Vec<usize> = (0..active.len()).filter(|&i| !done[active[i]]).collect();
+        if keep.is_empty() {
             break;
         }
+        if keep.len() < active.len() {
+            if let Some(c) = cache.as_mut() {
+                c.retain_rows(&keep)?;
+            }
+            active = keep.iter().map(|&i| active[i]).collect();
+        }
+        last.clear();
+        last.extend(active.iter().map(|&r| seqs[r * stride + width + pos]));
     }
     for r in 0..b {
         out.truncated[r] = !done[r];

@@ -18,7 +18,7 @@ use crate::{
     batch::{RolloutBatch, Scores},
     config::{Balance, CheckedConfig},
     host_f32,
-    model::{Vocab, ids_tensor, policy::Policy, token_stats},
+    model::{Vocab, ids_tensor, policy::Policy, token_stats_host},
     rl::vps,
 };
 
@@ -38,10 +38,8 @@ pub fn score(
 ) -> Result<()> {
     let rl = &config.rl;
     let (w, temperature) = (batch.width(), config.temperature());
-    let no_grad = |p: &Policy| -> Result<(Vec<f32>, Vec<f32>)> {
-        let (h, lp) = token_stats(p, batch.ids(), w, temperature)?;
-        Ok((host_f32(h)?, host_f32(lp)?))
-    };
+    let micro = config.log_prob_micro_batch_size().unwrap_or(batch.len());
+    let no_grad = |p: &Policy| token_stats_host(p, batch.ids(), w, temperature, micro);
     let (old_entropy, old_log_prob) = no_grad(policy)?;
     let ref_log_prob = match (config.needs_reference(), reference) {
         (true, Some(r)) => Some(no_grad(r)?.1),

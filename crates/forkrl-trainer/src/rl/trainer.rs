@@ -120,7 +120,10 @@ impl Trainer {
                 "the dataset has no worked solutions (`solution`, or a GSM8K `answer` with ####); set sft.steps = 0",
             ));
         }
-        let device = device.clone().autodiff();
+        let device = match config.model.gradient_checkpointing {
+            true => device.clone().autodiff().gradient_checkpointing(),
+            false => device.clone().autodiff(),
+        };
         let built = model::build_seeded(&config.model, &device, config.run.seed)?;
         let test = task.test_set(config.eval.size);
         if test.is_empty() {

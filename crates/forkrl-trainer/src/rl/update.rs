@@ -14,7 +14,6 @@
 //! [`Trainer`](crate::Trainer)'s (it owns the policy).
 
 use burn::{
-    module::Module,
     optim::{GradientsAccumulator, GradientsParams},
     tensor::{Bool, Device, Tensor, TensorData},
 };
@@ -30,7 +29,7 @@ use crate::{
     batch::{RolloutBatch, Scores, gather_rows},
     config::{CheckedConfig, ForkingScope},
     host_f32,
-    model::{policy::Policy, token_stats},
+    model::{policy::Policy, token_stats, token_stats_host},
 };
 
 /// verl's actor metrics of one update (means over the mini-batches of the last PPO epoch) and what the forking mask
@@ -233,7 +232,12 @@ impl<'a> Updater<'a> {
             let (entropy, log_prob) = self.forward(policy, &idx, &all)?;
             (host_f32(entropy.clone().detach())?, Some((entropy, log_prob)))
         } else {
-            (host_f32(self.forward(&policy.valid(), &idx, &all)?.0)?, None)
+            let ids = self.batch.ids();
+            let rows: Vec<Vec<u32>> = idx.iter().map(|&r| ids[r].clone()).collect();
+            let lp_micro = self.config.log_prob_micro_batch_size().unwrap_or(mb);
+            let (entropy, _) =
+                token_stats_host(policy, &rows, self.batch.width(), self.config.temperature(), lp_micro)?;
+            (entropy, None)
         };
         let forking = self.select(&entropy, &mb_mask, micro, &idx)?;
         let mut loss_mask = forking_loss_mask(&mb_mask, &forking, w, rl.forking.denominator)?;
