@@ -41,7 +41,19 @@ enum Task {
     /// with aggregation on [512, 4096] tokens (dev profile, CPU backend unless FORKRL_BACKEND says otherwise); HORA
     /// allocation of 1M rollouts over 100k prompts; the decoding operators on a 151,936-wide row; sampling (KV cache
     /// vs recomputing the prefix) and training tokens/s of the built-in tiny policy.
+    ///
+    /// `--scale` runs the real-scale benchmark instead: a Qwen2.5-0.5B-shaped policy with random weights (load, sampling
+    /// 8 x 128 tokens, one GRPO step of 8 prompts x 4 responses x 256 tokens; time and peak RSS per phase), beside the
+    /// same phases in PyTorch eager when the interpreter `FORKRL_PEER_PYTHON` (default `python3`) has torch and
+    /// transformers (benches/peers/scale_peer.py). Tens of minutes on 2 cores.
     Bench {
+        /// Run the real-scale benchmark (crates/forkrl-trainer/examples/scale.rs) instead of the criterion benches.
+        #[arg(long)]
+        scale: bool,
+        /// After the criterion benches, run the PyTorch peer of the tiny-policy, loss and entropy benches
+        /// (benches/peers/tiny_peer.py, with FORKRL_PEER_PYTHON or python3) and print forkrl / PyTorch ratios.
+        #[arg(long)]
+        peers: bool,
         /// Extra arguments passed to the criterion binary after `--` (e.g. a benchmark name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -95,7 +107,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Task::Test { backend, no_lints } => test(backend, no_lints),
-        Task::Bench { args } => bench(&args),
+        Task::Bench { scale: true, .. } => scale_bench(),
+        Task::Bench { args, peers, .. } => bench(&args).and_then(|()| if peers { tiny_peers() } else { Ok(()) }),
         Task::Simulate { args } => {
             let mut cmd = vec!["run", "--release", "--quiet", "-p", "forkrl-rollout", "--example", "simulate", "--"];
             cmd.extend(args.iter().map(String::as_str));
@@ -333,7 +346,12 @@ fn bench(args: &[String]) -> Result<(), String> {
     println!("|---|---|---|---|---|");
     let throughput: [(&str, f64, &str, &[&str]); 2] = [
         ("policy_tiny_sampling_64x128", 64.0 * 128.0, "recompute_prefix", &["recompute_prefix", "kv_cache"]),
-        ("policy_tiny_train_64x136", 64.0 * 135.0, "forward_backward", &["forward_backward"]),
+        (
+            "policy_tiny_train_64x136",
+            64.0 * 135.0,
+            "forward_backward",
+            &["forward_backward", "forward_backward_fused_head"],
+        ),
     ];
     for (group, tokens, base, names) in throughput {
         let Some(base_ns) = criterion_mean_ns(&target, group, base) else { continue };
@@ -385,6 +403,151 @@ fn bench(args: &[String]) -> Result<(), String> {
             if let Some(ns) = criterion_mean_ns(&target, group, name) {
                 println!("| {name} | {:.2} | {:.2} |", ns / 1e6, ns / base_ns);
             }
+        }
+    }
+    Ok(())
+}
+
+/// The interpreter of the PyTorch peers, when it can import torch and transformers.
+fn peer_python() -> Result<String, String> {
+    let python = env::var("FORKRL_PEER_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let ok = Command::new(&python)
+        .args(["-c", "import torch, transformers"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if ok {
+        Ok(python)
+    } else {
+        Err(format!(
+            "PyTorch peer SKIPPED: `{python}` cannot import torch and transformers (set FORKRL_PEER_PYTHON to an \
+             interpreter that can, e.g. a venv with `pip install torch transformers`)."
+        ))
+    }
+}
+
+/// Runs benches/peers/tiny_peer.py and prints forkrl / PyTorch ratios against this run's criterion means.
+fn tiny_peers() -> Result<(), String> {
+    let python = match peer_python() {
+        Ok(p) => p,
+        Err(skip) => {
+            println!("\n{skip}");
+            return Ok(());
+        }
+    };
+    let script = workspace_root().join("benches").join("peers").join("tiny_peer.py");
+    let script = script.to_str().ok_or("path is not UTF-8")?.to_string();
+    println!("\n$ {python} {script}");
+    let out = Command::new(&python)
+        .arg(&script)
+        .current_dir(workspace_root())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("could not start `{python}`: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    print!("{text}");
+    if !out.status.success() {
+        return Err(format!("the peer failed with {}", out.status));
+    }
+    let peer_ms = |name: &str| -> Option<f64> {
+        let line = text.lines().find(|l| l.contains(&format!("\"name\": \"{name}\"")))?;
+        let at = line.find("\"ms\":")? + 5;
+        line[at..].trim_end_matches('}').trim().parse().ok()
+    };
+    let target = target_dir();
+    let rows: [(&str, &str, &str); 7] = [
+        ("policy_tiny_sampling_64x128", "kv_cache", "sampling_kv_cache"),
+        ("policy_tiny_sampling_64x128", "kv_cache", "sampling_manual_kv_loop"),
+        ("policy_tiny_train_64x136", "forward_backward_fused_head", "train_fwd_bwd"),
+        ("policy_tiny_train_64x136", "forward_backward", "train_fwd_bwd"),
+        ("policy_loss_512x4096", "vanilla_token-mean_fwd_bwd", "policy_loss_fwd_bwd"),
+        ("policy_loss_512x4096", "baseline_exp_sum_fwd_bwd", "baseline_exp_sum_fwd_bwd"),
+        ("entropy_tensor_path_512x151936", "chunked", "entropy_verl_fwd"),
+    ];
+    println!(
+        "\nforkrl against PyTorch eager, same machine, same run (speed-up = PyTorch ms / forkrl ms; > 1: forkrl faster):"
+    );
+    println!("| forkrl bench | PyTorch peer | forkrl ms | PyTorch ms | speed-up |");
+    println!("|---|---|---|---|---|");
+    for (group, name, peer) in rows {
+        if let (Some(ns), Some(ms)) = (criterion_mean_ns(&target, group, name), peer_ms(peer)) {
+            println!("| {group}/{name} | {peer} | {:.1} | {ms:.1} | {:.2} |", ns / 1e6, ms / (ns / 1e6));
+        }
+    }
+    Ok(())
+}
+
+/// One phase's JSON line: (seconds, peak RSS MiB, the rest of the line).
+fn phase_line(out: &str) -> Option<(f64, f64, String)> {
+    let line = out.lines().rev().find(|l| l.trim_start().starts_with("{\"phase\""))?;
+    let num = |key: &str| -> Option<f64> {
+        let at = line.find(&format!("\"{key}\":"))? + key.len() + 3;
+        let rest = &line[at..];
+        rest[..rest.find([',', '}'])?].trim().parse().ok()
+    };
+    Some((num("seconds")?, num("peak_rss_mib")?, line.to_string()))
+}
+
+/// Runs `program args` capturing stdout (stderr passes through); the phase line it printed.
+fn run_phase(program: &str, args: &[&str]) -> Result<(f64, f64, String), String> {
+    println!("\n$ {program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(workspace_root())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("could not start `{program}`: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    print!("{text}");
+    if !out.status.success() {
+        return Err(format!("`{program} {}` failed with {}", args.join(" "), out.status));
+    }
+    phase_line(&text).ok_or_else(|| format!("`{program} {}` printed no phase line", args.join(" ")))
+}
+
+/// The real-scale benchmark (see `Task::Bench`): forkrl's phases, then the PyTorch peer's when it can run, then a
+/// table of both with time and peak-memory ratios from this run.
+fn scale_bench() -> Result<(), String> {
+    let cargo = cargo();
+    run(&cargo, &["build", "--workspace", "--examples", "--quiet"], &[])?;
+    let target = target_dir();
+    let exe = target.join("debug").join("examples").join(format!("scale{}", env::consts::EXE_SUFFIX));
+    let exe = exe.to_str().ok_or("target path is not UTF-8")?.to_string();
+    let dir = target.join("scale-bench").join("qwen2.5-0.5b");
+    let dir_s = dir.to_str().ok_or("target path is not UTF-8")?.to_string();
+    if !dir.join("model.safetensors").is_file() {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.parent().ok_or("no parent")?).map_err(|e| e.to_string())?;
+        run_phase(&exe, &["prepare", &dir_s])?;
+    }
+    let phases = ["load", "sample", "grpo"];
+    let mut ours = Vec::new();
+    for phase in phases {
+        ours.push(run_phase(&exe, &[phase, &dir_s])?);
+    }
+    let mut peer = Vec::new();
+    match peer_python() {
+        Ok(python) => {
+            let script = workspace_root().join("benches").join("peers").join("scale_peer.py");
+            let script = script.to_str().ok_or("path is not UTF-8")?.to_string();
+            for phase in phases {
+                peer.push(run_phase(&python, &[&script, phase, &dir_s])?);
+            }
+        }
+        Err(skip) => println!("\n{skip}"),
+    }
+    println!("\nQwen2.5-0.5B-shaped policy, CPU (this run; ratio = forkrl / PyTorch):");
+    println!(
+        "| phase | forkrl s | forkrl peak RSS MiB | PyTorch s | PyTorch peak RSS MiB | time ratio | memory ratio |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (i, phase) in phases.iter().enumerate() {
+        let (s, m, _) = &ours[i];
+        match peer.get(i) {
+            Some((ps, pm, _)) => {
+                println!("| {phase} | {s:.1} | {m:.0} | {ps:.1} | {pm:.0} | {:.2} | {:.2} |", s / ps, m / pm)
+            }
+            None => println!("| {phase} | {s:.1} | {m:.0} | – | – | – | – |"),
         }
     }
     Ok(())

@@ -2,7 +2,9 @@
 //! 192, 2 blocks) on the backend named by `FORKRL_BACKEND` (CPU by default):
 //! - sampling 64 rows × 128 new tokens from 8-token prompts with the KV cache, against the same generation
 //!   recomputing the prefix at every step (the baseline, measured in the same run);
-//! - a training forward + backward (token log-probs → mean → backward) over 64 sequences of 136 tokens.
+//! - the same with the built-in EOS id, so that rows stop at different lengths (throughput counts generated tokens);
+//! - a training forward + backward (token log-probs → mean → backward) over 64 sequences of 136 tokens, through full
+//!   logits (`forward_backward`) and through the fused LM head the trainer uses (`forward_backward_fused_head`).
 //!
 //! `cargo xtask bench` runs it with the dev profile and prints tokens/s.
 
@@ -16,6 +18,7 @@ use forkrl_rollout::Decoding;
 use forkrl_trainer::model::{
     policy::PolicyConfig,
     sampler::{SamplerConfig, generate},
+    token_stats,
     tokenizer::CharTokenizer,
 };
 
@@ -45,6 +48,16 @@ fn bench(c: &mut Criterion) {
     });
     group.finish();
 
+    // With an EOS id, rows stop at different lengths: finished rows leave the active batch.
+    let eos_sampler = SamplerConfig { eos: vec![forkrl_trainer::model::tokenizer::EOS], ..sampler.clone() };
+    let generated = generate(&policy, &prompts, op, &eos_sampler).expect("generates").num_tokens();
+    let mut group = c.benchmark_group("policy_tiny_sampling_eos_64x128");
+    group.sample_size(10).throughput(Throughput::Elements(generated as u64));
+    group.bench_function("kv_cache", |b| {
+        b.iter(|| black_box(generate(&policy, &prompts, op, &eos_sampler).expect("generates").num_tokens()))
+    });
+    group.finish();
+
     let ad = device.clone().autodiff();
     ad.seed(1);
     let train_policy = config.init(&ad).expect("policy");
@@ -59,6 +72,13 @@ fn bench(c: &mut Criterion) {
             let (_, logprob) = entropy_and_logprobs(logits, ids.clone().narrow(1, 1, t - 1), 1.0, 4096).expect("lp");
             let grads = logprob.mean().neg().backward();
             black_box(grads)
+        })
+    });
+    let seqs: Vec<Vec<u32>> = (0..ROWS).map(|r| (0..t).map(|i| 2 + ((r * t + i) * 5 % 14) as u32).collect()).collect();
+    group.bench_function("forward_backward_fused_head", |b| {
+        b.iter(|| {
+            let (_, logprob) = token_stats(&train_policy, &seqs, t - 1, 1.0).expect("fused head");
+            black_box(logprob.mean().neg().backward())
         })
     });
     group.finish();

@@ -101,11 +101,14 @@ pub struct SftConfig {
     pub batch_size: usize,
     /// AdamW learning rate.
     pub lr: f64,
+    /// Sequences per forward + backward (gradients accumulated, each micro-batch dividing by the whole batch's target
+    /// count, so the step is the whole batch's); `None` = the whole batch at once. Bounds SFT's activation memory.
+    pub micro_batch_size: Option<usize>,
 }
 
 impl Default for SftConfig {
     fn default() -> Self {
-        Self { steps: 600, batch_size: 64, lr: 3e-3 }
+        Self { steps: 600, batch_size: 64, lr: 3e-3, micro_batch_size: None }
     }
 }
 
@@ -605,6 +608,9 @@ impl TrainConfig {
         positive("rl.grad_clip", rl.grad_clip)?;
         if sft.steps > 0 {
             at_least("sft.batch_size", sft.batch_size, 1)?;
+        }
+        if let Some(n) = sft.micro_batch_size {
+            at_least("sft.micro_batch_size", n, 1)?;
         }
         at_least("checkpoint.keep", self.checkpoint.keep, 1)?;
         at_least("eval.size", self.eval.size, 1)?;

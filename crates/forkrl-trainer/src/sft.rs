@@ -40,10 +40,29 @@ pub fn sft_batch(task: &Task, vocab: &Vocab, batch_size: usize, seed: u64, step:
 /// # Errors
 /// The forward's errors.
 pub fn sft_loss(policy: &Policy, batch: &RolloutBatch) -> Result<Tensor<1>> {
+    let n = batch.response_mask().iter().filter(|&&x| x).count();
+    sft_loss_over(policy, batch, n)
+}
+
+/// `−Σ log p(target) / denominator` over the batch's targets: one micro-batch's share of a larger batch's loss when
+/// `denominator` is that batch's target count.
+///
+/// # Errors
+/// The forward's errors.
+pub fn sft_loss_over(policy: &Policy, batch: &RolloutBatch, denominator: usize) -> Result<Tensor<1>> {
     let (b, w) = (batch.len(), batch.width());
     let (_, log_prob) = token_stats(policy, batch.ids(), w, 1.0)?;
     let mask = batch.response_mask();
     let mask_t = Tensor::<2, Bool>::from_data(TensorData::new(mask.to_vec(), [b, w]), &log_prob.device());
-    let n = mask.iter().filter(|&&x| x).count().max(1);
-    Ok(log_prob.mask_fill(mask_t.bool_not(), 0.0).sum().neg().div_scalar(n as f32))
+    Ok(log_prob.mask_fill(mask_t.bool_not(), 0.0).sum().neg().div_scalar(denominator.max(1) as f32))
+}
+
+/// The rows `rows` of an SFT batch as a batch of their own (padded to their own width).
+///
+/// # Errors
+/// Never for rows of a valid batch.
+pub fn sft_rows(batch: &RolloutBatch, rows: std::ops::Range<usize>, pad: u32) -> Result<RolloutBatch> {
+    let part: Vec<Rollout> = batch.rollouts()[rows].to_vec();
+    let n = part.len();
+    RolloutBatch::new(0, part, vec![1; n], pad)
 }

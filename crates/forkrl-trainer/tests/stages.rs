@@ -381,6 +381,20 @@ fn weight_decay_shrinks_the_parameters_by_lr_times_decay() {
 }
 
 #[test]
+fn sft_micro_batches_give_the_whole_batch_step() {
+    // Three micro-batches of 3, 3 and 2 rows, each dividing by the batch's target count: the same loss and update.
+    let mut whole = trainer("[sft]\nbatch_size = 8\n");
+    let mut micro = trainer("[sft]\nbatch_size = 8\nmicro_batch_size = 3\n");
+    let before = params(whole.policy());
+    let (a, b) = (whole.sft_step().expect("step"), micro.sft_step().expect("step"));
+    assert!((a - b).abs() < 1e-5, "loss {a} vs {b}");
+    let (x, y) = (params(whole.policy()), params(micro.policy()));
+    let worst = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+    assert!(worst < 1e-5, "parameters differ by {worst}");
+    assert!(before.iter().zip(&x).any(|(p, q)| (p - q).abs() > 1e-4), "the step moved the policy");
+}
+
+#[test]
 fn gradient_checkpointing_gives_the_same_update() {
     // burn's balanced checkpointing recomputes memory-bound activations in the backward pass: same gradients, so the
     // same parameters after one update (up to rounding), and the device carries the strategy.

@@ -221,3 +221,56 @@ pub fn token_stats_host(
     }
     Ok((entropy, log_prob))
 }
+
+#[cfg(test)]
+mod tests {
+    use burn::{
+        module::{Module, ModuleVisitor, Param},
+        tensor::{Device, Tensor},
+    };
+    use forkrl_core::Backend;
+    use forkrl_entropy::tensor::entropy_and_logprobs_reference;
+
+    use super::*;
+
+    /// Every parameter gradient of `f(policy)`, flattened in module order.
+    fn gradients(policy: &Policy, loss: Tensor<1>) -> Vec<f32> {
+        struct Grads<'a>(&'a burn::tensor::Gradients, Vec<f32>);
+        impl ModuleVisitor for Grads<'_> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                if let Some(g) = param.val().grad(self.0) {
+                    self.1.extend(g.into_data().try_to_vec::<f32>().expect("f32"));
+                }
+            }
+        }
+        let grads = loss.backward();
+        let mut visitor = Grads(&grads, Vec::new());
+        policy.visit(&mut visitor);
+        visitor.1
+    }
+
+    #[test]
+    fn token_stats_through_the_fused_head_equals_full_logits_for_tied_and_untied_heads() {
+        let device: Device = Backend::from_env().and_then(Backend::device).expect("backend").autodiff();
+        for tied in [true, false] {
+            device.seed(3);
+            let config = PolicyConfig::new(29).with_d_model(16).with_n_heads(2).with_d_ff(24).with_max_len(12);
+            let policy = config.with_tie_embeddings(tied).init(&device).expect("policy");
+            let seqs: Vec<Vec<u32>> = (0..3).map(|r| (0..9).map(|i| ((r * 7 + i * 5) % 29) as u32).collect()).collect();
+            let (h, lp) = token_stats(&policy, &seqs, 8, 0.8).expect("fused");
+            let fused_values = [crate::host_f32(h.clone()).expect("h"), crate::host_f32(lp.clone()).expect("lp")];
+            let fused = gradients(&policy, h.sum() * 0.3 + lp.sum());
+            let ids = ids_tensor(&seqs, &device);
+            let logits = policy.forward(ids.clone().narrow(1, 0, 8)).expect("forward");
+            let (h2, lp2) = entropy_and_logprobs_reference(logits, ids.narrow(1, 1, 8), 0.8).expect("reference");
+            let reference_values = [crate::host_f32(h2.clone()).expect("h"), crate::host_f32(lp2.clone()).expect("lp")];
+            let reference = gradients(&policy, h2.sum() * 0.3 + lp2.sum());
+            for (a, b) in fused_values.iter().flatten().zip(reference_values.iter().flatten()) {
+                assert!((a - b).abs() < 1e-4, "tied={tied}: value {a} vs {b}");
+            }
+            assert_eq!(fused.len(), reference.len(), "tied={tied}: every parameter gets a gradient");
+            let worst = fused.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst < 1e-4, "tied={tied}: gradients differ by {worst}");
+        }
+    }
+}
