@@ -562,3 +562,20 @@ fn criterion_mean_ns(target: &Path, group: &str, name: &str) -> Option<f64> {
     let end = after.find([',', '}'])?;
     after[..end].trim().parse().ok()
 }
+
+#[cfg(test)]
+mod scale_tests {
+    use super::phase_line;
+
+    #[test]
+    fn phase_lines_of_the_rust_and_python_phases_parse() {
+        let rust =
+            "building\n{\"phase\": \"grpo\", \"seconds\": 1145.702, \"peak_rss_mib\": 10062, \"score_seconds\": 2.0}\n";
+        let (s, m, line) = phase_line(rust).expect("parses");
+        assert_eq!((s, m), (1145.702, 10062.0));
+        assert!(line.contains("score_seconds"));
+        let python = "{\"phase\": \"load\", \"seconds\": 2.851, \"peak_rss_mib\": 3549}";
+        assert_eq!(phase_line(python).map(|(s, m, _)| (s, m)), Some((2.851, 3549.0)));
+        assert!(phase_line("no phase here").is_none());
+    }
+}
