@@ -13,6 +13,9 @@
 //!                     micro-batches of 4 rows, AdamW)
 //! ```
 //!
+//! `FORKRL_SCALE_PROMPTS`, `FORKRL_SCALE_RESPONSE` and `FORKRL_SCALE_CHECKPOINTING=1` change the `grpo` phase's prompts,
+//! response length and `model.gradient_checkpointing` (for quicker or comparative runs).
+//!
 //! Each prints one JSON line (`phase`, `seconds`, `peak_rss_mib`, and the phase's throughput). `cargo xtask bench
 //! --scale` runs the four phases and the PyTorch peer (`benches/peers/scale_peer.py`) and prints the ratios; it never
 //! runs in the tests (the GRPO step takes tens of minutes on 2 cores).
@@ -129,23 +132,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             report("sample", seconds, &[("tokens_per_s", out.num_tokens() as f64 / seconds)]);
         }
         "grpo" => {
+            // Overrides for smaller runs: FORKRL_SCALE_PROMPTS, FORKRL_SCALE_RESPONSE, FORKRL_SCALE_CHECKPOINTING=1.
+            let var = |name: &str, default: usize| {
+                std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(default)
+            };
+            let (prompts, response) = (var("FORKRL_SCALE_PROMPTS", PROMPTS), var("FORKRL_SCALE_RESPONSE", RESPONSE));
             let mut config = TrainConfig::default();
+            config.model.gradient_checkpointing = var("FORKRL_SCALE_CHECKPOINTING", 0) == 1;
             config.model.hf_dir = Some(dir.clone());
             config.model.max_len = Some(MAX_LEN);
             config.sft.steps = 0;
             config.eval.size = 4;
             config.rl.group_size = GROUP;
-            config.rl.prompts_per_step = PROMPTS;
+            config.rl.prompts_per_step = prompts;
             config.rl.ppo_epochs = 1;
-            config.rl.max_response_len = RESPONSE;
+            config.rl.max_response_len = response;
             config.rl.ppo_micro_batch_size = Some(MICRO);
             let mut trainer = Trainer::new(config.check()?, &device)?;
             let (_, after_load) = rss_mib();
             let vocab = trainer.policy_config().vocab_size;
             let eos = trainer.vocab().eos[0];
-            let rollouts: Vec<Rollout> = (0..PROMPTS * GROUP)
+            let rollouts: Vec<Rollout> = (0..prompts * GROUP)
                 .map(|r| {
-                    let mut response = ids(RESPONSE - 1, 1000 + r as u64, vocab);
+                    let mut response = ids(response - 1, 1000 + r as u64, vocab);
                     response.push(eos);
                     Rollout {
                         prompt: ids(PROMPT, (r / GROUP) as u64 + 1, vocab),
@@ -155,14 +164,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     }
                 })
                 .collect();
-            let mut batch = RolloutBatch::new(1, rollouts, vec![GROUP; PROMPTS], trainer.vocab().pad)?;
+            let mut batch = RolloutBatch::new(1, rollouts, vec![GROUP; prompts], trainer.vocab().pad)?;
             let start = Instant::now();
             trainer.score(&mut batch)?;
             let score = start.elapsed().as_secs_f64();
             let stats = trainer.update(&batch)?;
             let seconds = start.elapsed().as_secs_f64();
             std::hint::black_box(stats);
-            let tokens = (PROMPTS * GROUP * RESPONSE) as f64;
+            let tokens = (prompts * GROUP * response) as f64;
             report(
                 "grpo",
                 seconds,
