@@ -312,7 +312,12 @@ fn bench(args: &[String]) -> Result<(), String> {
         run(&cargo, &cmd, &[])?;
     }
 
-    let target = target_dir();
+    bench_summary(&target_dir());
+    Ok(())
+}
+
+/// The tables of [`bench`] from this run's criterion estimates under `target`.
+fn bench_summary(target: &Path) {
     println!(
         "\nentropy kernel, [512, 151936] (criterion mean of this run; GB/s counts the bytes read, and written for"
     );
@@ -332,7 +337,7 @@ fn bench(args: &[String]) -> Result<(), String> {
         ];
         for (name, floor_name, bytes_per_element) in rows {
             let (Some(ns), Some(floor)) =
-                (criterion_mean_ns(&target, group, name), criterion_mean_ns(&target, group, floor_name))
+                (criterion_mean_ns(target, group, name), criterion_mean_ns(target, group, floor_name))
             else {
                 continue;
             };
@@ -354,9 +359,9 @@ fn bench(args: &[String]) -> Result<(), String> {
         ),
     ];
     for (group, tokens, base, names) in throughput {
-        let Some(base_ns) = criterion_mean_ns(&target, group, base) else { continue };
+        let Some(base_ns) = criterion_mean_ns(target, group, base) else { continue };
         for name in names {
-            if let Some(ns) = criterion_mean_ns(&target, group, name) {
+            if let Some(ns) = criterion_mean_ns(target, group, name) {
                 println!("| {group} | {name} | {:.1} | {:.0} | {:.3} |", ns / 1e6, tokens / (ns / 1e9), ns / base_ns);
             }
         }
@@ -395,17 +400,16 @@ fn bench(args: &[String]) -> Result<(), String> {
         ),
     ];
     for (group, base, names) in tables {
-        let Some(base_ns) = criterion_mean_ns(&target, group, base) else { continue };
+        let Some(base_ns) = criterion_mean_ns(target, group, base) else { continue };
         println!("\n{group} (criterion mean of this run; ratio = time / {base}):");
         println!("| path | ms | ratio |");
         println!("|---|---|---|");
         for name in names {
-            if let Some(ns) = criterion_mean_ns(&target, group, name) {
+            if let Some(ns) = criterion_mean_ns(target, group, name) {
                 println!("| {name} | {:.2} | {:.2} |", ns / 1e6, ns / base_ns);
             }
         }
     }
-    Ok(())
 }
 
 /// The interpreter of the PyTorch peers, when it can import torch and transformers.
@@ -437,18 +441,7 @@ fn tiny_peers() -> Result<(), String> {
     };
     let script = workspace_root().join("benches").join("peers").join("tiny_peer.py");
     let script = script.to_str().ok_or("path is not UTF-8")?.to_string();
-    println!("\n$ {python} {script}");
-    let out = Command::new(&python)
-        .arg(&script)
-        .current_dir(workspace_root())
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .map_err(|e| format!("could not start `{python}`: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    print!("{text}");
-    if !out.status.success() {
-        return Err(format!("the peer failed with {}", out.status));
-    }
+    let text = run_captured(&python, &[&script])?;
     let peer_ms = |name: &str| -> Option<f64> {
         let line = text.lines().find(|l| l.contains(&format!("\"name\": \"{name}\"")))?;
         let at = line.find("\"ms\":")? + 5;
@@ -490,6 +483,12 @@ fn phase_line(out: &str) -> Option<(f64, f64, String)> {
 
 /// Runs `program args` capturing stdout (stderr passes through); the phase line it printed.
 fn run_phase(program: &str, args: &[&str]) -> Result<(f64, f64, String), String> {
+    let text = run_captured(program, args)?;
+    phase_line(&text).ok_or_else(|| format!("`{program} {}` printed no phase line", args.join(" ")))
+}
+
+/// Runs `program args` from the workspace root, stderr passing through; its stdout, echoed and returned.
+fn run_captured(program: &str, args: &[&str]) -> Result<String, String> {
     println!("\n$ {program} {}", args.join(" "));
     let out = Command::new(program)
         .args(args)
@@ -502,7 +501,7 @@ fn run_phase(program: &str, args: &[&str]) -> Result<(f64, f64, String), String>
     if !out.status.success() {
         return Err(format!("`{program} {}` failed with {}", args.join(" "), out.status));
     }
-    phase_line(&text).ok_or_else(|| format!("`{program} {}` printed no phase line", args.join(" ")))
+    Ok(text)
 }
 
 /// The real-scale benchmark (see `Task::Bench`): forkrl's phases, then the PyTorch peer's when it can run, then a

@@ -18,16 +18,14 @@ use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use forkrl_entropy::fused_head::{DEFAULT_CHUNK_BYTES, chunk_rows_for, head_entropy_and_logprobs};
 use forkrl_entropy::tensor::entropy_and_logprobs;
 
+#[path = "common/peak.rs"]
+mod peak;
+use peak::peak_mib;
+
 const N: usize = 2048;
 const D: usize = 896;
 const V: usize = 151_936;
 const PATHS: [&str; 2] = ["fused", "unfused"];
-
-fn peak_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
-}
 
 fn run(path: &str) -> Result<(), String> {
     let device = Device::flex().autodiff();
@@ -71,19 +69,5 @@ fn run(path: &str) -> Result<(), String> {
 }
 
 fn main() -> std::process::ExitCode {
-    let result = match std::env::args().nth(1) {
-        Some(path) => run(&path),
-        None => PATHS.iter().try_for_each(|path| {
-            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-            let status = std::process::Command::new(exe).arg(path).status().map_err(|e| e.to_string())?;
-            if status.success() { Ok(()) } else { Err(format!("{path} failed: {status}")) }
-        }),
-    };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    peak::main_over(&PATHS, run)
 }

@@ -13,15 +13,12 @@
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use forkrl_entropy::tensor::{entropy_and_logprobs, entropy_and_logprobs_composed, entropy_and_logprobs_reference};
 
+#[path = "common/peak.rs"]
+mod peak;
+use peak::peak_mib;
+
 const SHAPE: [usize; 3] = [1, 2048, 32_768];
 const PATHS: [&str; 4] = ["forward", "custom", "composed", "reference"];
-
-/// The process's peak resident memory in MiB, when the OS reports it.
-fn peak_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
-}
 
 fn run(path: &str) -> Result<(), String> {
     let [b, t, v] = SHAPE;
@@ -62,20 +59,5 @@ fn run(path: &str) -> Result<(), String> {
 }
 
 fn main() -> std::process::ExitCode {
-    let result = match std::env::args().nth(1) {
-        Some(path) => run(&path),
-        // Each path in its own process: the high-water mark only ever grows.
-        None => PATHS.iter().try_for_each(|path| {
-            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-            let status = std::process::Command::new(exe).arg(path).status().map_err(|e| e.to_string())?;
-            if status.success() { Ok(()) } else { Err(format!("{path} failed: {status}")) }
-        }),
-    };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    peak::main_over(&PATHS, run)
 }

@@ -30,7 +30,7 @@ use burn::backend::Dispatch;
 use burn::tensor::{Int, Tensor};
 use forkrl_core::{Error, Result};
 
-use crate::tensor::entropy_and_logprobs_composed;
+use crate::tensor;
 use crate::tensor_op::{self, EntropyBackend};
 
 /// Rows per chunk that keep one chunk of logits at about `budget_bytes` of f32 (at least 1 row).
@@ -64,28 +64,14 @@ pub fn head_entropy_and_logprobs(
             actual: vec![v, wd],
         });
     }
-    if v == 0 {
-        return Err(Error::invalid_parameter("vocab (rows of the head weight)", 0, "must be at least 1"));
-    }
-    if !(temperature.is_finite() && temperature > 0.0) {
-        return Err(Error::invalid_parameter("temperature", temperature, "must be finite and > 0"));
-    }
-    if chunk_rows == 0 {
-        return Err(Error::invalid_parameter("chunk_rows", 0, "must be at least 1"));
-    }
-    if targets.dims() != [b, t] {
-        return Err(Error::ShapeMismatch {
-            op: "head_entropy_and_logprobs targets [B, T]",
-            expected: vec![b, t],
-            actual: targets.dims().to_vec(),
-        });
-    }
+    tensor::check(temperature, chunk_rows, v)?;
+    tensor::check_targets("head_entropy_and_logprobs targets [B, T]", &targets, [b, t])?;
     let device = hidden.device();
     let n = b * t;
     if n == 0 {
         return Ok((Tensor::zeros([b, t], &device), Tensor::zeros([b, t], &device)));
     }
-    crate::tensor::check_target_ids(&targets, v)?;
+    tensor::check_target_ids(&targets, v)?;
     if tensor_op::runs_on(device.as_dispatch()) {
         let stats = <Dispatch as EntropyBackend>::head_stats(
             hidden.reshape([n, d]).into_dispatch(),
@@ -102,7 +88,7 @@ pub fn head_entropy_and_logprobs(
 }
 
 /// The composed path of [`head_entropy_and_logprobs`] (arguments already checked): per chunk of rows, the logits by a
-/// matmul and their statistics by [`entropy_and_logprobs_composed`].
+/// matmul and their statistics by the composed entropy formulas of [`crate::tensor`].
 fn head_entropy_and_logprobs_composed(
     hidden: Tensor<3>,
     weight: Tensor<2>,
@@ -119,12 +105,9 @@ fn head_entropy_and_logprobs_composed(
     for start in (0..n).step_by(chunk_rows) {
         let end = (start + chunk_rows).min(n);
         let z = flat.clone().slice([start..end, 0..d]).matmul(wt.clone()); // [c, V]
-        let c = end - start;
-        let v = z.dims()[1];
+        let (c, v) = (end - start, z.dims()[1]);
         let y = ids.clone().slice([start..end, 0..1]).reshape([1, c]);
-        // Ids were checked by the caller.
-        let (h, lp) = entropy_and_logprobs_composed(z.reshape([1, c, v]), y, temperature, chunk_rows)
-            .unwrap_or_else(|_| unreachable!("arguments checked by head_entropy_and_logprobs"));
+        let (h, lp) = tensor::composed(z.reshape([1, c, v]), y, temperature, chunk_rows);
         hs.push(h.reshape([c]));
         lps.push(lp.reshape([c]));
     }

@@ -41,7 +41,7 @@ use crate::tensor_op::{self, EntropyBackend};
 /// Default rows per chunk (verl's default chunk size).
 pub const DEFAULT_CHUNK_ROWS: usize = 2048;
 
-fn check(temperature: f32, chunk_rows: usize, vocab: usize) -> Result<()> {
+pub(crate) fn check(temperature: f32, chunk_rows: usize, vocab: usize) -> Result<()> {
     if vocab == 0 {
         return Err(Error::invalid_parameter("vocab (last axis of the logits)", 0, "must be at least 1"));
     }
@@ -146,7 +146,12 @@ fn checked(logits: &Tensor<3>, targets: &Tensor<2, Int>, temperature: f32, chunk
 }
 
 /// The composed path (arguments already checked).
-fn composed(logits: Tensor<3>, targets: Tensor<2, Int>, temperature: f32, chunk_rows: usize) -> (Tensor<2>, Tensor<2>) {
+pub(crate) fn composed(
+    logits: Tensor<3>,
+    targets: Tensor<2, Int>,
+    temperature: f32,
+    chunk_rows: usize,
+) -> (Tensor<2>, Tensor<2>) {
     let [b, t, v] = logits.dims();
     let device = logits.device();
     if b * t == 0 {
@@ -232,7 +237,7 @@ fn centred(z: Tensor<2>) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
     (h, shifted, log_s)
 }
 
-fn check_targets(op: &'static str, targets: &Tensor<2, Int>, expected: [usize; 2]) -> Result<()> {
+pub(crate) fn check_targets(op: &'static str, targets: &Tensor<2, Int>, expected: [usize; 2]) -> Result<()> {
     if targets.dims() == expected {
         Ok(())
     } else {

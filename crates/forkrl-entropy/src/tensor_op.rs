@@ -246,7 +246,7 @@ fn compute_dtype(dtype: DType) -> FloatDType {
 
 /// Rows `start..end` of a `[N, V]` tensor, in the compute dtype.
 fn chunk<B: Backend>(logits: &FloatTensor<B>, start: usize, end: usize, dtype: FloatDType) -> FloatTensor<B> {
-    let z = B::float_slice(logits.clone(), &[Slice::from(start..end), Slice::full()]);
+    let z = rows::<B>(logits, start, end);
     if FloatDType::from(z.dtype()) == dtype { z } else { B::float_cast(z, dtype) }
 }
 
@@ -333,7 +333,7 @@ pub fn backward<B: Backend>(
     dz
 }
 
-/// Rows `start..end` of a `[N, d]` tensor.
+/// Rows `start..end` of a 2-d tensor.
 fn rows<B: Backend>(x: &FloatTensor<B>, start: usize, end: usize) -> FloatTensor<B> {
     B::float_slice(x.clone(), &[Slice::from(start..end), Slice::full()])
 }

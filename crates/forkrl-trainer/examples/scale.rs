@@ -25,6 +25,7 @@ use std::{
     time::Instant,
 };
 
+use burn::tensor::Device;
 use forkrl_core::Backend;
 use forkrl_rollout::Decoding;
 use forkrl_trainer::{
@@ -33,7 +34,7 @@ use forkrl_trainer::{
     config::TrainConfig,
     model::{
         hf,
-        hf_export::{ExportSource, export},
+        hf_export::{ExportSource, char_tokenizer_json, export},
         policy::PolicyConfig,
         sampler::{SamplerConfig, generate},
     },
@@ -89,7 +90,91 @@ fn report(phase: &str, seconds: f64, extra: &[(&str, f64)]) {
     println!("{line}");
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Random weights (seeded) exported as a bf16 checkpoint with the built-in character tokenizer (the trainer needs a
+/// tokenizer; its ids are a subset of the 151,936 rows).
+fn prepare(dir: &Path, device: &Device) -> Res<()> {
+    let start = Instant::now();
+    let config: PolicyConfig = hf::read_config(&source_dir(), Some(MAX_LEN))?.policy;
+    device.seed(0);
+    let policy = config.init(device)?;
+    // burn initialises lazily: the export reads every parameter, which is when they are drawn.
+    export(&policy, &config, ExportSource::HfDir(&source_dir()), dir)?;
+    let tokenizer = serde_json::to_string_pretty(&char_tokenizer_json())?;
+    std::fs::write(dir.join("tokenizer.json"), tokenizer)?;
+    report("prepare", start.elapsed().as_secs_f64(), &[]);
+    Ok(())
+}
+
+fn load(dir: &Path, device: &Device) -> Res<()> {
+    let start = Instant::now();
+    let model = hf::load(dir, Some(MAX_LEN), device)?;
+    let seconds = start.elapsed().as_secs_f64();
+    std::hint::black_box(&model.policy);
+    report("load", seconds, &[]);
+    Ok(())
+}
+
+fn sample(dir: &Path, device: &Device) -> Res<()> {
+    let model = hf::load(dir, Some(MAX_LEN), device)?;
+    let vocab = model.config.policy.vocab_size;
+    let prompts: Vec<Vec<u32>> = (0..SAMPLE_ROWS).map(|r| ids(PROMPT, r as u64 + 1, vocab)).collect();
+    // No EOS: every row generates exactly NEW_TOKENS tokens.
+    let sampler = SamplerConfig { max_new_tokens: NEW_TOKENS, eos: Vec::new(), seed: 3, ..Default::default() };
+    let start = Instant::now();
+    let out = generate(&model.policy, &prompts, Decoding::Temperature { temperature: 1.0 }, &sampler)?;
+    let seconds = start.elapsed().as_secs_f64();
+    report("sample", seconds, &[("tokens_per_s", out.num_tokens() as f64 / seconds)]);
+    Ok(())
+}
+
+fn grpo(dir: &Path, device: &Device) -> Res<()> {
+    // Overrides for smaller runs: FORKRL_SCALE_PROMPTS, FORKRL_SCALE_RESPONSE, FORKRL_SCALE_CHECKPOINTING=1.
+    let var =
+        |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(default);
+    let (prompts, response) = (var("FORKRL_SCALE_PROMPTS", PROMPTS), var("FORKRL_SCALE_RESPONSE", RESPONSE).max(1));
+    let mut config = TrainConfig::default();
+    config.model.gradient_checkpointing = var("FORKRL_SCALE_CHECKPOINTING", 0) == 1;
+    config.model.hf_dir = Some(dir.to_path_buf());
+    config.model.max_len = Some(MAX_LEN);
+    config.sft.steps = 0;
+    config.eval.size = 4;
+    config.rl.group_size = GROUP;
+    config.rl.prompts_per_step = prompts;
+    config.rl.ppo_epochs = 1;
+    config.rl.max_response_len = response;
+    config.rl.ppo_micro_batch_size = Some(MICRO);
+    let mut trainer = Trainer::new(config.check()?, device)?;
+    let (_, after_load) = rss_mib();
+    let vocab = trainer.policy_config().vocab_size;
+    let eos = trainer.vocab().eos[0];
+    let rollouts: Vec<Rollout> = (0..prompts * GROUP)
+        .map(|r| {
+            let mut response = ids(response - 1, 1000 + r as u64, vocab);
+            response.push(eos);
+            Rollout {
+                prompt: ids(PROMPT, (r / GROUP) as u64 + 1, vocab),
+                response,
+                truncated: false,
+                reward: if r % 2 == 0 { 1.0 } else { 0.0 },
+            }
+        })
+        .collect();
+    let mut batch = RolloutBatch::new(1, rollouts, vec![GROUP; prompts], trainer.vocab().pad)?;
+    let start = Instant::now();
+    trainer.score(&mut batch)?;
+    let score = start.elapsed().as_secs_f64();
+    std::hint::black_box(trainer.update(&batch)?);
+    let seconds = start.elapsed().as_secs_f64();
+    let tokens = (prompts * GROUP * response) as f64;
+    let extra =
+        [("score_seconds", score), ("rss_after_load_mib", after_load), ("response_tokens_per_s", tokens / seconds)];
+    report("grpo", seconds, &extra);
+    Ok(())
+}
+
+fn main() -> Res<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(phase), Some(dir)) = (args.first(), args.get(1)) else {
         return Err("usage: scale prepare|load|sample|grpo DIR".into());
@@ -97,92 +182,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = PathBuf::from(dir);
     let device = Backend::Cpu.device()?;
     match phase.as_str() {
-        "prepare" => {
-            let start = Instant::now();
-            let config: PolicyConfig = hf::read_config(&source_dir(), Some(MAX_LEN))?.policy;
-            device.seed(0);
-            let policy = config.init(&device)?;
-            // burn initialises lazily: the export reads every parameter, which is when they are drawn.
-            export(&policy, &config, ExportSource::HfDir(&source_dir()), &dir)?;
-            // The character tokenizer of the built-in tasks (the trainer needs one; ids < 151,936).
-            let tiny = forkrl_trainer::model::build(&Default::default(), &device)?;
-            let tok_dir = dir.with_extension("tokenizer");
-            let _ = std::fs::remove_dir_all(&tok_dir);
-            export(&tiny.policy, &tiny.config, ExportSource::BuiltIn, &tok_dir)?;
-            std::fs::copy(tok_dir.join("tokenizer.json"), dir.join("tokenizer.json"))?;
-            std::fs::remove_dir_all(&tok_dir)?;
-            report("prepare", start.elapsed().as_secs_f64(), &[]);
-        }
-        "load" => {
-            let start = Instant::now();
-            let model = hf::load(&dir, Some(MAX_LEN), &device)?;
-            let seconds = start.elapsed().as_secs_f64();
-            std::hint::black_box(&model.policy);
-            report("load", seconds, &[]);
-        }
-        "sample" => {
-            let model = hf::load(&dir, Some(MAX_LEN), &device)?;
-            let vocab = model.config.policy.vocab_size;
-            let prompts: Vec<Vec<u32>> = (0..SAMPLE_ROWS).map(|r| ids(PROMPT, r as u64 + 1, vocab)).collect();
-            // No EOS: every row generates exactly NEW_TOKENS tokens.
-            let sampler = SamplerConfig { max_new_tokens: NEW_TOKENS, eos: Vec::new(), seed: 3, ..Default::default() };
-            let start = Instant::now();
-            let out = generate(&model.policy, &prompts, Decoding::Temperature { temperature: 1.0 }, &sampler)?;
-            let seconds = start.elapsed().as_secs_f64();
-            report("sample", seconds, &[("tokens_per_s", out.num_tokens() as f64 / seconds)]);
-        }
-        "grpo" => {
-            // Overrides for smaller runs: FORKRL_SCALE_PROMPTS, FORKRL_SCALE_RESPONSE, FORKRL_SCALE_CHECKPOINTING=1.
-            let var = |name: &str, default: usize| {
-                std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(default)
-            };
-            let (prompts, response) = (var("FORKRL_SCALE_PROMPTS", PROMPTS), var("FORKRL_SCALE_RESPONSE", RESPONSE));
-            let mut config = TrainConfig::default();
-            config.model.gradient_checkpointing = var("FORKRL_SCALE_CHECKPOINTING", 0) == 1;
-            config.model.hf_dir = Some(dir.clone());
-            config.model.max_len = Some(MAX_LEN);
-            config.sft.steps = 0;
-            config.eval.size = 4;
-            config.rl.group_size = GROUP;
-            config.rl.prompts_per_step = prompts;
-            config.rl.ppo_epochs = 1;
-            config.rl.max_response_len = response;
-            config.rl.ppo_micro_batch_size = Some(MICRO);
-            let mut trainer = Trainer::new(config.check()?, &device)?;
-            let (_, after_load) = rss_mib();
-            let vocab = trainer.policy_config().vocab_size;
-            let eos = trainer.vocab().eos[0];
-            let rollouts: Vec<Rollout> = (0..prompts * GROUP)
-                .map(|r| {
-                    let mut response = ids(response - 1, 1000 + r as u64, vocab);
-                    response.push(eos);
-                    Rollout {
-                        prompt: ids(PROMPT, (r / GROUP) as u64 + 1, vocab),
-                        response,
-                        truncated: false,
-                        reward: if r % 2 == 0 { 1.0 } else { 0.0 },
-                    }
-                })
-                .collect();
-            let mut batch = RolloutBatch::new(1, rollouts, vec![GROUP; prompts], trainer.vocab().pad)?;
-            let start = Instant::now();
-            trainer.score(&mut batch)?;
-            let score = start.elapsed().as_secs_f64();
-            let stats = trainer.update(&batch)?;
-            let seconds = start.elapsed().as_secs_f64();
-            std::hint::black_box(stats);
-            let tokens = (prompts * GROUP * response) as f64;
-            report(
-                "grpo",
-                seconds,
-                &[
-                    ("score_seconds", score),
-                    ("rss_after_load_mib", after_load),
-                    ("response_tokens_per_s", tokens / seconds),
-                ],
-            );
-        }
-        other => return Err(format!("unknown phase {other:?}: prepare, load, sample or grpo").into()),
+        "prepare" => prepare(&dir, &device),
+        "load" => load(&dir, &device),
+        "sample" => sample(&dir, &device),
+        "grpo" => grpo(&dir, &device),
+        other => Err(format!("unknown phase {other:?}: prepare, load, sample or grpo").into()),
     }
-    Ok(())
 }

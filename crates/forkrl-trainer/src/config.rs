@@ -846,6 +846,8 @@ mod tests {
         assert_eq!(key_of("[rl]\neps = 0.0\n"), "rl.eps");
         assert_eq!(key_of("[rl]\nmin_lr_ratio = 2.0\n"), "rl.min_lr_ratio");
         assert_eq!(key_of("[rl]\nppo_mini_batch_size = 0\n"), "rl.ppo_mini_batch_size");
+        assert_eq!(key_of("[rl]\nlog_prob_micro_batch_size = 0\n"), "rl.log_prob_micro_batch_size");
+        assert_eq!(key_of("[sft]\nmicro_batch_size = 0\n"), "sft.micro_batch_size");
         assert_eq!(key_of("[eval]\nsize = 0\n"), "eval.size");
         assert_eq!(key_of("[checkpoint]\nkeep = 0\n"), "checkpoint.keep");
         assert_eq!(key_of("[rl.mixed_cuts]\ng_std = 4\ng_cuts = 2\n"), "rl.mixed_cuts");

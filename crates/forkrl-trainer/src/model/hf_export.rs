@@ -86,7 +86,7 @@ fn source_dtype(dir: &Path) -> Result<ExportDtype> {
 }
 
 /// The `tokenizer.json` of the character tokenizer: a `WordLevel` model over single characters.
-fn char_tokenizer_json() -> Value {
+pub fn char_tokenizer_json() -> Value {
     let mut vocab = serde_json::Map::new();
     vocab.insert("<pad>".into(), json!(PAD));
     vocab.insert("<eos>".into(), json!(EOS));

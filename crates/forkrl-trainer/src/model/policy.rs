@@ -310,11 +310,13 @@ impl KvCache {
             return Ok(());
         }
         self.pads = keep.iter().map(|&r| self.pads[r]).collect();
+        let Some(device) = self.layers.iter().flatten().next().map(|(k, _)| k.device()) else {
+            return Ok(());
+        };
+        let idx: Vec<i64> = keep.iter().map(|&r| r as i64).collect();
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [keep.len()]), &device);
         for layer in self.layers.iter_mut().flatten() {
-            let device = layer.0.device();
-            let idx: Vec<i64> = keep.iter().map(|&r| r as i64).collect();
-            let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [keep.len()]), &device);
-            *layer = (layer.0.clone().select(0, idx.clone()), layer.1.clone().select(0, idx));
+            *layer = (layer.0.clone().select(0, idx.clone()), layer.1.clone().select(0, idx.clone()));
         }
         Ok(())
     }
@@ -512,8 +514,9 @@ fn append_kv(
     v: Tensor<4>,
 ) -> (Tensor<4>, Tensor<4>) {
     let [b, hkv, s, dh] = k.dims();
+    // `prefill` fills every slot; the slot is only empty while this function holds its buffers.
     let Some((mut kc, mut vc)) = slot.take() else {
-        return (k, v); // no buffer (a cache of zero blocks cannot reach here)
+        return (k, v);
     };
     let cap = kc.dims()[2];
     if len + s > cap {
@@ -638,11 +641,9 @@ impl Policy {
     /// Logits `[B, S, V]` of hidden states `[B, S, D]`.
     fn head(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, s, d] = x.dims();
-        let embed = self.embed.val();
-        match &self.lm_head {
-            Some(head) => head.forward(x),
-            None => x.reshape([b * s, d]).matmul(embed.clone().transpose()).reshape([b, s, embed.dims()[0]]),
-        }
+        let weight = self.head_weight(); // [V, D]
+        let v = weight.dims()[0];
+        x.reshape([b * s, d]).matmul(weight.transpose()).reshape([b, s, v])
     }
 
     /// The blocks and the final norm: last-layer hidden states `[B, S, D]`.

@@ -76,6 +76,17 @@ pub struct Generation {
 }
 
 impl Generation {
+    /// `b` empty rows.
+    fn empty(b: usize) -> Self {
+        Self {
+            tokens: vec![Vec::new(); b],
+            logprobs: vec![Vec::new(); b],
+            entropies: vec![Vec::new(); b],
+            truncated: vec![false; b],
+            fallbacks: vec![0; b],
+        }
+    }
+
     /// `[B, W]` row-major response ids padded with `pad` to the longest response `W`, and the response mask.
     pub fn padded(&self, pad: u32) -> (Vec<u32>, Vec<bool>, usize) {
         let w = self.tokens.iter().map(Vec::len).max().unwrap_or(0);
@@ -139,13 +150,7 @@ fn check_rows(policy: &Policy, rows: &[SampleRow<'_>], config: &SamplerConfig) -
 pub fn generate_rows(policy: &Policy, rows: &[SampleRow<'_>], config: &SamplerConfig) -> Result<Generation> {
     let b = rows.len();
     let device = &policy.device();
-    let mut out = Generation {
-        tokens: vec![Vec::new(); b],
-        logprobs: vec![Vec::new(); b],
-        entropies: vec![Vec::new(); b],
-        truncated: vec![false; b],
-        fallbacks: vec![0; b],
-    };
+    let mut out = Generation::empty(b);
     if b == 0 {
         return Ok(out);
     }

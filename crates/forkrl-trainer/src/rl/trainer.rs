@@ -44,7 +44,7 @@ use crate::{
         },
         update::{StatsMean, UpdateStats, Updater},
     },
-    sft::{sft_batch, sft_loss, sft_loss_over, sft_rows},
+    sft::{sft_batch, sft_loss_over, sft_rows},
     tasks::{Problem, Task, TaskConfig, jsonl::JsonlConfig},
 };
 
@@ -120,9 +120,10 @@ impl Trainer {
                 "the dataset has no worked solutions (`solution`, or a GSM8K `answer` with ####); set sft.steps = 0",
             ));
         }
-        let device = match config.model.gradient_checkpointing {
-            true => device.clone().autodiff().gradient_checkpointing(),
-            false => device.clone().autodiff(),
+        let device = if config.model.gradient_checkpointing {
+            device.clone().autodiff().gradient_checkpointing()
+        } else {
+            device.clone().autodiff()
         };
         let built = model::build_seeded(&config.model, &device, config.run.seed)?;
         let test = task.test_set(config.eval.size);
@@ -306,24 +307,19 @@ impl Trainer {
     pub fn sft_step(&mut self) -> Result<f64> {
         let sft = self.config.sft;
         let batch = sft_batch(&self.task, &self.vocab, sft.batch_size, self.config.run.seed, self.sft_steps_done)?;
+        // Micro-batches (one when `sft.micro_batch_size` is unset): each divides by the whole batch's target count,
+        // gradients are summed (a single micro-batch's gradient is taken as is).
         let micro = sft.micro_batch_size.unwrap_or(batch.len()).clamp(1, batch.len().max(1));
-        let (value, grads) = if micro >= batch.len() {
-            let loss = sft_loss(self.policy(), &batch)?;
-            let value = finite_scalar("SFT loss", &loss)?;
-            (value, GradientsParams::from_grads(loss.backward(), self.policy()))
-        } else {
-            // Micro-batches: each divides by the whole batch's target count, gradients are summed.
-            let targets = batch.response_mask().iter().filter(|&&x| x).count();
-            let mut accumulator = GradientsAccumulator::<Policy>::new();
-            let mut value = 0.0f32;
-            for start in (0..batch.len()).step_by(micro) {
-                let part = sft_rows(&batch, start..(start + micro).min(batch.len()), self.vocab.pad)?;
-                let loss = sft_loss_over(self.policy(), &part, targets)?;
-                value += finite_scalar("SFT loss", &loss)?;
-                accumulator.accumulate(self.policy(), GradientsParams::from_grads(loss.backward(), self.policy()));
-            }
-            (value, accumulator.grads())
-        };
+        let targets = batch.response_mask().iter().filter(|&&x| x).count();
+        let mut accumulator = GradientsAccumulator::<Policy>::new();
+        let mut value = 0.0f32;
+        for start in (0..batch.len()).step_by(micro) {
+            let part = sft_rows(&batch, start..(start + micro).min(batch.len()), self.vocab.pad)?;
+            let loss = sft_loss_over(self.policy(), &part, targets)?;
+            value += finite_scalar("SFT loss", &loss)?;
+            accumulator.accumulate(self.policy(), GradientsParams::from_grads(loss.backward(), self.policy()));
+        }
+        let grads = accumulator.grads();
         let (grads, _) = clipped(self.policy(), grads, self.config.rl.grad_clip, "SFT gradient")?;
         optimiser_step(&mut self.sft_optim, &mut self.policy, sft.lr, grads);
         self.sft_steps_done += 1;

@@ -211,11 +211,15 @@ impl<'a> Updater<'a> {
         }
     }
 
+    /// The token ids of the mini-batch rows `rows` (indices into `idx`).
+    fn sequences(&self, idx: &[usize], rows: &[usize]) -> Vec<Vec<u32>> {
+        let ids = self.batch.ids();
+        rows.iter().map(|&k| ids[idx[k]].clone()).collect()
+    }
+
     /// Entropy and log-prob `[n, W]` of the mini-batch rows `rows` (indices into `idx`).
     fn forward(&self, policy: &Policy, idx: &[usize], rows: &[usize]) -> Result<(Tensor<2>, Tensor<2>)> {
-        let ids = self.batch.ids();
-        let chunk: Vec<Vec<u32>> = rows.iter().map(|&k| ids[idx[k]].clone()).collect();
-        token_stats(policy, &chunk, self.batch.width(), self.config.temperature())
+        token_stats(policy, &self.sequences(idx, rows), self.batch.width(), self.config.temperature())
     }
 
     /// The masks of mini-batch `idx`; `None` when none of its rows enters the loss.
@@ -232,11 +236,10 @@ impl<'a> Updater<'a> {
             let (entropy, log_prob) = self.forward(policy, &idx, &all)?;
             (host_f32(entropy.clone().detach())?, Some((entropy, log_prob)))
         } else {
-            let ids = self.batch.ids();
-            let rows: Vec<Vec<u32>> = idx.iter().map(|&r| ids[r].clone()).collect();
             let lp_micro = self.config.log_prob_micro_batch_size().unwrap_or(mb);
+            let seqs = self.sequences(&idx, &all);
             let (entropy, _) =
-                token_stats_host(policy, &rows, self.batch.width(), self.config.temperature(), lp_micro)?;
+                token_stats_host(policy, &seqs, self.batch.width(), self.config.temperature(), lp_micro)?;
             (entropy, None)
         };
         let forking = self.select(&entropy, &mb_mask, micro, &idx)?;
