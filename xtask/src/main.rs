@@ -74,9 +74,10 @@ enum Task {
         args: Vec<String>,
     },
     /// A paired experiment: per seed one SFT run, every arm's RL from its checkpoint with the same seed, then a report
-    /// with paired 95 % CIs. `cargo xtask experiment forking-tokens [--seeds N] [--quick] [--set key=value]...`
+    /// with paired 95 % CIs.
+    /// `cargo xtask experiment forking-tokens [--seeds N] [--quick] [--jobs N] [--set key=value]...`
     /// (the 80/20 arms: top-20 %, all tokens, bottom-80 %, random-20 %, rho 0.1 and 0.5; --quick: 2 seeds, 3 arms).
-    /// Writes runs/experiments/<name>/{report.md, curves.svg, entropy.svg, runs.json}.
+    /// Writes runs/experiments/<name>/{report.md, curves.svg/png, entropy.svg/png, runs.json, analysis.json}.
     Experiment {
         /// The experiment's name, then its options.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

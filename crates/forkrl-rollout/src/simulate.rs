@@ -183,11 +183,14 @@ impl SimulationReport {
             title: title.into(),
             x_label: "round".into(),
             y_max: 1.0,
+            y_min: 0.0,
             series: METHODS
                 .iter()
-                .map(|m| Series {
-                    name: (*m).into(),
-                    points: self.rows.iter().filter(|r| r.method == *m).map(|r| (r.round as f64, f(r))).collect(),
+                .map(|m| {
+                    Series::new(
+                        *m,
+                        self.rows.iter().filter(|r| r.method == *m).map(|r| (r.round as f64, f(r))).collect(),
+                    )
                 })
                 .collect(),
         };

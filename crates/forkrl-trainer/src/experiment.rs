@@ -10,14 +10,18 @@
 //! [`forking_tokens`] is the 80/20 experiment ("Beyond the 80/20 Rule", arXiv 2506.01939): top-20 % (the paper), all
 //! tokens (baseline), bottom-80 % (the paper's ablation), random-20 % (a control with the top arm's token count) and a
 //! ρ sweep (0.1, 0.5). [`run`] writes per run `metrics.jsonl`, `summary.json` and the final checkpoint, then
-//! `report.md`, `curves.svg` (held-out accuracy per RL step, mean over seeds per arm), `entropy.svg` (the SFT model's
-//! token-entropy histogram with its 80th percentile, and the top arm's entropy percentiles over training) and the
-//! analyses of [`analyze`] (`analysis.json`, and in the report). Nothing is printed: progress goes to a callback.
+//! `report.md`, `curves.svg` (held-out accuracy per RL step per arm, and its gain over the SFT checkpoint with a
+//! 95 % CI),
+//! `entropy.svg` (the SFT model's token-entropy histogram with its 80th percentile, and the top arm's entropy
+//! percentiles over training), a PNG of each, and the analyses of [`analyze`] (`analysis.json`, and in the report).
+//! [`forking_tokens_base`] is the experiment's own default configuration (the free-order sum task). Runs go
+//! `jobs` at a time on threads (every seed's SFT first, then the arms). Nothing is printed: progress goes to a
+//! callback.
 
 use std::{fmt::Write as _, path::PathBuf, time::Instant};
 
 use burn::tensor::Device;
-use forkrl_core::report::{Panel, Series, line_chart_svg, write_atomic};
+use forkrl_core::report::{Panel, Series, line_chart_png, line_chart_svg, write_atomic, write_atomic_bytes};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -58,6 +62,9 @@ pub struct ExperimentConfig {
     pub out_dir: PathBuf,
     /// The command that made it, for the report.
     pub command: String,
+    /// Runs trained at once, each on its own thread (the tiny model's runs use about one core each); the results do
+    /// not depend on it.
+    pub jobs: usize,
 }
 
 /// The 80/20 experiment's arms: top-20 %, all tokens (the baseline), bottom-80 %, random-20 %, and with `sweep` top-ρ
@@ -76,6 +83,26 @@ pub fn forking_tokens_arms(quick: bool) -> Vec<Arm> {
     arms
 }
 
+/// The 80/20 experiment's own default configuration (what `forkrl-train experiment forking-tokens` starts from
+/// without `--config`): the free-order sum task ([`crate::tasks::sum`]: four numbers up to 49, chains of thought of
+/// 20–30 tokens whose forks are the choice of the next number), responses up to 32 tokens, 1000 SFT steps and 60 RL
+/// steps with held-out evaluation every 10; everything else is [`TrainConfig::default`] (the tiny model,
+/// the 80/20 recipe). `cargo xtask train` keeps its own, faster default.
+pub fn forking_tokens_base() -> TrainConfig {
+    let mut c = TrainConfig {
+        task: crate::tasks::TaskConfig::Sum(crate::tasks::sum::SumConfig::default()),
+        ..TrainConfig::default()
+    };
+    c.rl.max_response_len = 32;
+    c.sft.steps = SFT_STEPS;
+    c.rl.steps = RL_STEPS;
+    c.eval.every = 10;
+    c
+}
+
+const SFT_STEPS: usize = 1000;
+const RL_STEPS: usize = 60;
+
 /// The 80/20 experiment over `base`: `seeds` seeds (default 3; 2 when `quick`), the arms of [`forking_tokens_arms`].
 pub fn forking_tokens(base: TrainConfig, seeds: Option<usize>, quick: bool, out_dir: PathBuf) -> ExperimentConfig {
     let n = seeds.unwrap_or(if quick { 2 } else { 3 });
@@ -87,6 +114,7 @@ pub fn forking_tokens(base: TrainConfig, seeds: Option<usize>, quick: bool, out_
         baseline: "all tokens".into(),
         out_dir,
         command: String::new(),
+        jobs: std::thread::available_parallelism().map_or(1, usize::from),
     }
 }
 
@@ -153,7 +181,7 @@ pub fn run(
     config: &ExperimentConfig,
     device: &Device,
     overwrite: bool,
-    mut progress: impl FnMut(&Progress),
+    progress: impl FnMut(&Progress) + Send,
 ) -> Result<ExperimentReport> {
     // Every configuration is built and checked before anything runs or is written.
     let mut runs: Vec<(u64, Option<&Arm>, crate::CheckedConfig)> = Vec::new();
@@ -179,14 +207,17 @@ pub fn run(
     }
     let start = Instant::now();
     let total = runs.len();
-    let mut arm_runs = Vec::new();
-    for (done, (seed, arm, checked)) in runs.into_iter().enumerate() {
-        let eta = (done > 0).then(|| start.elapsed().as_secs_f64() / done as f64 * (total - done) as f64);
+    let progress = std::sync::Mutex::new((progress, 0usize));
+    let run_one = |(seed, arm, checked): (u64, Option<&Arm>, crate::CheckedConfig)| -> Result<Option<ArmRun>> {
         let name = arm.map_or("sft".to_string(), |a| a.name.clone());
-        progress(&Progress { arm: name.clone(), seed, done, total, eta_seconds: eta });
+        {
+            let mut guard = progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let done = guard.1;
+            let eta = (done > 0).then(|| start.elapsed().as_secs_f64() / done as f64 * (total - done) as f64);
+            (guard.0)(&Progress { arm: name.clone(), seed, done, total, eta_seconds: eta });
+        }
         let seed_dir = config.out_dir.join(format!("seed-{seed}"));
-        let sft_dir = seed_dir.join("sft");
-        let sft_checkpoint = sft_dir.join("checkpoints").join("step-000000");
+        let sft_checkpoint = seed_dir.join("sft").join("checkpoints").join("step-000000");
         let dir = seed_dir.join(folder_name(&name));
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(io(&dir))?; // only reached with `overwrite`
@@ -206,18 +237,20 @@ pub fn run(
         let text = serde_json::to_string_pretty(&summary).map_err(|e| TrainerError::Shape(e.to_string()))?;
         let path = dir.join("summary.json");
         write_atomic(&path, &text).map_err(io(&path))?;
-        if let Some(a) = arm {
-            let tokens = finite_mean(&observer.tokens);
-            arm_runs.push(ArmRun {
-                arm: a.name.clone(),
-                seed,
-                sft_checkpoint,
-                summary,
-                tokens_per_step: tokens,
-                entropy_percentiles: observer.percentiles,
-            });
-        }
-    }
+        progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner).1 += 1;
+        Ok(arm.map(|a| ArmRun {
+            arm: a.name.clone(),
+            seed,
+            sft_checkpoint,
+            summary,
+            tokens_per_step: finite_mean(&observer.tokens),
+            entropy_percentiles: observer.percentiles,
+        }))
+    };
+    // Every seed's SFT first (the arms start from its checkpoint), then every arm; `jobs` runs at once in each phase.
+    let (sft_runs, rl_runs): (Vec<_>, Vec<_>) = runs.into_iter().partition(|r| r.1.is_none());
+    in_parallel(config.jobs, sft_runs, &run_one)?;
+    let arm_runs: Vec<ArmRun> = in_parallel(config.jobs, rl_runs, &run_one)?.into_iter().flatten().collect();
     let analysis = match config.seeds.first() {
         Some(&seed) => Some(analyze(config, seed, device)?),
         None => None,
@@ -226,6 +259,32 @@ pub fn run(
         ExperimentReport { config: config.clone(), runs: arm_runs, analysis, seconds: start.elapsed().as_secs_f64() };
     report.write()?;
     Ok(report)
+}
+
+/// `f` over `items` on up to `jobs` threads, results in the order of `items`; after the first error no new item is
+/// started, and the first error (in item order) is returned.
+fn in_parallel<T: Send, R: Send>(jobs: usize, items: Vec<T>, f: &(impl Fn(T) -> Result<R> + Sync)) -> Result<Vec<R>> {
+    use std::sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    };
+    let n = items.len();
+    let queue = Mutex::new(items.into_iter().enumerate());
+    let results: Mutex<Vec<Option<Result<R>>>> = Mutex::new((0..n).map(|_| None).collect());
+    let failed = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.clamp(1, n.max(1)) {
+            scope.spawn(|| {
+                while !failed.load(Ordering::SeqCst) {
+                    let Some((i, item)) = queue.lock().unwrap_or_else(PoisonError::into_inner).next() else { break };
+                    let r = f(item);
+                    failed.fetch_or(r.is_err(), Ordering::SeqCst);
+                    results.lock().unwrap_or_else(PoisonError::into_inner)[i] = Some(r);
+                }
+            });
+        }
+    });
+    results.into_inner().unwrap_or_else(PoisonError::into_inner).into_iter().flatten().collect()
 }
 
 fn folder_name(arm: &str) -> String {
@@ -584,39 +643,65 @@ impl ExperimentReport {
         self.runs.iter().find(|r| r.seed == *seed && r.arm == arm.name)?.summary.first_batch_entropy.as_ref()
     }
 
-    /// `curves.svg`: mean held-out accuracy per evaluation step, one line per arm.
+    /// `curves.svg`: per arm and evaluation step, the mean held-out accuracy over seeds (left) and the mean gain over
+    /// each seed's post-SFT accuracy with its 95 % confidence interval as a band (right; paired per seed, no band with
+    /// one seed).
     pub fn curves_svg(&self) -> String {
-        let series = self
-            .config
-            .arms
-            .iter()
-            .map(|a| {
-                let runs = self.arm_runs(&a.name);
-                let steps: Vec<usize> =
-                    runs.first().map(|r| r.summary.eval_curve.iter().map(|p| p.0).collect()).unwrap_or_default();
-                let points = steps
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &step)| {
-                        let v: Vec<f64> =
-                            runs.iter().filter_map(|r| r.summary.eval_curve.get(i).map(|p| p.1)).collect();
-                        (step as f64, mean_ci(&v).0)
-                    })
-                    .collect();
-                Series { name: a.name.clone(), points }
-            })
-            .collect();
-        line_chart_svg(&[Panel {
-            title: format!("held-out greedy accuracy, mean over {} seeds", self.config.seeds.len()),
-            x_label: "RL step".into(),
-            y_max: 1.0,
-            series,
-        }])
+        line_chart_svg(&self.curves_panels())
+    }
+
+    fn curves_panels(&self) -> Vec<Panel> {
+        // Per arm: the steps evaluated, and per step the accuracy of each seed's run and its gain over the run's
+        // post-SFT accuracy (step 0); the gain is paired per seed, so its CI leaves out the spread between seeds' SFT
+        // checkpoints.
+        let (mut means, mut gains) = (Vec::new(), Vec::new());
+        let (mut low, mut high) = (0.0f64, 0.0f64);
+        for a in &self.config.arms {
+            let runs = self.arm_runs(&a.name);
+            let steps: Vec<usize> =
+                runs.first().map(|r| r.summary.eval_curve.iter().map(|p| p.0).collect()).unwrap_or_default();
+            let (mut mean, mut gain, mut band) = (Vec::new(), Vec::new(), Vec::new());
+            for (i, &step) in steps.iter().enumerate() {
+                let at = |r: &&ArmRun, k: usize| r.summary.eval_curve.get(k).map(|p| p.1);
+                let acc: Vec<f64> = runs.iter().filter_map(|r| at(r, i)).collect();
+                let delta: Vec<f64> = runs.iter().filter_map(|r| Some(at(r, i)? - at(r, 0)?)).collect();
+                mean.push((step as f64, mean_ci(&acc).0));
+                let (m, half) = mean_ci(&delta);
+                gain.push((step as f64, m));
+                band.push((step as f64, m - half, m + half));
+                for v in [m, m - half, m + half].into_iter().filter(|v| v.is_finite()) {
+                    (low, high) = (low.min(v), high.max(v));
+                }
+            }
+            means.push(Series::new(a.name.clone(), mean));
+            gains.push(Series { name: a.name.clone(), points: gain, band });
+        }
+        let margin = 0.05 * (high - low).max(0.1);
+        vec![
+            Panel {
+                title: format!("held-out greedy accuracy, mean over {} seeds", self.config.seeds.len()),
+                x_label: "RL step".into(),
+                y_min: 0.0,
+                y_max: 1.0,
+                series: means,
+            },
+            Panel {
+                title: "gain over the SFT checkpoint: mean, 95% CI".into(),
+                x_label: "RL step".into(),
+                y_min: low - margin,
+                y_max: high + margin,
+                series: gains,
+            },
+        ]
     }
 
     /// `entropy.svg`: the SFT model's token-entropy histogram (share of tokens per log-spaced bin) with its 80th
     /// percentile marked, and the first arm's percentiles per RL step (first seed).
     pub fn entropy_svg(&self) -> String {
+        line_chart_svg(&self.entropy_panels())
+    }
+
+    fn entropy_panels(&self) -> Vec<Panel> {
         let mut panels = Vec::new();
         if let Some(h) = self.sft_entropy() {
             let hist = &h.histogram;
@@ -624,10 +709,10 @@ impl ExperimentReport {
             let points: Vec<(f64, f64)> =
                 hist.edges.iter().zip(&hist.counts).map(|(&lo, &c)| (lo.log10(), c as f64 / total)).collect();
             let top = points.iter().map(|p| p.1).fold(0.0, f64::max);
-            let mut series = vec![Series { name: "share of tokens".into(), points }];
+            let mut series = vec![Series::new("share of tokens", points)];
             if let Some(&(_, p80)) = h.percentiles.iter().find(|(q, _)| *q == 80.0) {
                 let x = p80.max(1e-12).log10();
-                series.push(Series { name: format!("80th percentile {p80:.3}"), points: vec![(x, 0.0), (x, top)] });
+                series.push(Series::new(format!("80th percentile {p80:.3}"), vec![(x, 0.0), (x, top)]));
             }
             panels.push(Panel {
                 title: format!(
@@ -636,6 +721,7 @@ impl ExperimentReport {
                 ),
                 x_label: "log10 entropy (nats)".into(),
                 y_max: top,
+                y_min: 0.0,
                 series,
             });
         }
@@ -650,18 +736,19 @@ impl ExperimentReport {
                 title: format!("{}: rollout token entropy over training (seed {seed})", arm.name),
                 x_label: "RL step".into(),
                 y_max: top,
+                y_min: 0.0,
                 series: vec![
-                    Series { name: "p50".into(), points: pick(|p| p.1) },
-                    Series { name: "p80".into(), points: pick(|p| p.2) },
-                    Series { name: "p95".into(), points: pick(|p| p.3) },
+                    Series::new("p50", pick(|p| p.1)),
+                    Series::new("p80", pick(|p| p.2)),
+                    Series::new("p95", pick(|p| p.3)),
                 ],
             });
         }
-        line_chart_svg(&panels)
+        panels
     }
 
-    /// Writes `report.md`, `curves.svg`, `entropy.svg`, `runs.json` (every run's numbers) and `analysis.json`
-    /// atomically.
+    /// Writes `report.md`, `curves.svg` and `curves.png`, `entropy.svg` and `entropy.png`, `runs.json` (every run's
+    /// numbers) and `analysis.json`, each atomically.
     ///
     /// # Errors
     /// [`TrainerError::Io`].
@@ -679,6 +766,11 @@ impl ExperimentReport {
         ] {
             let path = dir.join(name);
             write_atomic(&path, &text).map_err(io(&path))?;
+        }
+        for (name, panels) in [("curves.png", self.curves_panels()), ("entropy.png", self.entropy_panels())] {
+            let path = dir.join(name);
+            let png = line_chart_png(&panels).map_err(io(&path))?;
+            write_atomic_bytes(&path, &png).map_err(io(&path))?;
         }
         Ok(())
     }
@@ -703,12 +795,28 @@ mod tests {
         assert_eq!(quick, ["top-20%", "all tokens", "bottom-80%"]);
         let full = forking_tokens_arms(false);
         assert_eq!(full.len(), 6);
-        let base = TrainConfig::default();
+        let base = forking_tokens_base();
+        assert!(matches!(base.task, crate::tasks::TaskConfig::Sum(_)));
         for arm in &full {
             let c = base.with_sets(&arm.sets).expect("applies").check().expect("valid");
             let expect = arm.sets.iter().find(|(k, _)| k == "rl.forking.select").map(|(_, v)| v.as_str());
             assert_eq!(Some(c.token_selection().name()), expect, "{}", arm.name);
         }
         assert_eq!(folder_name("top-20%"), "top-20pct");
+    }
+
+    #[test]
+    fn in_parallel_keeps_order_and_stops_at_the_first_error() {
+        let squares = in_parallel(3, (0..10).collect(), &|i: u64| Ok(i * i)).expect("no error");
+        assert_eq!(squares, (0..10).map(|i| i * i).collect::<Vec<u64>>());
+        let started = std::sync::atomic::AtomicUsize::new(0);
+        let failing = |i: u64| {
+            started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if i == 0 { Err(TrainerError::Shape("first".into())) } else { Ok(i) }
+        };
+        let err = in_parallel(1, (0..10).collect(), &failing).expect_err("fails");
+        assert!(err.to_string().contains("first"), "{err}");
+        assert_eq!(started.load(std::sync::atomic::Ordering::SeqCst), 1, "nothing starts after an error");
+        assert!(in_parallel(4, Vec::<u64>::new(), &|i| Ok(i)).expect("empty").is_empty());
     }
 }

@@ -8,8 +8,9 @@ use forkrl_trainer::{
     experiment::{self, Arm, ExperimentConfig},
 };
 
+/// The experiment's own default (the free-order sum task), shrunk to a few steps.
 fn tiny() -> TrainConfig {
-    let mut c = TrainConfig::default();
+    let mut c = experiment::forking_tokens_base();
     c.sft.steps = 40;
     c.rl.steps = 3;
     c.rl.prompts_per_step = 4;
@@ -28,10 +29,16 @@ fn cpu_backend_a_minimal_experiment_is_paired_and_reported() {
     let _ = std::fs::remove_dir_all(&out);
     let mut config = experiment::forking_tokens(tiny(), Some(1), true, out.clone());
     config.arms.truncate(2); // top-20 %, all tokens
+    config.jobs = 2; // the two arms run at once
     let mut seen = Vec::new();
     let report =
         experiment::run(&config, &device, false, |p| seen.push((p.arm.clone(), p.done, p.total))).expect("runs");
-    assert_eq!(seen, [("sft".to_string(), 0, 3), ("top-20%".into(), 1, 3), ("all tokens".into(), 2, 3)]);
+    // The SFT run first, alone; then both arms (in either order, each started after the SFT run finished).
+    assert_eq!(seen[0], ("sft".to_string(), 0, 3));
+    let mut arms: Vec<&str> = seen[1..].iter().map(|s| s.0.as_str()).collect();
+    arms.sort_unstable();
+    assert_eq!(arms, ["all tokens", "top-20%"]);
+    assert!(seen[1..].iter().all(|s| (1..=2).contains(&s.1) && s.2 == 3), "{seen:?}");
     // Paired: one SFT checkpoint, the same post-SFT policy and the same first batch in both arms.
     let (top, all) = (&report.arm_runs("top-20%")[0], &report.arm_runs("all tokens")[0]);
     assert_eq!(top.sft_checkpoint, all.sft_checkpoint);
@@ -48,6 +55,10 @@ fn cpu_backend_a_minimal_experiment_is_paired_and_reported() {
     assert!(md.contains("(one seed: no CI)"), "{md}");
     for f in ["curves.svg", "entropy.svg", "runs.json", "seed-0/sft/metrics.jsonl", "seed-0/top-20pct/summary.json"] {
         assert!(out.join(f).is_file(), "{f}");
+    }
+    for f in ["curves.png", "entropy.png"] {
+        let png = std::fs::read(out.join(f)).expect("a PNG next to each SVG");
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 1000, "{f}");
     }
     // The analyses: the SFT model's entropy on held-out responses, and each arm's final model against it.
     let a = report.analysis.as_ref().expect("analysed");
@@ -66,7 +77,18 @@ fn cpu_backend_a_minimal_experiment_is_paired_and_reported() {
     let before = std::fs::read(out.join("report.md")).expect("read");
     assert!(matches!(experiment::run(&config, &device, false, |_| {}), Err(TrainerError::RunExists { .. })));
     assert_eq!(std::fs::read(out.join("report.md")).expect("read"), before);
+    // Running the arms one after the other gives the same numbers: `jobs` changes the wall time only.
+    let sequential = out.with_extension("sequential");
+    let _ = std::fs::remove_dir_all(&sequential);
+    let one = ExperimentConfig { jobs: 1, out_dir: sequential.clone(), ..config };
+    let again = experiment::run(&one, &device, false, |_| {}).expect("runs");
+    for (a, b) in report.runs.iter().zip(&again.runs) {
+        assert_eq!((&a.arm, a.summary.eval_curve.clone()), (&b.arm, b.summary.eval_curve.clone()));
+        assert_eq!(a.summary.final_accuracy, b.summary.final_accuracy);
+        assert_eq!(a.tokens_per_step, b.tokens_per_step);
+    }
     let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&sequential);
 }
 
 #[test]
@@ -80,6 +102,7 @@ fn bad_arms_are_refused_before_anything_runs() {
         baseline: "a".into(),
         out_dir: out.clone(),
         command: String::new(),
+        jobs: 1,
     };
     let device = Backend::Cpu.device().expect("cpu");
     assert!(experiment::run(&config, &device, false, |_| panic!("nothing runs")).is_err());

@@ -7,7 +7,8 @@
 //!              [--model HF_DIR] [--data FILE.jsonl] [--resume | --overwrite] [--stop-after RL_STEP]
 //! forkrl-train eval --checkpoint DIR [--data FILE.jsonl]... [--k K] [--out REPORT.json] [--overwrite]
 //! forkrl-train export --checkpoint DIR --out HF_DIR [--overwrite]
-//! forkrl-train experiment forking-tokens [--seeds N] [--quick] [--config FILE] [--set key=value]... [--out DIR]
+//! forkrl-train experiment forking-tokens [--seeds N] [--quick] [--jobs N] [--config FILE] [--set key=value]...
+//!     [--out DIR]
 //! ```
 //!
 //! With no arguments it runs the built-in default: the tiny policy on two-step arithmetic, SFT then GRPO with the
@@ -76,9 +77,13 @@ struct ExperimentArgs {
     /// 2 seeds and 3 arms (top-20 %, all tokens, bottom-80 %).
     #[arg(long)]
     quick: bool,
-    /// A TOML configuration every run starts from.
+    /// A TOML configuration every run starts from (default: the experiment's own, the free-order sum task; a file
+    /// replaces it whole, with the training defaults for keys it does not set).
     #[arg(long, value_name = "FILE.toml")]
     config: Option<PathBuf>,
+    /// Runs trained at once (default: one per CPU core); the results do not depend on it.
+    #[arg(long)]
+    jobs: Option<usize>,
     /// Sets one key of the base configuration (as for training).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
@@ -344,17 +349,23 @@ fn experiment(args: &ExperimentArgs, command: String) -> Result<(), String> {
             let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
             toml::from_str::<TrainConfig>(&text).map_err(|e| format!("{}: {e}", path.display()))?
         }
-        None => TrainConfig::default(),
+        None => experiment::forking_tokens_base(),
     };
     base = base.with_sets(&key_values(&args.sets)?).map_err(|e| e.to_string())?;
+    if args.jobs == Some(0) {
+        return Err("--jobs 0: must be at least 1".into());
+    }
     let out = args.out.clone().unwrap_or_else(|| base.run.out_dir.join("experiments").join(&args.name));
     let mut config = experiment::forking_tokens(base, args.seeds, args.quick, out);
     config.command = command;
+    if let Some(jobs) = args.jobs {
+        config.jobs = jobs;
+    }
     let backend: Backend = args.backend.parse().map_err(|e| format!("{e}"))?;
     let device = backend.device().map_err(|e| format!("{e}"))?;
     let report = experiment::run(&config, &device, args.overwrite, |p| {
         let eta = p.eta_seconds.map_or(String::new(), |e| format!(", eta {:.0} min", e / 60.0));
-        say!("[{}/{}] seed {} {}{eta}", p.done + 1, p.total, p.seed, p.arm);
+        say!("[{}/{} done] seed {} {} starts{eta}", p.done, p.total, p.seed, p.arm);
     })
     .map_err(|e| match e {
         TrainerError::RunExists { path } => {
@@ -363,7 +374,10 @@ fn experiment(args: &ExperimentArgs, command: String) -> Result<(), String> {
         e => e.to_string(),
     })?;
     say!("\n{}", report.markdown());
-    say!("wrote {}/{{report.md, curves.svg, entropy.svg, runs.json, analysis.json}}", config.out_dir.display());
+    say!(
+        "wrote {}/{{report.md, curves.svg, curves.png, entropy.svg, entropy.png, runs.json, analysis.json}}",
+        config.out_dir.display()
+    );
     Ok(())
 }
 

@@ -287,10 +287,8 @@ pub struct TrainSummary {
 /// response length against the RL step (0 = after SFT), and the entropy histogram of the last RL batch (share of
 /// response tokens per log-spaced bin, against log10 of the bin's lower edge).
 pub fn summary_svg(s: &TrainSummary) -> String {
-    let series = |name: &str, pts: &[(usize, f64)]| Series {
-        name: name.into(),
-        points: pts.iter().map(|&(x, y)| (x as f64, y)).collect(),
-    };
+    let series =
+        |name: &str, pts: &[(usize, f64)]| Series::new(name, pts.iter().map(|&(x, y)| (x as f64, y)).collect());
     let max_h = s.entropy_curve.iter().map(|p| p.1).fold(0.0, f64::max);
     let max_len = s.response_length_curve.iter().map(|p| p.1).fold(0.0, f64::max);
     let mut panels = vec![
@@ -298,18 +296,21 @@ pub fn summary_svg(s: &TrainSummary) -> String {
             title: "reward (train) and accuracy (held-out)".into(),
             x_label: "RL step".into(),
             y_max: 1.0,
+            y_min: 0.0,
             series: vec![series("reward", &s.reward_curve), series("held-out accuracy", &s.eval_curve)],
         },
         Panel {
             title: "entropy of response tokens (nats)".into(),
             x_label: "RL step".into(),
             y_max: max_h,
+            y_min: 0.0,
             series: vec![series("entropy", &s.entropy_curve)],
         },
         Panel {
             title: "response length (tokens)".into(),
             x_label: "RL step".into(),
             y_max: max_len,
+            y_min: 0.0,
             series: vec![series("mean length", &s.response_length_curve)],
         },
     ];
@@ -326,7 +327,8 @@ pub fn summary_svg(s: &TrainSummary) -> String {
             ),
             x_label: "log10 entropy (nats)".into(),
             y_max: top,
-            series: vec![Series { name: "share of tokens".into(), points }],
+            y_min: 0.0,
+            series: vec![Series::new("share of tokens", points)],
         });
     }
     line_chart_svg(&panels)

@@ -1,10 +1,11 @@
-//! Tasks of the RLVR loop: the built-in generators ([`arithmetic`], [`countdown`]) and JSONL datasets ([`jsonl`]),
-//! behind one [`task::Task`] that gives prompts, SFT targets and a verifier per problem ([`verify`]: exact, no code
-//! execution).
+//! Tasks of the RLVR loop: the built-in generators ([`arithmetic`], [`countdown`], [`sum`]) and JSONL datasets
+//! ([`jsonl`]), behind one [`task::Task`] that gives prompts, SFT targets and a verifier per problem ([`verify`]: exact,
+//! no code execution).
 
 pub mod arithmetic;
 pub mod countdown;
 pub mod jsonl;
+pub mod sum;
 pub mod task;
 pub mod verify;
 

@@ -11,11 +11,12 @@ use crate::{
         arithmetic::{self, ArithmeticConfig},
         countdown::{CountdownConfig, CountdownProblem, countdown_reward},
         jsonl::{self, JsonlConfig, apply_template},
+        sum::{SumConfig, SumProblem},
         verify::{Extraction, extract, extract_last_number, math_reward, parse_number},
     },
 };
 
-/// Which task, with its knobs. TOML: `[task]` with `kind = "arithmetic" | "countdown" | "jsonl"`.
+/// Which task, with its knobs. TOML: `[task]` with `kind = "arithmetic" | "countdown" | "sum" | "jsonl"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum TaskConfig {
@@ -23,6 +24,8 @@ pub enum TaskConfig {
     Arithmetic(ArithmeticConfig),
     /// Countdown.
     Countdown(CountdownConfig),
+    /// Free-order sums (the 80/20 experiment's task).
+    Sum(SumConfig),
     /// A JSONL dataset (GSM8K / MATH style).
     Jsonl(JsonlConfig),
 }
@@ -97,6 +100,8 @@ pub enum Task {
     Arithmetic(ArithmeticConfig),
     /// Generated Countdown.
     Countdown(CountdownConfig),
+    /// Generated free-order sums.
+    Sum(SumConfig),
     /// A loaded dataset.
     Dataset {
         /// Training problems.
@@ -107,6 +112,10 @@ pub enum Task {
 }
 
 fn from_arithmetic(p: arithmetic::Problem) -> Problem {
+    Problem { prompt: p.prompt, solution: Some(p.solution), gold: Gold::LastInteger(p.answer) }
+}
+
+fn from_sum(p: SumProblem) -> Problem {
     Problem { prompt: p.prompt, solution: Some(p.solution), gold: Gold::LastInteger(p.answer) }
 }
 
@@ -133,6 +142,10 @@ impl Task {
             TaskConfig::Countdown(c) => {
                 c.validate().map_err(|reason| TrainerError::invalid("task", "countdown", reason))?;
                 Ok(Task::Countdown(*c))
+            }
+            TaskConfig::Sum(c) => {
+                c.validate().map_err(|reason| TrainerError::invalid("task", "sum", reason))?;
+                Ok(Task::Sum(*c))
             }
             TaskConfig::Jsonl(c) => {
                 let to_problem = |r: jsonl::Record| Problem {
@@ -184,6 +197,7 @@ impl Task {
             Task::Countdown(c) => {
                 c.sample(n, false, seed).map_err(small)?.into_iter().map(|p| from_countdown(p, c.use_all)).collect()
             }
+            Task::Sum(c) => c.sample(n, false, seed).map_err(small)?.into_iter().map(from_sum).collect(),
             Task::Dataset { train, .. } => {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed);
                 (0..n).map(|_| train[rng.random_range(0..train.len())].clone()).collect()
@@ -196,6 +210,7 @@ impl Task {
         match self {
             Task::Arithmetic(c) => c.test_set(limit).into_iter().map(from_arithmetic).collect(),
             Task::Countdown(c) => c.test_set(limit).into_iter().map(|p| from_countdown(p, c.use_all)).collect(),
+            Task::Sum(c) => c.test_set(limit).into_iter().map(from_sum).collect(),
             Task::Dataset { test, .. } => test.iter().take(limit).cloned().collect(),
         }
     }
@@ -203,7 +218,7 @@ impl Task {
     /// Whether every training problem has an SFT target.
     pub fn has_solutions(&self) -> bool {
         match self {
-            Task::Arithmetic(_) | Task::Countdown(_) => true,
+            Task::Arithmetic(_) | Task::Countdown(_) | Task::Sum(_) => true,
             Task::Dataset { train, .. } => train.iter().all(|p| p.solution.is_some()),
         }
     }
@@ -221,6 +236,8 @@ mod tests {
         }
         let w: Wrap = toml::from_str("[task]\nkind = \"countdown\"\nnumbers = 4\n").expect("countdown");
         assert!(matches!(w.task, TaskConfig::Countdown(CountdownConfig { numbers: 4, .. })));
+        let w: Wrap = toml::from_str("[task]\nkind = \"sum\"\nnumbers = 5\n").expect("sum");
+        assert!(matches!(w.task, TaskConfig::Sum(SumConfig { numbers: 5, max_number: 49, .. })));
         let w: Wrap = toml::from_str("[task]\nkind = \"jsonl\"\npath = \"d.jsonl\"\n").expect("jsonl");
         assert!(matches!(w.task, TaskConfig::Jsonl(ref j) if j.template == jsonl::DEFAULT_TEMPLATE));
         let err = toml::from_str::<Wrap>("[task]\nkind = \"countdown\"\nnumber = 4\n").expect_err("typo");
