@@ -85,7 +85,7 @@ pub fn forking_tokens_arms(quick: bool) -> Vec<Arm> {
 
 /// The 80/20 experiment's own default configuration (what `forkrl-train experiment forking-tokens` starts from
 /// without `--config`): the free-order sum task ([`crate::tasks::sum`]: four numbers up to 49, chains of thought of
-/// 20–30 tokens whose forks are the choice of the next number), responses up to 32 tokens, 1000 SFT steps and 60 RL
+/// 20–30 tokens whose forks are the choice of the next number), responses up to 32 tokens, 700 SFT steps and 60 RL
 /// steps with held-out evaluation every 10; everything else is [`TrainConfig::default`] (the tiny model,
 /// the 80/20 recipe). `cargo xtask train` keeps its own, faster default.
 pub fn forking_tokens_base() -> TrainConfig {
@@ -100,7 +100,7 @@ pub fn forking_tokens_base() -> TrainConfig {
     c
 }
 
-const SFT_STEPS: usize = 1000;
+const SFT_STEPS: usize = 700;
 const RL_STEPS: usize = 60;
 
 /// The 80/20 experiment over `base`: `seeds` seeds (default 3; 2 when `quick`), the arms of [`forking_tokens_arms`].
