@@ -216,36 +216,9 @@ pub fn run(
             let eta = (done > 0).then(|| start.elapsed().as_secs_f64() / done as f64 * (total - done) as f64);
             (guard.0)(&Progress { arm: name.clone(), seed, done, total, eta_seconds: eta });
         }
-        let seed_dir = config.out_dir.join(format!("seed-{seed}"));
-        let sft_checkpoint = seed_dir.join("sft").join("checkpoints").join("step-000000");
-        let dir = seed_dir.join(folder_name(&name));
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(io(&dir))?; // only reached with `overwrite`
-        }
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let metrics = dir.join("metrics.jsonl");
-        let file = std::fs::File::create(&metrics).map_err(io(&metrics))?;
-        let mut observer =
-            Collect { jsonl: JsonlWriter::new(file, &metrics), tokens: Vec::new(), percentiles: Vec::new() };
-        let mut trainer = match arm {
-            None => Trainer::new(checked, device)?.with_checkpoints(dir.join("checkpoints")),
-            Some(_) => Trainer::from_sft_checkpoint(checked, &sft_checkpoint, device)?
-                .with_checkpoints(dir.join("checkpoints")),
-        };
-        let summary = trainer.run(&mut observer, None)?;
-        observer.jsonl.flush()?;
-        let text = serde_json::to_string_pretty(&summary).map_err(|e| TrainerError::Shape(e.to_string()))?;
-        let path = dir.join("summary.json");
-        write_atomic(&path, &text).map_err(io(&path))?;
+        let run = train_one(config, device, seed, arm, checked)?;
         progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner).1 += 1;
-        Ok(arm.map(|a| ArmRun {
-            arm: a.name.clone(),
-            seed,
-            sft_checkpoint,
-            summary,
-            tokens_per_step: finite_mean(&observer.tokens),
-            entropy_percentiles: observer.percentiles,
-        }))
+        Ok(run)
     };
     // Every seed's SFT first (the arms start from its checkpoint), then every arm; `jobs` runs at once in each phase.
     let (sft_runs, rl_runs): (Vec<_>, Vec<_>) = runs.into_iter().partition(|r| r.1.is_none());
@@ -259,6 +232,46 @@ pub fn run(
         ExperimentReport { config: config.clone(), runs: arm_runs, analysis, seconds: start.elapsed().as_secs_f64() };
     report.write()?;
     Ok(report)
+}
+
+/// One run of the experiment: the seed's SFT run (`arm` `None`) or an arm's RL run from the seed's SFT checkpoint,
+/// in its own folder (replaced: only reached with `overwrite`), with `metrics.jsonl` and `summary.json`.
+fn train_one(
+    config: &ExperimentConfig,
+    device: &Device,
+    seed: u64,
+    arm: Option<&Arm>,
+    checked: crate::CheckedConfig,
+) -> Result<Option<ArmRun>> {
+    let seed_dir = config.out_dir.join(format!("seed-{seed}"));
+    let sft_checkpoint = seed_dir.join("sft").join("checkpoints").join("step-000000");
+    let dir = seed_dir.join(folder_name(arm.map_or("sft", |a| a.name.as_str())));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(io(&dir))?; // only reached with `overwrite`
+    }
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let metrics = dir.join("metrics.jsonl");
+    let file = std::fs::File::create(&metrics).map_err(io(&metrics))?;
+    let mut observer = Collect { jsonl: JsonlWriter::new(file, &metrics), tokens: Vec::new(), percentiles: Vec::new() };
+    let mut trainer = match arm {
+        None => Trainer::new(checked, device)?.with_checkpoints(dir.join("checkpoints")),
+        Some(_) => {
+            Trainer::from_sft_checkpoint(checked, &sft_checkpoint, device)?.with_checkpoints(dir.join("checkpoints"))
+        }
+    };
+    let summary = trainer.run(&mut observer, None)?;
+    observer.jsonl.flush()?;
+    let text = serde_json::to_string_pretty(&summary).map_err(|e| TrainerError::Shape(e.to_string()))?;
+    let path = dir.join("summary.json");
+    write_atomic(&path, &text).map_err(io(&path))?;
+    Ok(arm.map(|a| ArmRun {
+        arm: a.name.clone(),
+        seed,
+        sft_checkpoint,
+        summary,
+        tokens_per_step: finite_mean(&observer.tokens),
+        entropy_percentiles: observer.percentiles,
+    }))
 }
 
 /// `f` over `items` on up to `jobs` threads, results in the order of `items`; after the first error no new item is
@@ -757,20 +770,19 @@ impl ExperimentReport {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let runs = serde_json::to_string_pretty(&self.runs).map_err(|e| TrainerError::Shape(e.to_string()))?;
         let analysis = serde_json::to_string_pretty(&self.analysis).map_err(|e| TrainerError::Shape(e.to_string()))?;
-        for (name, text) in [
-            ("analysis.json", analysis),
-            ("curves.svg", self.curves_svg()),
-            ("entropy.svg", self.entropy_svg()),
-            ("runs.json", runs),
-            ("report.md", self.markdown()),
+        let (curves, entropy) = (self.curves_panels(), self.entropy_panels());
+        let png = |panels: &[Panel], name: &str| line_chart_png(panels).map_err(io(&dir.join(name)));
+        for (name, bytes) in [
+            ("analysis.json", analysis.into_bytes()),
+            ("curves.svg", line_chart_svg(&curves).into_bytes()),
+            ("curves.png", png(&curves, "curves.png")?),
+            ("entropy.svg", line_chart_svg(&entropy).into_bytes()),
+            ("entropy.png", png(&entropy, "entropy.png")?),
+            ("runs.json", runs.into_bytes()),
+            ("report.md", self.markdown().into_bytes()),
         ] {
             let path = dir.join(name);
-            write_atomic(&path, &text).map_err(io(&path))?;
-        }
-        for (name, panels) in [("curves.png", self.curves_panels()), ("entropy.png", self.entropy_panels())] {
-            let path = dir.join(name);
-            let png = line_chart_png(&panels).map_err(io(&path))?;
-            write_atomic_bytes(&path, &png).map_err(io(&path))?;
+            write_atomic_bytes(&path, &bytes).map_err(io(&path))?;
         }
         Ok(())
     }

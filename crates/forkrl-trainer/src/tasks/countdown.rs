@@ -18,7 +18,7 @@ use rand::{RngExt, SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::tasks::{fill_split, verify::Rational};
+use crate::tasks::{check_test_share, fill_split, multiset_is_test, verify::Rational};
 
 /// Difficulty knobs.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -64,23 +64,11 @@ impl CountdownConfig {
         if !(2..=6).contains(&self.numbers) || self.max_number == 0 || self.max_target == 0 {
             return Err(format!("countdown: numbers in 2..=6, max_number and max_target >= 1 (got {self:?})"));
         }
-        if !(self.test_share > 0.0 && self.test_share < 1.0) {
-            return Err(format!(
-                "countdown: test_share = {} must be in (0, 1) (a held-out split is needed for evaluation)",
-                self.test_share
-            ));
-        }
-        Ok(())
+        check_test_share("countdown", self.test_share)
     }
 
     fn is_test(&self, numbers: &[u32], target: u32) -> bool {
-        let mut sorted = numbers.to_vec();
-        sorted.sort_unstable();
-        let mut h = u64::from(target);
-        for n in sorted {
-            h = forkrl_core::numeric::splitmix64(h ^ u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        }
-        (forkrl_core::numeric::splitmix64(h) as f64 / u64::MAX as f64) < self.test_share
+        multiset_is_test(u64::from(target), numbers, self.test_share)
     }
 
     /// One random problem (of either split), or `None` when this draw has no valid chain.

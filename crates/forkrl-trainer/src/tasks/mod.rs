@@ -17,6 +17,27 @@ pub fn max_draws(n: usize) -> usize {
     n.saturating_mul(1000).saturating_add(100_000)
 }
 
+/// Whether a problem identified by a multiset of numbers (order-free) and a `seed` (the rest of its identity, e.g. a
+/// target) is held out: a hash of the sorted numbers compared with `test_share`, so a problem is in one split only.
+pub(crate) fn multiset_is_test(seed: u64, numbers: &[u32], test_share: f64) -> bool {
+    let mut sorted = numbers.to_vec();
+    sorted.sort_unstable();
+    let mut h = seed;
+    for n in sorted {
+        h = forkrl_core::numeric::splitmix64(h ^ u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    }
+    (forkrl_core::numeric::splitmix64(h) as f64 / u64::MAX as f64) < test_share
+}
+
+/// The check of a generated task's `test_share`: strictly between 0 and 1 (a held-out split is needed for evaluation).
+pub(crate) fn check_test_share(task: &str, test_share: f64) -> Result<(), String> {
+    if test_share > 0.0 && test_share < 1.0 {
+        Ok(())
+    } else {
+        Err(format!("{task}: test_share = {test_share} must be in (0, 1) (a held-out split is needed for evaluation)"))
+    }
+}
+
 /// The error of a split that rejection sampling could not fill.
 fn split_too_small(test: bool, found: usize, wanted: usize, space: u64) -> String {
     let split = if test { "held-out" } else { "training" };

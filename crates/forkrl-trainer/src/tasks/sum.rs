@@ -19,7 +19,7 @@ use rand::{RngExt, SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::fill_split;
+use super::{check_test_share, draw_up_to, fill_split, multiset_is_test};
 
 /// Difficulty knobs.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -75,13 +75,7 @@ impl SumConfig {
         if !(3..=6).contains(&self.numbers) || !(1..=99).contains(&self.max_number) {
             return Err(format!("sum: numbers in 3..=6 and max_number in 1..=99 (got {self:?})"));
         }
-        if !(self.test_share > 0.0 && self.test_share < 1.0) {
-            return Err(format!(
-                "sum: test_share = {} must be in (0, 1) (a held-out split is needed for evaluation)",
-                self.test_share
-            ));
-        }
-        Ok(())
+        check_test_share("sum", self.test_share)
     }
 
     fn space(&self) -> u64 {
@@ -89,13 +83,7 @@ impl SumConfig {
     }
 
     fn is_test(&self, numbers: &[u32]) -> bool {
-        let mut sorted = numbers.to_vec();
-        sorted.sort_unstable();
-        let mut h = 0x5u64;
-        for n in sorted {
-            h = forkrl_core::numeric::splitmix64(h ^ u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        }
-        (forkrl_core::numeric::splitmix64(h) as f64 / u64::MAX as f64) < self.test_share
+        multiset_is_test(0x5, numbers, self.test_share)
     }
 
     /// One random problem; its chain of thought takes a random order when `shuffle`, the prompt's order otherwise.
@@ -129,19 +117,13 @@ impl SumConfig {
     /// A fixed test set of at most `limit` problems with distinct identities (chains in prompt order).
     pub fn test_set(&self, limit: usize) -> Vec<SumProblem> {
         let mut rng = ChaCha8Rng::seed_from_u64(0x7E57);
-        let mut out: Vec<SumProblem> = Vec::with_capacity(limit);
         let mut seen = std::collections::HashSet::new();
-        let mut tries = 0usize;
-        while out.len() < limit && tries < limit.saturating_mul(200) {
-            tries += 1;
+        draw_up_to(limit, |_| {
             let p = self.draw(&mut rng, false);
             let mut key = p.numbers.clone();
             key.sort_unstable();
-            if self.is_test(&p.numbers) && seen.insert(key) {
-                out.push(p);
-            }
-        }
-        out
+            (self.is_test(&p.numbers) && seen.insert(key)).then_some(p)
+        })
     }
 }
 
