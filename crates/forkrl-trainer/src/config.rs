@@ -598,6 +598,7 @@ impl TrainConfig {
     /// # Errors
     /// [`TrainerError::InvalidConfig`] naming the first bad key.
     pub fn check(self) -> Result<CheckedConfig> {
+        self.task.validate()?;
         let (rl, sft) = (&self.rl, &self.sft);
         at_least("rl.group_size", rl.group_size, 2)?;
         at_least("rl.prompts_per_step", rl.prompts_per_step, 1)?;

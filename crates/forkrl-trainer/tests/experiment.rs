@@ -107,4 +107,14 @@ fn bad_arms_are_refused_before_anything_runs() {
     let device = Backend::Cpu.device().expect("cpu");
     assert!(experiment::run(&config, &device, false, |_| panic!("nothing runs")).is_err());
     assert!(!out.exists(), "nothing written");
+    // Bad task knobs are refused by the configuration check, before any run starts or anything is written.
+    let mut base = tiny();
+    base.task = forkrl_trainer::tasks::TaskConfig::Sum(forkrl_trainer::tasks::sum::SumConfig {
+        numbers: 9,
+        ..Default::default()
+    });
+    let bad_task = ExperimentConfig { base, arms: experiment::forking_tokens_arms(true), ..config };
+    let err = experiment::run(&bad_task, &device, false, |_| panic!("nothing runs")).expect_err("bad knobs");
+    assert!(matches!(err, TrainerError::InvalidConfig { .. }) && err.to_string().contains("task"), "{err}");
+    assert!(!out.exists(), "nothing written");
 }

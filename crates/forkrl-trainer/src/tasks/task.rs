@@ -127,6 +127,23 @@ fn from_countdown(p: CountdownProblem, use_all: bool) -> Problem {
     }
 }
 
+impl TaskConfig {
+    /// Checks a generated task's knobs (no I/O: a JSONL task's files are read by [`Task::new`]); part of
+    /// [`crate::TrainConfig::check`], so bad knobs are refused before anything runs.
+    ///
+    /// # Errors
+    /// [`TrainerError::InvalidConfig`] naming `task` and the bad knob.
+    pub fn validate(&self) -> Result<(), TrainerError> {
+        let (kind, checked) = match self {
+            TaskConfig::Arithmetic(c) => ("arithmetic", c.validate()),
+            TaskConfig::Countdown(c) => ("countdown", c.validate()),
+            TaskConfig::Sum(c) => ("sum", c.validate()),
+            TaskConfig::Jsonl(_) => return Ok(()),
+        };
+        checked.map_err(|reason| TrainerError::invalid("task", kind, reason))
+    }
+}
+
 impl Task {
     /// Builds the task (reads the dataset files of a JSONL task).
     ///
@@ -135,18 +152,9 @@ impl Task {
     /// no held-out problem.
     pub fn new(config: &TaskConfig) -> Result<Self, TrainerError> {
         match config {
-            TaskConfig::Arithmetic(c) => {
-                c.validate().map_err(|reason| TrainerError::invalid("task", "arithmetic", reason))?;
-                Ok(Task::Arithmetic(*c))
-            }
-            TaskConfig::Countdown(c) => {
-                c.validate().map_err(|reason| TrainerError::invalid("task", "countdown", reason))?;
-                Ok(Task::Countdown(*c))
-            }
-            TaskConfig::Sum(c) => {
-                c.validate().map_err(|reason| TrainerError::invalid("task", "sum", reason))?;
-                Ok(Task::Sum(*c))
-            }
+            TaskConfig::Arithmetic(c) => config.validate().map(|()| Task::Arithmetic(*c)),
+            TaskConfig::Countdown(c) => config.validate().map(|()| Task::Countdown(*c)),
+            TaskConfig::Sum(c) => config.validate().map(|()| Task::Sum(*c)),
             TaskConfig::Jsonl(c) => {
                 let to_problem = |r: jsonl::Record| Problem {
                     prompt: apply_template(&c.template, &r.question),
