@@ -12,6 +12,8 @@
 //! | forking tokens | the 80/20 mask folded into the loss, selected- or all-token denominator | [`forking`] |
 //! | token weighting | EAPO, OPEFO, HTPO, SHEAR, GRPO-VPS, rock-token bypass; one contract over a rollout | [`eapo`], [`opefo`], [`htpo`], [`shear`], [`vps`], [`rock_bypass_weights`], [`token_weighting`] |
 //! | cancellation batching | query-preserved mini-batches, reward-balanced (buffered and per-query) | [`batching`] |
+//! | sparse selection and distillation | ReasonMaxxer's gate, advantages and loss coefficients; SORT's repair weights; on-policy distillation (sampled-token advantages, full-vocabulary reverse KL, rock-token bypass) | [`reasonmaxxer`], [`sort`], [`distillation`] |
+//! | exploration extras | HEAL's entropy-dynamics reward and data selection; IMAX's InfoMax reward; UG-TTT's epistemic bonus and nuclear norm | [`heal`], [`imax`], [`ugttt`] |
 //!
 //! Losses are minimised (verl's convention). Host functions work on `&[f32]` slices and need no burn; the tensor
 //! functions (cargo feature `burn`, on by default) work on any burn backend and are differentiable. Each method's
@@ -24,13 +26,16 @@ pub mod aggregation;
 pub mod batching;
 pub mod cispo;
 pub mod clip_cov;
+pub mod distillation;
 pub mod eapo;
 pub mod forking;
 pub mod gmpo;
 pub mod group_advantage;
 pub mod gspo;
+pub mod heal;
 pub mod holder;
 pub mod htpo;
+pub mod imax;
 pub mod kl;
 pub mod kl_cov;
 #[cfg(feature = "burn")]
@@ -39,8 +44,11 @@ pub mod opefo;
 #[cfg(feature = "burn")]
 pub mod policy_loss;
 pub mod ppo_clip;
+pub mod reasonmaxxer;
 pub mod shear;
+pub mod sort;
 pub mod token_weighting;
+pub mod ugttt;
 pub mod vps;
 
 #[cfg(feature = "burn")]
@@ -51,6 +59,10 @@ pub use aggregation::{aggregate, aggregate_sequences, aggregate_with_counts};
 pub use batching::{BalanceConfig, BalancedBuffer, BalancedExtraction, balance_per_query, query_preserved_minibatches};
 pub use cispo::CispoConfig;
 pub use clip_cov::ClipCovConfig;
+pub use distillation::{
+    DistillEstimator, DistillationConfig, RockBypassConfig, importance_sampling_loss_host, opd_token_advantages,
+    reverse_kl_host,
+};
 pub use eapo::{EapoConfig, eapo_advantages};
 pub use forking::{ForkingDenominator, ForkingLossMask, forking_loss_mask};
 /// Rock-token bypass weights (TokenFreezeKD) live with the rock-token detection in `forkrl-entropy`.
@@ -60,8 +72,10 @@ pub use group_advantage::{
     AdvantageConfig, AdvantageEstimator, GroupAdvantages, SingletonPolicy, StdMode, group_advantages,
 };
 pub use gspo::GspoConfig;
+pub use heal::{HealConfig, eda_rewards, entropy_curve_kl, heal_selection_score, select_top_k};
 pub use holder::{HolderConfig, HolderVariant, PSchedule, ScheduleKind, holder_log_mean, holder_weights};
 pub use htpo::{HtpoConfig, HtpoLowerBranch, HtpoTokenGroups, htpo_token_groups};
+pub use imax::{ImaxConfig, imax_rewards, infomax_rewards};
 pub use kl::{AdaptiveKlController, KlEstimator, KlLossConfig, KlPenalty};
 pub use kl_cov::KlCovConfig;
 #[cfg(feature = "burn")]
@@ -70,8 +84,14 @@ pub use opefo::opefo_advantages;
 #[cfg(feature = "burn")]
 pub use policy_loss::{AggregatedLoss, PolicyLoss};
 pub use ppo_clip::PpoClipConfig;
+pub use reasonmaxxer::{
+    DecisionObjective, DecisionRows, GateVariant, ReasonMaxxerCoefficients, ReasonMaxxerConfig, decision_gate,
+    gate_threshold, reasonmaxxer_advantages, reasonmaxxer_coefficients, reasonmaxxer_loss_host,
+};
 pub use shear::{ShearConfig, SinkhornConfig, shear_spans, shear_weights, sinkhorn_w1};
+pub use sort::{SortConfig, SortWeighting, sort_needs_repair, sort_repair_loss_host, sort_weights};
 pub use token_weighting::{RolloutView, TokenWeighting};
+pub use ugttt::{BonusTarget, UgTttConfig, nuclear_norm, ugttt_token_advantages};
 pub use vps::{VpsConfig, vps_advantages, vps_segments};
 #[cfg(feature = "burn")]
 pub use {

@@ -17,7 +17,11 @@
 //!
 //! - [`entropy_flow`](mod@entropy_flow): OPEFO's per-token entropy change, flows `F+`/`F−`, `λ*` and weights (a reconstruction).
 //!
-//! - [`rock_tokens`]: rock-token detection (freq × mean reverse KL), persistence, and TokenFreezeKD bypass weights.
+//! - [`rock_tokens`]: rock-token detection (freq × mean reverse KL, offline or online over a window of steps),
+//!   persistence, TokenFreezeKD bypass weights and their alignment (predicted or context token).
+//!
+//! - [`epistemic`]: UG-TTT's per-token epistemic uncertainty, the mutual information between an ensemble's predictions
+//!   and its members (BALD).
 //!
 //! - [`tensor`] (cargo feature `burn`, on by default): entropy and target log-probs on burn tensors, chunked,
 //!   differentiable, any backend; [`tensor_op`]: the custom burn operation behind it (its own backward pass; the host
@@ -27,6 +31,7 @@
 pub mod cancellation;
 pub mod entropy_flow;
 pub mod entropy_stats;
+pub mod epistemic;
 pub mod forking_mask;
 #[cfg(feature = "burn")]
 pub mod fused_head;
@@ -44,6 +49,7 @@ pub use entropy_stats::{
     EntropyChangeBin, EntropySummary, LogHistogram, SummaryOptions, TokenEntropy, entropy_change_by_base_percentile,
     summarize, token_entropy_table, top_entropy_overlap, top_high_entropy_tokens,
 };
+pub use epistemic::epistemic_mutual_information;
 pub use forking_mask::{
     ForkingMask, SelectionRule, TokenSelection, bottom_entropy_mask, per_sequence_top_entropy_mask, random_token_mask,
     top_entropy_mask, top_k_count,
@@ -55,5 +61,6 @@ pub use polarity_entropy::{
     EntropyCut, PolarityEntropyQuadrants, QuadrantStats, polarity_entropy_quadrants, token_covariance,
 };
 pub use rock_tokens::{
-    RockConfig, RockReport, RockStat, detect_rock_tokens, rock_bypass_mean, rock_bypass_weights, rock_persistence,
+    OnlineRockDetector, RockAlignment, RockConfig, RockReport, RockStat, detect_rock_tokens, rock_aligned_ids,
+    rock_bypass_mean, rock_bypass_weights, rock_persistence,
 };

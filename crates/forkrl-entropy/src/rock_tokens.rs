@@ -178,9 +178,133 @@ pub fn rock_bypass_mean(kl: &[f32], weights: &[f32], mask: &[bool]) -> Result<f6
     Ok(num / den.max(1.0))
 }
 
+/// Which token of a position the rock test reads (the spec's §0 row 1: detection and the released bypass are shifted
+/// by one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RockAlignment {
+    /// The token the position predicts, `y_t` (consistent with detection; the default).
+    #[default]
+    Predicted,
+    /// The token the position reads, `y_{t−1}` (the last prompt token at the first response position): the released
+    /// TokenFreezeKD training code, which therefore silences the position after each rock.
+    Context,
+}
+
+/// The token id the rock test reads at each of the `[B, W]` target positions of rows `ids` (`[B][W + 1]`, target
+/// `t` of a row predicts `ids[t + 1]` and reads `ids[t]`).
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] for a row that is not `W + 1` long.
+pub fn rock_aligned_ids(ids: &[Vec<u32>], width: usize, alignment: RockAlignment) -> Result<Vec<u32>> {
+    let mut out = Vec::with_capacity(ids.len() * width);
+    for row in ids {
+        check_len("rock_aligned_ids: row vs width + 1", row.len(), width + 1)?;
+        let offset = usize::from(alignment == RockAlignment::Predicted);
+        out.extend_from_slice(&row[offset..offset + width]);
+    }
+    Ok(out)
+}
+
+/// Online rock-token detection over a sliding window of steps (RECONSTRUCTION, spec §3.4: "accumulated online by the
+/// loop itself"): each step pushes its loss tokens' ids and reverse KL; [`OnlineRockDetector::rocks`] ranks the ids
+/// of the last `window` steps with [`detect_rock_tokens`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OnlineRockDetector {
+    window: usize,
+    config: RockConfig,
+    steps: std::collections::VecDeque<Vec<(u32, f32)>>,
+}
+
+impl OnlineRockDetector {
+    /// An empty detector over the last `window` (≥ 1) steps.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for a zero window.
+    pub fn new(window: usize, config: RockConfig) -> Result<Self> {
+        if window == 0 {
+            return Err(Error::invalid_parameter("window", 0, "must be ≥ 1"));
+        }
+        Ok(Self { window, config, steps: std::collections::VecDeque::new() })
+    }
+
+    /// Adds one step's loss tokens (the oldest step leaves once the window is full).
+    ///
+    /// # Errors
+    /// As [`detect_rock_tokens`] for shapes, non-finite and negative KL.
+    pub fn push(&mut self, token_ids: &[u32], kl: &[f32], mask: &[bool]) -> Result<()> {
+        check(token_ids, kl, mask, "reverse KL")?;
+        if let Some(i) = kl.iter().zip(mask).position(|(&v, &m)| m && v < 0.0) {
+            return Err(Error::invalid_parameter("reverse KL", kl[i], format!("position {i}: a KL divergence is ≥ 0")));
+        }
+        let step = token_ids.iter().zip(kl).zip(mask).filter(|(_, m)| **m).map(|((&id, &v), _)| (id, v)).collect();
+        self.steps.push_back(step);
+        while self.steps.len() > self.window {
+            self.steps.pop_front();
+        }
+        Ok(())
+    }
+
+    /// The steps held.
+    pub fn len(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// No step was pushed.
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    /// The current ranking over the window.
+    ///
+    /// # Errors
+    /// As [`detect_rock_tokens`] (cannot fail on what `push` accepted).
+    pub fn report(&self) -> Result<RockReport> {
+        let (ids, kl): (Vec<u32>, Vec<f32>) = self.steps.iter().flatten().copied().unzip();
+        detect_rock_tokens(&ids, &kl, &vec![true; ids.len()], &self.config)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn opd4_alignment_moves_the_bypass_by_one_position() {
+        // Response [y0, R, y2, y3] + EOS after a one-token prompt; position t predicts response token t.
+        let (p, y0, r, y2, y3, eos) = (1u32, 10, 99, 12, 13, 2);
+        let ids = vec![vec![p, y0, r, y2, y3, eos]];
+        let kl = [0.5f32, 2.0, 0.1, 3.0, 0.4];
+        let mask = [true; 5];
+        let no = rock_bypass_weights(&rock_aligned_ids(&ids, 5, RockAlignment::Predicted).unwrap(), &mask, &[], 0.0);
+        assert!((rock_bypass_mean(&kl, &no.unwrap(), &mask).unwrap() - 1.2).abs() < 1e-6);
+        for (alignment, fw, expected, bypassed) in [
+            (RockAlignment::Predicted, 0.0, 1.0, 1),
+            (RockAlignment::Context, 0.0, 1.475, 2),
+            (RockAlignment::Predicted, 0.5, 1.111111, 1),
+        ] {
+            let aligned = rock_aligned_ids(&ids, 5, alignment).unwrap();
+            let w = rock_bypass_weights(&aligned, &mask, &[r], fw).unwrap();
+            assert_eq!(w.iter().position(|&x| x < 1.0), Some(bypassed), "{alignment:?}");
+            let l = rock_bypass_mean(&kl, &w, &mask).unwrap();
+            assert!((l - expected).abs() < 1e-6, "{alignment:?} {fw}: {l}");
+        }
+        assert!(rock_aligned_ids(&[vec![1, 2]], 2, RockAlignment::Context).is_err());
+    }
+
+    #[test]
+    fn online_detection_forgets_steps_outside_its_window() {
+        let config = RockConfig { drop_most_frequent: 0, top_k: 1, control_k: 0, min_freq: 2 };
+        let mut d = OnlineRockDetector::new(2, config).unwrap();
+        d.push(&[5, 5, 6], &[3.0, 3.0, 0.1], &[true, true, true]).unwrap();
+        assert_eq!(d.report().unwrap().rocks, vec![5]);
+        d.push(&[6, 6], &[1.0, 1.0], &[true, true]).unwrap();
+        d.push(&[6, 7, 9], &[1.0, 0.5, 9.0], &[true, true, false]).unwrap();
+        assert_eq!(d.len(), 2);
+        assert_eq!(d.report().unwrap().rocks, vec![6], "id 5 left the window; the masked id 9 never entered");
+        assert!(d.push(&[1], &[-1.0], &[true]).is_err());
+        assert!(OnlineRockDetector::new(0, RockConfig::default()).is_err());
+    }
 
     #[test]
     fn bypass_test_vector() {

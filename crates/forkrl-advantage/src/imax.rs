@@ -1,0 +1,139 @@
+//! IMAX — "How You Begin is How You Reason: Driving Exploration in RLVR via Prefix-Tuned Priors" (Xu, Chen, Chen, arXiv
+//! 2605.08817). A pool of `K` trainable soft prefixes, each a short sequence of learned embeddings put before the
+//! prompt, induces `K` rollout distributions from one backbone; each `(prompt, prefix)` pair is its own GRPO group,
+//! and an **InfoMax reward** pays a trajectory whose prefix can be recognised from it. Spec:
+//! `../shared/methods/exploration-extras.md` §2.
+//!
+//! **RECONSTRUCTION** (a variational lower bound on the mutual information between prefix and trajectory, computed
+//! with the backbone itself; only the abstract and one relayed sentence are public):
+//!
+//! ```text
+//! q(k|τ) = π(τ|x, z_k) / Σ_j π(τ|x, z_j),   p(k) = 1/K
+//! r_info(τ, k) = log q(k|τ) − log p(k) = ℓ_k − logsumexp_j ℓ_j + log K     ℓ_j: length-normalised log π(τ|x, z_j)
+//! r = r_verif + λ · r_info     (optionally only where r_verif > 0: "task-relevant", gate_by_correctness)
+//! ```
+//!
+//! `r_info ≤ log K` (equality when only the trajectory's own prefix explains it) and `K = 1 ⇒ r_info = 0`.
+//! Defaults (RECONSTRUCTION, none are published): `K = 4` prefixes of `L_p = 4` embeddings, λ = 0.1.
+
+use forkrl_core::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// IMAX's settings (RECONSTRUCTION defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImaxConfig {
+    /// `K`: prefixes in the pool.
+    pub num_prefixes: usize,
+    /// `L_p`: embeddings per prefix.
+    pub prefix_len: usize,
+    /// λ of `r_info`.
+    pub lambda: f32,
+    /// Pay `r_info` only to trajectories with a positive verifier reward.
+    pub gate_by_correctness: bool,
+}
+
+impl Default for ImaxConfig {
+    fn default() -> Self {
+        Self { num_prefixes: 4, prefix_len: 4, lambda: 0.1, gate_by_correctness: false }
+    }
+}
+
+impl ImaxConfig {
+    /// Checks the parameters once.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] naming the parameter.
+    pub fn validate(&self) -> Result<()> {
+        if self.num_prefixes == 0 || self.prefix_len == 0 {
+            return Err(Error::invalid_parameter(
+                "num_prefixes/prefix_len",
+                format!("{}/{}", self.num_prefixes, self.prefix_len),
+                "must be ≥ 1",
+            ));
+        }
+        if !(self.lambda.is_finite() && self.lambda >= 0.0) {
+            return Err(Error::invalid_parameter("lambda", self.lambda, "must be finite and ≥ 0"));
+        }
+        Ok(())
+    }
+}
+
+/// `r_info` of `N` trajectories from their length-normalised log-likelihoods under each of the `K` prefixes
+/// (`loglik`, `[N, K]`) and the prefix each was sampled with.
+///
+/// # Errors
+/// [`Error::InvalidParameter`] for `K = 0`, a length that is not `N × K`, an assigned prefix `≥ K` or a non-finite
+/// log-likelihood.
+pub fn infomax_rewards(loglik: &[f32], num_prefixes: usize, assigned: &[usize]) -> Result<Vec<f32>> {
+    let k = num_prefixes;
+    if k == 0 || loglik.len() != assigned.len() * k {
+        return Err(Error::invalid_parameter(
+            "loglik",
+            loglik.len(),
+            format!("must be [N = {}, K = {k}] with K ≥ 1", assigned.len()),
+        ));
+    }
+    if let Some(a) = assigned.iter().find(|&&a| a >= k) {
+        return Err(Error::invalid_parameter("assigned", a, format!("a prefix index must be < K = {k}")));
+    }
+    if let Some(l) = loglik.iter().find(|l| !l.is_finite()) {
+        return Err(Error::invalid_parameter("loglik", l, "must be finite"));
+    }
+    Ok(loglik
+        .chunks(k)
+        .zip(assigned)
+        .map(|(row, &a)| {
+            let m = row.iter().map(|&l| f64::from(l)).fold(f64::NEG_INFINITY, f64::max);
+            let lse = m + row.iter().map(|&l| (f64::from(l) - m).exp()).sum::<f64>().ln();
+            (f64::from(row[a]) - lse + (k as f64).ln()) as f32
+        })
+        .collect())
+}
+
+/// `r_verif + λ · r_info` (with the correctness gate when configured).
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] for mismatched lengths; the config's errors.
+pub fn imax_rewards(verifier: &[f32], info: &[f32], config: &ImaxConfig) -> Result<Vec<f32>> {
+    config.validate()?;
+    forkrl_core::numeric::check_len("imax_rewards: info vs verifier", info.len(), verifier.len())?;
+    Ok(verifier
+        .iter()
+        .zip(info)
+        .map(|(&r, &i)| if config.gate_by_correctness && r <= 0.0 { r } else { r + config.lambda * i })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn infomax_by_hand_and_its_bounds() {
+        // Equal likelihoods: q = 1/K, r_info = 0.
+        assert_eq!(infomax_rewards(&[-1.0, -1.0, -1.0], 3, &[1]).unwrap(), vec![0.0]);
+        // Only the own prefix explains it: r_info → log K.
+        let r = infomax_rewards(&[-1.0, -60.0], 2, &[0]).unwrap();
+        assert!((f64::from(r[0]) - 2f64.ln()).abs() < 1e-6);
+        // By hand: ℓ = [ln 3, 0] (q = [¾, ¼]), assigned 1: ln ¼ + ln 2 = ln ½.
+        let r = infomax_rewards(&[3f32.ln(), 0.0], 2, &[1]).unwrap();
+        assert!((f64::from(r[0]) - 0.5f64.ln()).abs() < 1e-6);
+        assert_eq!(infomax_rewards(&[-3.0, -0.5], 1, &[0, 0]).unwrap(), vec![0.0, 0.0], "K = 1");
+        assert!(infomax_rewards(&[-1.0], 2, &[0]).is_err());
+        assert!(infomax_rewards(&[-1.0, -1.0], 2, &[2]).is_err());
+        assert!(infomax_rewards(&[f32::NAN, -1.0], 2, &[0]).is_err());
+    }
+
+    #[test]
+    fn total_reward_and_the_gate() {
+        let cfg = ImaxConfig::default();
+        let r = imax_rewards(&[1.0, 0.0], &[0.5, 0.5], &cfg).unwrap();
+        assert_eq!(r, vec![1.05, 0.05]);
+        let gated = ImaxConfig { gate_by_correctness: true, ..cfg };
+        assert_eq!(imax_rewards(&[1.0, 0.0], &[0.5, 0.5], &gated).unwrap(), vec![1.05, 0.0]);
+        assert!(imax_rewards(&[1.0], &[0.5, 0.5], &cfg).is_err());
+        assert!(ImaxConfig { num_prefixes: 0, ..cfg }.validate().is_err());
+        assert!(ImaxConfig { lambda: f32::NAN, ..cfg }.validate().is_err());
+    }
+}

@@ -1,0 +1,476 @@
+//! ReasonMaxxer — "Rethinking RL for LLM Reasoning: It's Sparse Policy Selection, Not Capability Learning" (Akgül,
+//! Kannan, Neiswanger, Prasanna, arXiv 2605.06241; official pipeline `farukakgul/ReasonMaxxer`, read through its
+//! released scripts). Offline and RL-free: a frozen base model's entropy picks the decision tokens of a fixed set of
+//! base rollouts once, and a contrastive loss moves only those tokens while a KL anchor holds every other position to
+//! the base.
+//!
+//! ```text
+//! gate       D_i = { t generated : H_base(t) > τ_i }        τ_i = τ_pos if r_i = 1 else τ_neg; H at T = 1, strict >
+//! advantage  A_i = clip((r_i − r̄) / max(pstd(r), ε), ±c)     ε = 1e-8, c = 2.5 (population std, floored)
+//! decision   Â_i = A_i (A_i > 0), β_neg·A_i (A_i < 0);   E_i = { t ∈ D_i : A_i ≠ 0 }
+//!            L_dec,i = Σ_{t∈E_i} Â_i · CE_t / |E_i|          CE_t = −log p_θ(y_t | s_t); 0 when E_i = ∅
+//! anchor     N_i = valid positions of sequence i not in E_i  (prompt positions included unless kl_on_generated_only)
+//!            L_anc,i = Σ_{t∈N_i} KL(p_base(·|s_t) ‖ p_θ(·|s_t)) / |N_i|       (forward KL from the frozen base)
+//! total      L = mean_i ( L_dec,i + λ · L_anc,i )            λ = kl_weight = 0.2; seq-mean-token-mean as released
+//! ```
+//!
+//! The loss is linear in `CE_t` and `KL_t` with coefficients fixed before training, so [`reasonmaxxer_coefficients`]
+//! returns them (`L = Σ_t c_t·CE_t + Σ_t a_t·KL_t`) and a trainer multiplies its differentiable per-token values by
+//! them; [`reasonmaxxer_loss_host`] is the f64 reference. Options of the released code kept here: `beta_neg`,
+//! `correct_sft` (positive decision tokens only), `fullseq` (no gate: every generated token is a decision token, the
+//! "no gate" control), `kl_on_generated_only`, separate `tau_neg`.
+//!
+//! **RECONSTRUCTION** (the spec, `../shared/methods/sparse-selection-and-distillation.md` §1.4): a fixed τ = 1.4 does
+//! not transfer to a tiny model with a small vocabulary, so τ defaults to the `(1 − f)` quantile of the training set's
+//! generated-token base entropies with `f = gated_fraction = 0.05` (the paper's 5.2 % at its best τ); an absolute
+//! `tau` overrides it ([`gate_threshold`]).
+
+use forkrl_core::{Error, Result, numeric::check_len};
+use serde::{Deserialize, Serialize};
+
+/// What the decision tokens are trained toward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionObjective {
+    /// `Â · CE` on positive and negative decision tokens (the paper's Eq. 6, `adv_ce`).
+    #[default]
+    AdvCe,
+    /// Positive decision tokens only (`correct_sft`, the paper's positive-only ablation).
+    CorrectSft,
+}
+
+/// Which tokens are decision tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateVariant {
+    /// Generated tokens whose base entropy exceeds τ.
+    #[default]
+    Gated,
+    /// Every generated token (the released `fullseq` control: no gate).
+    Fullseq,
+}
+
+/// ReasonMaxxer's settings; defaults are the released script's, except τ (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReasonMaxxerConfig {
+    /// Absolute gate τ (nats); overrides `gated_fraction` when set.
+    pub tau: Option<f32>,
+    /// τ for rollouts with `r ≤ 0` (`tau_neg`); `None` uses τ.
+    pub tau_neg: Option<f32>,
+    /// Target share of generated tokens gated when `tau` is unset (RECONSTRUCTION, default 0.05).
+    pub gated_fraction: f32,
+    /// Temperature of the base entropy (the released code: 1.0, not the sampling temperature).
+    pub gate_temperature: f32,
+    /// λ of the anchor (`kl_weight`).
+    pub kl_weight: f32,
+    /// `adv_clip`.
+    pub adv_clip: f32,
+    /// `adv_eps`: the floor of the population std.
+    pub adv_eps: f32,
+    /// `beta_neg`: scale of negative advantages.
+    pub beta_neg: f32,
+    /// The anchor covers generated positions only (default: prompt positions too).
+    pub kl_on_generated_only: bool,
+    /// `adv_ce` or `correct_sft`.
+    pub decision_objective: DecisionObjective,
+    /// `gated` or `fullseq`.
+    pub variant: GateVariant,
+}
+
+impl Default for ReasonMaxxerConfig {
+    fn default() -> Self {
+        Self {
+            tau: None,
+            tau_neg: None,
+            gated_fraction: 0.05,
+            gate_temperature: 1.0,
+            kl_weight: 0.2,
+            adv_clip: 2.5,
+            adv_eps: 1e-8,
+            beta_neg: 1.0,
+            kl_on_generated_only: false,
+            decision_objective: DecisionObjective::AdvCe,
+            variant: GateVariant::Gated,
+        }
+    }
+}
+
+impl ReasonMaxxerConfig {
+    /// Checks the parameters once, where a configuration is built.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] naming the parameter.
+    pub fn validate(&self) -> Result<()> {
+        let finite_pos = |name: &'static str, v: f32| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(Error::invalid_parameter(name, v, "must be finite and > 0"))
+            }
+        };
+        for (name, v) in [("tau", self.tau), ("tau_neg", self.tau_neg)] {
+            if let Some(v) = v {
+                if !(v.is_finite() && v >= 0.0) {
+                    return Err(Error::invalid_parameter(name, v, "must be finite and ≥ 0 (nats)"));
+                }
+            }
+        }
+        if !(self.gated_fraction > 0.0 && self.gated_fraction <= 1.0) {
+            return Err(Error::invalid_parameter("gated_fraction", self.gated_fraction, "must lie in (0, 1]"));
+        }
+        finite_pos("gate_temperature", self.gate_temperature)?;
+        finite_pos("adv_clip", self.adv_clip)?;
+        finite_pos("adv_eps", self.adv_eps)?;
+        if !(self.kl_weight.is_finite() && self.kl_weight >= 0.0) {
+            return Err(Error::invalid_parameter("kl_weight", self.kl_weight, "must be finite and ≥ 0"));
+        }
+        if !(self.beta_neg.is_finite() && self.beta_neg >= 0.0) {
+            return Err(Error::invalid_parameter("beta_neg", self.beta_neg, "must be finite and ≥ 0"));
+        }
+        Ok(())
+    }
+}
+
+/// `A_i = clip((r_i − r̄) / max(pstd(r), ε), ±c)` per group (population std floored at ε; a singleton group has
+/// σ = ε and therefore `A = 0`).
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] when the group sizes do not cover the rewards; [`Error::InvalidParameter`] for an empty
+/// group, a non-finite reward or bad `adv_clip` / `adv_eps`.
+pub fn reasonmaxxer_advantages(
+    rewards: &[f32],
+    group_sizes: &[usize],
+    adv_clip: f32,
+    adv_eps: f32,
+) -> Result<Vec<f32>> {
+    check_len("reasonmaxxer_advantages: Σ group_sizes vs rewards", group_sizes.iter().sum(), rewards.len())?;
+    if group_sizes.contains(&0) {
+        return Err(Error::invalid_parameter("group_sizes", format!("{group_sizes:?}"), "groups must be non-empty"));
+    }
+    if let Some(r) = rewards.iter().find(|r| !r.is_finite()) {
+        return Err(Error::invalid_parameter("rewards", r, "must be finite"));
+    }
+    if !(adv_clip > 0.0 && adv_eps > 0.0) {
+        return Err(Error::invalid_parameter("adv_clip/adv_eps", format!("{adv_clip}/{adv_eps}"), "must be > 0"));
+    }
+    let mut out = Vec::with_capacity(rewards.len());
+    let mut start = 0;
+    for &g in group_sizes {
+        let r = &rewards[start..start + g];
+        let mean = r.iter().map(|&x| f64::from(x)).sum::<f64>() / g as f64;
+        let var = r.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / g as f64;
+        let sigma = var.sqrt().max(f64::from(adv_eps));
+        let c = f64::from(adv_clip);
+        out.extend(r.iter().map(|&x| ((f64::from(x) - mean) / sigma).clamp(-c, c) as f32));
+        start += g;
+    }
+    Ok(out)
+}
+
+/// The gate τ for a target gated fraction `f` (RECONSTRUCTION): the largest threshold such that the tokens strictly
+/// above it are at most `max(1, ⌊f·n⌋)` of the `n` masked entropies (exactly that many without ties). With every
+/// token tied nothing is gated.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] for mismatched lengths; [`Error::InvalidParameter`] for no masked token, a non-finite
+/// entropy or `f ∉ (0, 1]`.
+pub fn gate_threshold(entropy: &[f32], mask: &[bool], fraction: f32) -> Result<f32> {
+    check_len("gate_threshold: entropy vs mask", entropy.len(), mask.len())?;
+    if !(fraction > 0.0 && fraction <= 1.0) {
+        return Err(Error::invalid_parameter("gated_fraction", fraction, "must lie in (0, 1]"));
+    }
+    let mut v: Vec<f32> = entropy.iter().zip(mask).filter(|(_, m)| **m).map(|(&h, _)| h).collect();
+    if let Some(h) = v.iter().find(|h| !h.is_finite()) {
+        return Err(Error::invalid_parameter("entropy", h, "must be finite"));
+    }
+    if v.is_empty() {
+        return Err(Error::invalid_parameter("mask", "no token", "the gate needs at least one generated token"));
+    }
+    v.sort_by(f32::total_cmp);
+    let n = v.len();
+    let k = ((f64::from(fraction) * n as f64).floor() as usize).clamp(1, n);
+    // τ = the (n − k)-th smallest when k < n; every token is gated when k = n (τ just below the minimum).
+    Ok(if k == n { v[0] - f32::EPSILON.max(v[0].abs() * f32::EPSILON) } else { v[n - k - 1] })
+}
+
+/// The decision set `[B, W]`: generated positions whose base entropy is strictly above the row's τ (`tau_pos` when
+/// the row's reward is positive, `tau_neg` otherwise); with [`GateVariant::Fullseq`], every generated position.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] when `entropy`, `generated` and `rewards × width` disagree.
+pub fn decision_gate(
+    entropy: &[f32],
+    generated: &[bool],
+    rewards: &[f32],
+    width: usize,
+    (tau_pos, tau_neg): (f32, f32),
+    variant: GateVariant,
+) -> Result<Vec<bool>> {
+    check_len("decision_gate: entropy vs generated", entropy.len(), generated.len())?;
+    check_len("decision_gate: generated vs rewards × width", generated.len(), rewards.len() * width)?;
+    Ok((0..generated.len())
+        .map(|i| {
+            let tau = if rewards[i / width.max(1)] > 0.0 { tau_pos } else { tau_neg };
+            generated[i] && (variant == GateVariant::Fullseq || entropy[i] > tau)
+        })
+        .collect())
+}
+
+/// Per-token loss coefficients of ReasonMaxxer's objective over `B` sequences of width `W`: `L = Σ_t c_t·CE_t +
+/// Σ_t a_t·KL_t` with `CE_t = −log p_θ(y_t)` and `KL_t = KL(p_base ‖ p_θ)` at position `t` (the whole batch is the
+/// mean over its sequences, as the released accumulation does).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReasonMaxxerCoefficients {
+    /// `[B, W]`: `Â_i / |E_i| / B` on the effective decision tokens, 0 elsewhere.
+    pub ce: Vec<f32>,
+    /// `[B, W]`: `λ / |N_i| / B` on the anchor positions, 0 elsewhere.
+    pub kl: Vec<f32>,
+    /// `[B, W]`: the effective decision set `E`.
+    pub effective: Vec<bool>,
+    /// `#E / #generated` (the released `gated fraction` diagnostic after removing `A = 0` rows).
+    pub effective_fraction: f64,
+}
+
+/// `B` training sequences of width `W` as ReasonMaxxer's loss sees them (all `[B, W]` row-major except `advantages`).
+#[derive(Debug, Clone, Copy)]
+pub struct DecisionRows<'a> {
+    /// The decision set `D` (from [`decision_gate`]).
+    pub decision: &'a [bool],
+    /// The positions that exist: prompt and response targets, no padding.
+    pub valid: &'a [bool],
+    /// The generated (response) positions.
+    pub generated: &'a [bool],
+    /// `[B]`: the rows' advantages `A_i`.
+    pub advantages: &'a [f32],
+    /// `W`.
+    pub width: usize,
+}
+
+impl DecisionRows<'_> {
+    fn check(&self) -> Result<()> {
+        let n = self.advantages.len() * self.width;
+        check_len("reasonmaxxer: decision [B, W]", self.decision.len(), n)?;
+        check_len("reasonmaxxer: valid [B, W]", self.valid.len(), n)?;
+        check_len("reasonmaxxer: generated [B, W]", self.generated.len(), n)
+    }
+}
+
+/// The coefficients of [`ReasonMaxxerCoefficients`] for `rows`.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] when the arrays disagree with `advantages × width`; the config's errors.
+pub fn reasonmaxxer_coefficients(
+    rows: &DecisionRows<'_>,
+    config: &ReasonMaxxerConfig,
+) -> Result<ReasonMaxxerCoefficients> {
+    config.validate()?;
+    rows.check()?;
+    let DecisionRows { decision, valid, generated, advantages, width } = *rows;
+    let b = advantages.len();
+    let (mut ce, mut kl, mut effective) = (vec![0.0f32; b * width], vec![0.0f32; b * width], vec![false; b * width]);
+    let (mut n_eff, mut n_gen) = (0usize, 0usize);
+    let scale = 1.0 / b.max(1) as f64;
+    for i in 0..b {
+        let a = f64::from(advantages[i]);
+        let a_hat = match (a > 0.0, config.decision_objective) {
+            (true, _) => a,
+            (false, DecisionObjective::AdvCe) => f64::from(config.beta_neg) * a,
+            (false, DecisionObjective::CorrectSft) => 0.0,
+        };
+        let row = i * width..(i + 1) * width;
+        for t in row.clone() {
+            effective[t] = decision[t] && a_hat != 0.0;
+        }
+        let e = effective[row.clone()].iter().filter(|&&x| x).count();
+        let anchor = |t: usize| valid[t] && !effective[t] && (!config.kl_on_generated_only || generated[t]);
+        let n = row.clone().filter(|&t| anchor(t)).count();
+        n_eff += e;
+        n_gen += generated[row.clone()].iter().filter(|&&x| x).count();
+        for t in row {
+            if effective[t] {
+                ce[t] = (a_hat / e as f64 * scale) as f32;
+            } else if anchor(t) {
+                kl[t] = (f64::from(config.kl_weight) / n as f64 * scale) as f32;
+            }
+        }
+    }
+    let effective_fraction = if n_gen == 0 { 0.0 } else { n_eff as f64 / n_gen as f64 };
+    Ok(ReasonMaxxerCoefficients { ce, kl, effective, effective_fraction })
+}
+
+/// The f64 reference of ReasonMaxxer's loss, computed the way the module doc writes it (per sequence, then the mean):
+/// `ce` and `kl` are `[B, W]` per-position values.
+///
+/// # Errors
+/// As [`reasonmaxxer_coefficients`].
+pub fn reasonmaxxer_loss_host(
+    ce: &[f32],
+    kl: &[f32],
+    rows: &DecisionRows<'_>,
+    config: &ReasonMaxxerConfig,
+) -> Result<f64> {
+    config.validate()?;
+    rows.check()?;
+    let DecisionRows { decision, valid, generated, advantages, width } = *rows;
+    let b = advantages.len();
+    check_len("reasonmaxxer_loss_host: ce", ce.len(), b * width)?;
+    check_len("reasonmaxxer_loss_host: kl", kl.len(), b * width)?;
+    let mut total = 0.0f64;
+    for i in 0..b {
+        let a = f64::from(advantages[i]);
+        let a_hat = if a > 0.0 {
+            a
+        } else if config.decision_objective == DecisionObjective::CorrectSft {
+            0.0
+        } else {
+            f64::from(config.beta_neg) * a
+        };
+        let (mut dec, mut ne, mut anc, mut nn) = (0.0f64, 0usize, 0.0f64, 0usize);
+        for t in i * width..(i + 1) * width {
+            if decision[t] && a_hat != 0.0 {
+                dec += f64::from(ce[t]);
+                ne += 1;
+            } else if valid[t] && (!config.kl_on_generated_only || generated[t]) {
+                anc += f64::from(kl[t]);
+                nn += 1;
+            }
+        }
+        let l_dec = if ne == 0 { 0.0 } else { a_hat * dec / ne as f64 };
+        let l_anc = if nn == 0 { 0.0 } else { anc / nn as f64 };
+        total += l_dec + f64::from(config.kl_weight) * l_anc;
+    }
+    Ok(total / b.max(1) as f64)
+}
+
+/// `KL(p ‖ q) = Σ_v p_v (ln p_v − ln q_v)` of two probability vectors (f64; `0 · ln 0 = 0`). The anchor's direction
+/// is `KL(p_base ‖ p_θ)`.
+pub fn kl_divergence(p: &[f64], q: &[f64]) -> f64 {
+    p.iter().zip(q).filter(|(pv, _)| **pv > 0.0).map(|(pv, qv)| pv * (pv.ln() - qv.ln())).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-5
+    }
+
+    #[test]
+    fn rm1_advantages() {
+        let a = reasonmaxxer_advantages(&[1.0, 0.0, 0.0, 0.0, 1.0], &[5], 2.5, 1e-8).unwrap();
+        for (x, e) in a.iter().zip([1.224745, -0.816497, -0.816497, -0.816497, 1.224745]) {
+            assert!(close(f64::from(*x), e), "{a:?}");
+        }
+        assert_eq!(reasonmaxxer_advantages(&[1.0; 3], &[3], 2.5, 1e-8).unwrap(), vec![0.0; 3]);
+        let mut r = vec![0.0f32; 10];
+        r[0] = 1.0;
+        let a = reasonmaxxer_advantages(&r, &[10], 2.5, 1e-8).unwrap();
+        assert!(close(f64::from(a[0]), 2.5) && close(f64::from(a[1]), -0.333333), "{a:?}");
+        assert_eq!(reasonmaxxer_advantages(&[1.0], &[1], 2.5, 1e-8).unwrap(), vec![0.0]);
+        assert!(reasonmaxxer_advantages(&[1.0], &[2], 2.5, 1e-8).is_err());
+        assert!(reasonmaxxer_advantages(&[f32::NAN], &[1], 2.5, 1e-8).is_err());
+    }
+
+    #[test]
+    fn rm2_rm3_gate_decision_loss_and_anchor() {
+        let h = [0.3f32, 1.6, 0.9, 2.1, 1.4];
+        let generated = [true; 5];
+        let d = decision_gate(&h, &generated, &[1.0], 5, (1.4, 1.4), GateVariant::Gated).unwrap();
+        assert_eq!(d, vec![false, true, false, true, false]);
+        let ce = [0.05f32, 0.9, 0.2, 1.3, 0.6];
+        // KL(base ‖ θ) at the non-decision positions 0, 2, 4 (RM-3).
+        let kl_at = |pb: [f64; 3], pt: [f64; 3]| kl_divergence(&pb, &pt) as f32;
+        let kl = [
+            kl_at([0.7, 0.2, 0.1], [0.6, 0.3, 0.1]),
+            0.0,
+            kl_at([0.3, 0.3, 0.4], [0.3, 0.3, 0.4]),
+            0.0,
+            kl_at([0.5, 0.5, 0.0], [0.4, 0.4, 0.2]),
+        ];
+        assert!(close(f64::from(kl[0]), 0.026812) && close(f64::from(kl[4]), 0.223144));
+        assert!(close(kl_divergence(&[0.6, 0.3, 0.1], &[0.7, 0.2, 0.1]), 0.029149));
+        let cfg = ReasonMaxxerConfig::default();
+        let valid = [true; 5];
+        let only_dec = ReasonMaxxerConfig { kl_weight: 0.0, ..cfg };
+        for (a, beta, expected) in
+            [(1.224745f32, 1.0, 1.347220), (-0.816497, 1.0, -0.898147), (-0.816497, 0.5, -0.449073)]
+        {
+            let c = ReasonMaxxerConfig { beta_neg: beta, ..only_dec };
+            let rows = DecisionRows { decision: &d, valid: &valid, generated: &generated, advantages: &[a], width: 5 };
+            let l = reasonmaxxer_loss_host(&ce, &kl, &rows, &c).unwrap();
+            assert!(close(l, expected), "{a} {beta}: {l}");
+        }
+        let rows =
+            DecisionRows { decision: &d, valid: &valid, generated: &generated, advantages: &[1.224745], width: 5 };
+        let l = reasonmaxxer_loss_host(&ce, &kl, &rows, &cfg).unwrap();
+        assert!(close(l, 1.363883), "{l}");
+        // Gradient on the decision tokens: ∂L/∂log p_t = −Â/|E| = −c_t.
+        let c = reasonmaxxer_coefficients(&rows, &cfg).unwrap();
+        assert!(close(f64::from(c.ce[1]), 0.612372) && close(f64::from(c.ce[3]), 0.612372));
+        assert!(close(f64::from(c.kl[0]), 0.2 / 3.0) && c.kl[1] == 0.0);
+        assert!((c.effective_fraction - 0.4).abs() < 1e-12);
+    }
+
+    #[test]
+    fn coefficients_equal_the_reference_and_edge_cases() {
+        // Two rows of width 4: row 0 has a zero advantage (its decision tokens go to the anchor), prompt positions
+        // are valid but not generated.
+        let decision = [false, true, true, false, false, false, true, false];
+        let valid = [true, true, true, true, true, true, true, false];
+        let generated = [false, true, true, true, false, true, true, false];
+        let ce = [0.1f32, 0.7, 0.3, 0.2, 0.4, 0.5, 0.9, 9.0];
+        let kl = [0.01f32, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 9.0];
+        for cfg in [
+            ReasonMaxxerConfig::default(),
+            ReasonMaxxerConfig { kl_on_generated_only: true, ..Default::default() },
+            ReasonMaxxerConfig { decision_objective: DecisionObjective::CorrectSft, ..Default::default() },
+            ReasonMaxxerConfig { beta_neg: 0.3, ..Default::default() },
+        ] {
+            for adv in [[0.0f32, -1.5], [2.0, 1.0]] {
+                let rows = DecisionRows {
+                    decision: &decision,
+                    valid: &valid,
+                    generated: &generated,
+                    advantages: &adv,
+                    width: 4,
+                };
+                let c = reasonmaxxer_coefficients(&rows, &cfg).unwrap();
+                let linear: f64 = (0..8).map(|t| f64::from(c.ce[t] * ce[t] + c.kl[t] * kl[t])).sum();
+                let reference = reasonmaxxer_loss_host(&ce, &kl, &rows, &cfg).unwrap();
+                assert!((linear - reference).abs() < 1e-6, "{cfg:?} {adv:?}: {linear} vs {reference}");
+            }
+        }
+        // E = ∅ and N = ∅ give 0, not NaN.
+        let none = [false; 2];
+        let rows = DecisionRows { decision: &none, valid: &none, generated: &none, advantages: &[1.0], width: 2 };
+        let c = reasonmaxxer_coefficients(&rows, &Default::default()).unwrap();
+        assert_eq!((c.ce, c.kl, c.effective_fraction), (vec![0.0; 2], vec![0.0; 2], 0.0));
+    }
+
+    #[test]
+    fn threshold_hits_the_target_fraction_and_bad_input_is_refused() {
+        let h: Vec<f32> = (0..100).map(|i| i as f32 / 10.0).collect();
+        let mask = vec![true; 100];
+        let tau = gate_threshold(&h, &mask, 0.05).unwrap();
+        assert_eq!(h.iter().filter(|&&x| x > tau).count(), 5);
+        let tau = gate_threshold(&h, &mask, 1.0).unwrap();
+        assert_eq!(h.iter().filter(|&&x| x > tau).count(), 100);
+        let tau = gate_threshold(&[0.5; 4], &[true; 4], 0.25).unwrap();
+        assert_eq!([0.5f32; 4].iter().filter(|&&x| x > tau).count(), 0, "ties: nothing strictly above");
+        assert!(gate_threshold(&[1.0], &[false], 0.1).is_err());
+        assert!(gate_threshold(&[f32::NAN], &[true], 0.1).is_err());
+        assert!(gate_threshold(&[1.0], &[true], 0.0).is_err());
+        let d = decision_gate(&[2.0, 2.0], &[true, true], &[1.0, 0.0], 1, (1.0, 3.0), GateVariant::Gated).unwrap();
+        assert_eq!(d, vec![true, false], "τ_neg applies to the wrong rollout");
+        let d = decision_gate(&[0.0, 2.0], &[true, false], &[1.0], 2, (1.0, 1.0), GateVariant::Fullseq).unwrap();
+        assert_eq!(d, vec![true, false]);
+        assert!(ReasonMaxxerConfig { gated_fraction: 0.0, ..Default::default() }.validate().is_err());
+        assert!(ReasonMaxxerConfig { tau: Some(f32::NAN), ..Default::default() }.validate().is_err());
+        assert!(ReasonMaxxerConfig { kl_weight: -1.0, ..Default::default() }.validate().is_err());
+        let cfg: ReasonMaxxerConfig = toml::from_str("tau = 1.4\nvariant = \"fullseq\"").unwrap();
+        assert_eq!((cfg.tau, cfg.variant, cfg.kl_weight), (Some(1.4), GateVariant::Fullseq, 0.2));
+        assert!(toml::from_str::<ReasonMaxxerConfig>("taux = 1.0").is_err());
+    }
+}
