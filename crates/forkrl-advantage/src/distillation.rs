@@ -128,7 +128,7 @@ pub fn reverse_kl_host(
     vocab: usize,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
     check_len("reverse_kl_host: teacher vs student", teacher_log_probs.len(), student_logits.len())?;
-    if vocab == 0 || student_logits.len() % vocab != 0 {
+    if vocab == 0 || !student_logits.len().is_multiple_of(vocab) {
         return Err(Error::invalid_parameter("vocab", vocab, format!("must divide {}", student_logits.len())));
     }
     if let Some(z) = student_logits.iter().find(|z| !z.is_finite()) {
@@ -152,6 +152,53 @@ pub fn reverse_kl_host(
     Ok((kl, grad))
 }
 
+/// The per-position reverse KL `KL(softmax(s/T) ‖ softmax(t/T))` and the teacher's log-prob of each position's target
+/// token, straight from student and teacher logits `[N, V]` (one pass per row, no `[N, V]` buffer; f64 sums): what a
+/// trainer scores a rollout batch with. Equals [`reverse_kl_host`] on the teacher's log-softmax.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] when the arrays are not `[N, V]` and `[N]`; [`Error::InvalidParameter`] for a non-finite
+/// logit, a target `≥ V` or a temperature that is not finite and > 0.
+pub fn reverse_kl_from_logits(
+    student_logits: &[f32],
+    teacher_logits: &[f32],
+    targets: &[u32],
+    vocab: usize,
+    temperature: f32,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    check_len("reverse_kl_from_logits: teacher vs student", teacher_logits.len(), student_logits.len())?;
+    check_len("reverse_kl_from_logits: [N, V]", student_logits.len(), targets.len() * vocab)?;
+    if !(temperature.is_finite() && temperature > 0.0) {
+        return Err(Error::invalid_parameter("temperature", temperature, "must be finite and > 0"));
+    }
+    if let Some(t) = targets.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::invalid_parameter("targets", t, format!("must be < V = {vocab}")));
+    }
+    if let Some(z) = student_logits.iter().chain(teacher_logits).find(|z| !z.is_finite()) {
+        return Err(Error::invalid_parameter("logits", z, "must be finite"));
+    }
+    let t = f64::from(temperature);
+    let lse = |row: &[f32]| {
+        let m = row.iter().map(|&x| f64::from(x) / t).fold(f64::NEG_INFINITY, f64::max);
+        m + row.iter().map(|&x| (f64::from(x) / t - m).exp()).sum::<f64>().ln()
+    };
+    let (mut kl, mut teacher_lp) = (Vec::with_capacity(targets.len()), Vec::with_capacity(targets.len()));
+    for ((s, q), &target) in student_logits.chunks(vocab.max(1)).zip(teacher_logits.chunks(vocab.max(1))).zip(targets) {
+        let (ls, lq) = (lse(s), lse(q));
+        let l: f64 = s
+            .iter()
+            .zip(q)
+            .map(|(&a, &b)| {
+                let lp = f64::from(a) / t - ls;
+                lp.exp() * (lp - (f64::from(b) / t - lq))
+            })
+            .sum();
+        kl.push(l.max(0.0) as f32);
+        teacher_lp.push((f64::from(q[target as usize]) / t - lq) as f32);
+    }
+    Ok((kl, teacher_lp))
+}
+
 /// Variant A's per-token advantages `[B, W]`: `A_t = A_env,i − c_KL · Σ_{t' ≥ t} γ^{t'−t} k_{t'}` over the row's
 /// masked positions (γ = 0: `−c_KL · k_t`), times the bypass weight when `weights` is given; 0 off the mask.
 /// `env_advantages` (`[B]`) is added when given.
@@ -171,7 +218,7 @@ pub fn opd_token_advantages(
     config.validate()?;
     check_len("opd_token_advantages: sampler log-prob vs mask", sampler_log_prob.len(), mask.len())?;
     check_len("opd_token_advantages: teacher log-prob vs mask", teacher_log_prob.len(), mask.len())?;
-    if width == 0 || mask.len() % width != 0 {
+    if width == 0 || !mask.len().is_multiple_of(width) {
         return Err(Error::invalid_parameter("width", width, format!("must divide {}", mask.len())));
     }
     if let Some(e) = env_advantages {
@@ -218,7 +265,7 @@ pub fn importance_sampling_loss_host(
     check_len("importance_sampling_loss_host: log_prob vs mask", log_prob.len(), mask.len())?;
     check_len("importance_sampling_loss_host: sampler vs mask", sampler_log_prob.len(), mask.len())?;
     check_len("importance_sampling_loss_host: advantages vs mask", advantages.len(), mask.len())?;
-    if !(denominator > 0.0) {
+    if denominator.is_nan() || denominator <= 0.0 {
         return Err(Error::invalid_parameter("denominator", denominator, "must be > 0"));
     }
     let sum: f64 = (0..mask.len())
@@ -239,7 +286,7 @@ mod tests {
     #[test]
     fn opd1_opd2_reverse_kl_its_gradient_and_the_sampled_estimator() {
         let q = [(1.0f32 / 3.0).ln(); 3];
-        let (kl, grad) = reverse_kl_host(&[1.0, 0.0, -1.0], &q, 3).unwrap();
+        let (kl, grad) = reverse_kl_host(&[1.0, 0.0, -1.0], &q, 3).expect("valid");
         assert!(close(kl[0], 0.266217), "{kl:?}");
         for (g, e) in grad.iter().zip([0.282587, -0.140770, -0.141817]) {
             assert!(close(*g, e), "{grad:?}");
@@ -264,7 +311,7 @@ mod tests {
         let teacher = [-0.3f32, -0.5, -0.5, -1.0];
         let mask = [true; 4];
         let cfg = DistillationConfig { estimator: DistillEstimator::SampledToken, ..Default::default() };
-        let a = opd_token_advantages(&samp, &teacher, &mask, 4, None, None, &cfg).unwrap();
+        let a = opd_token_advantages(&samp, &teacher, &mask, 4, None, None, &cfg).expect("valid");
         for (x, e) in a.iter().zip([-0.2f32, 1.5, 0.0, -0.95]) {
             assert!((x - e).abs() < 1e-6, "{a:?}");
         }
@@ -277,25 +324,51 @@ mod tests {
             None,
             &DistillationConfig { kl_discount: 1.0, ..cfg.clone() },
         )
-        .unwrap();
+        .expect("valid");
         for (x, e) in a1.iter().zip([0.35f32, 0.55, -0.95, -0.95]) {
             assert!((x - e).abs() < 1e-6, "{a1:?}");
         }
         let current = [-0.1f32, -1.9, -0.5, -0.15];
-        assert!(close(importance_sampling_loss_host(&current, &samp, &a, &mask, 1.0).unwrap(), -0.598161));
-        assert!(close(importance_sampling_loss_host(&current, &samp, &a, &mask, 4.0).unwrap(), -0.149540));
-        assert!(close(importance_sampling_loss_host(&samp, &samp, &a, &mask, 1.0).unwrap(), -0.35));
+        assert!(close(importance_sampling_loss_host(&current, &samp, &a, &mask, 1.0).expect("valid"), -0.598161));
+        assert!(close(importance_sampling_loss_host(&current, &samp, &a, &mask, 4.0).expect("valid"), -0.149540));
+        assert!(close(importance_sampling_loss_host(&samp, &samp, &a, &mask, 1.0).expect("valid"), -0.35));
         // kl_penalty_coef 0.5 halves every advantage; the env advantage is added; bypass weights multiply.
         let half = opd_token_advantages(&samp, &teacher, &mask, 4, Some(&[1.0]), Some(&[1.0, 0.0, 1.0, 1.0]), &{
             DistillationConfig { kl_penalty_coef: 0.5, ..cfg.clone() }
         })
-        .unwrap();
+        .expect("valid");
         for (x, e) in half.iter().zip([0.9f32, 0.0, 1.0, 0.525]) {
             assert!((x - e).abs() < 1e-6, "{half:?}");
         }
         // Padding gets 0 and does not enter the reward-to-go.
-        let p = opd_token_advantages(&[-0.1, 9.0], &[-0.3, 9.0], &[true, false], 2, None, None, &cfg).unwrap();
+        let p = opd_token_advantages(&[-0.1, 9.0], &[-0.3, 9.0], &[true, false], 2, None, None, &cfg).expect("valid");
         assert_eq!(p[1], 0.0);
+    }
+
+    #[test]
+    fn the_one_pass_form_equals_the_reference() {
+        let s = [1.0f32, 0.0, -1.0, 0.5, 2.0, -3.0];
+        let q = [0.2f32, -0.4, 1.1, 3.0, -1.0, 0.0];
+        for t in [1.0f32, 0.7] {
+            let (kl, lq) = reverse_kl_from_logits(&s, &q, &[2, 0], 3, t).expect("valid");
+            let scaled: Vec<f32> = s.iter().map(|x| x / t).collect();
+            let qlp: Vec<f32> = q
+                .chunks(3)
+                .flat_map(|r| {
+                    let m = r.iter().map(|x| x / t).fold(f32::NEG_INFINITY, f32::max);
+                    let lse = m + r.iter().map(|x| (x / t - m).exp()).sum::<f32>().ln();
+                    r.iter().map(move |x| x / t - lse).collect::<Vec<_>>()
+                })
+                .collect();
+            let (reference, _) = reverse_kl_host(&scaled, &qlp, 3).expect("valid");
+            for (a, b) in kl.iter().zip(&reference) {
+                assert!((f64::from(*a) - b).abs() < 1e-6);
+            }
+            assert!((lq[0] - qlp[2]).abs() < 1e-6 && (lq[1] - qlp[3]).abs() < 1e-6);
+        }
+        assert!(reverse_kl_from_logits(&s, &q, &[3, 0], 3, 1.0).is_err());
+        assert!(reverse_kl_from_logits(&s, &q, &[0], 3, 1.0).is_err());
+        assert!(reverse_kl_from_logits(&s, &q, &[0, 0], 3, 0.0).is_err());
     }
 
     #[test]
@@ -317,7 +390,7 @@ mod tests {
         assert!(importance_sampling_loss_host(&[-1.0], &[-1.0], &[1.0], &[true], 0.0).is_err());
         let cfg: DistillationConfig =
             toml::from_str("estimator = \"sampled_token\"\n[rock]\nfreeze_weight = 0.5\nalignment = \"context\"")
-                .unwrap();
+                .expect("valid");
         assert_eq!(cfg.rock.as_ref().map(|r| (r.freeze_weight, r.alignment)), Some((0.5, RockAlignment::Context)));
         assert!(toml::from_str::<DistillationConfig>("estimater = \"sampled_token\"").is_err());
     }

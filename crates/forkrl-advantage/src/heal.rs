@@ -181,20 +181,20 @@ mod tests {
         // Target 0 rises like the general trajectory 2; target 1 falls, like nothing general.
         let entropy: Vec<&[f32]> = vec![&rising, &falling, &rising2, &falling];
         let general = [false, false, true, false];
-        let r = eda_rewards(&entropy, &general, &cfg(2)).unwrap();
+        let r = eda_rewards(&entropy, &general, &cfg(2)).expect("valid");
         // 0: d_gen = KL(0, 2) small, d_tgt = min(KL(0,1), KL(0,3)) large → 1.
         // 1: d_tgt = KL(1, 3) = 0 (identical), d_gen > 0 → 0.
         // 2 (general): d_tgt = KL(2, 0) small, d_gen = ∞ (no other general) → d_tgt > d_gen false → 1.
         // 3: like 1 → 0.
         assert_eq!(r, vec![1.0, 0.0, 1.0, 0.0]);
         // Short trajectories get 0; a single domain gives 0 everywhere.
-        assert_eq!(eda_rewards(&entropy, &general, &cfg(50)).unwrap(), vec![0.0; 4]);
-        assert_eq!(eda_rewards(&entropy, &[true; 4], &cfg(2)).unwrap(), vec![0.0; 4]);
-        assert_eq!(eda_rewards(&entropy, &[false; 4], &cfg(2)).unwrap(), vec![0.0; 4]);
+        assert_eq!(eda_rewards(&entropy, &general, &cfg(50)).expect("valid"), vec![0.0; 4]);
+        assert_eq!(eda_rewards(&entropy, &[true; 4], &cfg(2)).expect("valid"), vec![0.0; 4]);
+        assert_eq!(eda_rewards(&entropy, &[false; 4], &cfg(2)).expect("valid"), vec![0.0; 4]);
         // Ties: a target trajectory gets 0, a general one 1.
         let flat = [0.5f32; 4];
         let tie: Vec<&[f32]> = vec![&flat, &flat, &flat];
-        assert_eq!(eda_rewards(&tie, &[false, true, false], &cfg(2)).unwrap(), vec![0.0, 1.0, 0.0]);
+        assert_eq!(eda_rewards(&tie, &[false, true, false], &cfg(2)).expect("valid"), vec![0.0, 1.0, 0.0]);
         assert!(eda_rewards(&tie, &[false], &cfg(2)).is_err());
         let nan = [f32::NAN; 3];
         assert!(eda_rewards(&[&nan[..]], &[false], &cfg(2)).is_err());
@@ -205,10 +205,10 @@ mod tests {
         // acc 0.5 → uncertainty 1; top 20 % of 5 tokens = 1 token: the max.
         let t1 = [0.1f32, 2.0, 0.3, 0.2, 0.1];
         let t2 = [1.0f32, 0.0, 0.0, 0.0, 0.0];
-        let s = heal_selection_score(0.5, &[&t1, &t2], 0.2).unwrap();
+        let s = heal_selection_score(0.5, &[&t1, &t2], 0.2).expect("valid");
         assert!((s - 1.5).abs() < 1e-7);
-        assert_eq!(heal_selection_score(1.0, &[&t1], 0.2).unwrap(), 0.0, "always solved: no uncertainty");
-        assert!((heal_selection_score(0.25, &[&t1], 0.2).unwrap() - 1.0).abs() < 1e-7);
+        assert_eq!(heal_selection_score(1.0, &[&t1], 0.2).expect("valid"), 0.0, "always solved: no uncertainty");
+        assert!((heal_selection_score(0.25, &[&t1], 0.2).expect("valid") - 1.0).abs() < 1e-7);
         assert!(heal_selection_score(1.5, &[&t1], 0.2).is_err());
         assert!(heal_selection_score(0.5, &[], 0.2).is_err());
         assert_eq!(select_top_k(&[0.2, 0.9, 0.2, 0.5], 3), vec![1, 3, 0]);

@@ -112,14 +112,14 @@ mod tests {
     #[test]
     fn infomax_by_hand_and_its_bounds() {
         // Equal likelihoods: q = 1/K, r_info = 0.
-        assert_eq!(infomax_rewards(&[-1.0, -1.0, -1.0], 3, &[1]).unwrap(), vec![0.0]);
+        assert_eq!(infomax_rewards(&[-1.0, -1.0, -1.0], 3, &[1]).expect("valid"), vec![0.0]);
         // Only the own prefix explains it: r_info → log K.
-        let r = infomax_rewards(&[-1.0, -60.0], 2, &[0]).unwrap();
+        let r = infomax_rewards(&[-1.0, -60.0], 2, &[0]).expect("valid");
         assert!((f64::from(r[0]) - 2f64.ln()).abs() < 1e-6);
         // By hand: ℓ = [ln 3, 0] (q = [¾, ¼]), assigned 1: ln ¼ + ln 2 = ln ½.
-        let r = infomax_rewards(&[3f32.ln(), 0.0], 2, &[1]).unwrap();
+        let r = infomax_rewards(&[3f32.ln(), 0.0], 2, &[1]).expect("valid");
         assert!((f64::from(r[0]) - 0.5f64.ln()).abs() < 1e-6);
-        assert_eq!(infomax_rewards(&[-3.0, -0.5], 1, &[0, 0]).unwrap(), vec![0.0, 0.0], "K = 1");
+        assert_eq!(infomax_rewards(&[-3.0, -0.5], 1, &[0, 0]).expect("valid"), vec![0.0, 0.0], "K = 1");
         assert!(infomax_rewards(&[-1.0], 2, &[0]).is_err());
         assert!(infomax_rewards(&[-1.0, -1.0], 2, &[2]).is_err());
         assert!(infomax_rewards(&[f32::NAN, -1.0], 2, &[0]).is_err());
@@ -128,10 +128,10 @@ mod tests {
     #[test]
     fn total_reward_and_the_gate() {
         let cfg = ImaxConfig::default();
-        let r = imax_rewards(&[1.0, 0.0], &[0.5, 0.5], &cfg).unwrap();
+        let r = imax_rewards(&[1.0, 0.0], &[0.5, 0.5], &cfg).expect("valid");
         assert_eq!(r, vec![1.05, 0.05]);
         let gated = ImaxConfig { gate_by_correctness: true, ..cfg };
-        assert_eq!(imax_rewards(&[1.0, 0.0], &[0.5, 0.5], &gated).unwrap(), vec![1.05, 0.0]);
+        assert_eq!(imax_rewards(&[1.0, 0.0], &[0.5, 0.5], &gated).expect("valid"), vec![1.05, 0.0]);
         assert!(imax_rewards(&[1.0], &[0.5, 0.5], &cfg).is_err());
         assert!(ImaxConfig { num_prefixes: 0, ..cfg }.validate().is_err());
         assert!(ImaxConfig { lambda: f32::NAN, ..cfg }.validate().is_err());

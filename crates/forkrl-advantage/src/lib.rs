@@ -61,7 +61,7 @@ pub use cispo::CispoConfig;
 pub use clip_cov::ClipCovConfig;
 pub use distillation::{
     DistillEstimator, DistillationConfig, RockBypassConfig, importance_sampling_loss_host, opd_token_advantages,
-    reverse_kl_host,
+    reverse_kl_from_logits, reverse_kl_host,
 };
 pub use eapo::{EapoConfig, eapo_advantages};
 pub use forking::{ForkingDenominator, ForkingLossMask, forking_loss_mask};

@@ -110,10 +110,8 @@ impl ReasonMaxxerConfig {
             }
         };
         for (name, v) in [("tau", self.tau), ("tau_neg", self.tau_neg)] {
-            if let Some(v) = v {
-                if !(v.is_finite() && v >= 0.0) {
-                    return Err(Error::invalid_parameter(name, v, "must be finite and ≥ 0 (nats)"));
-                }
+            if let Some(v) = v.filter(|v| !(v.is_finite() && *v >= 0.0)) {
+                return Err(Error::invalid_parameter(name, v, "must be finite and ≥ 0 (nats)"));
             }
         }
         if !(self.gated_fraction > 0.0 && self.gated_fraction <= 1.0) {
@@ -359,16 +357,16 @@ mod tests {
 
     #[test]
     fn rm1_advantages() {
-        let a = reasonmaxxer_advantages(&[1.0, 0.0, 0.0, 0.0, 1.0], &[5], 2.5, 1e-8).unwrap();
+        let a = reasonmaxxer_advantages(&[1.0, 0.0, 0.0, 0.0, 1.0], &[5], 2.5, 1e-8).expect("valid");
         for (x, e) in a.iter().zip([1.224745, -0.816497, -0.816497, -0.816497, 1.224745]) {
             assert!(close(f64::from(*x), e), "{a:?}");
         }
-        assert_eq!(reasonmaxxer_advantages(&[1.0; 3], &[3], 2.5, 1e-8).unwrap(), vec![0.0; 3]);
+        assert_eq!(reasonmaxxer_advantages(&[1.0; 3], &[3], 2.5, 1e-8).expect("valid"), vec![0.0; 3]);
         let mut r = vec![0.0f32; 10];
         r[0] = 1.0;
-        let a = reasonmaxxer_advantages(&r, &[10], 2.5, 1e-8).unwrap();
+        let a = reasonmaxxer_advantages(&r, &[10], 2.5, 1e-8).expect("valid");
         assert!(close(f64::from(a[0]), 2.5) && close(f64::from(a[1]), -0.333333), "{a:?}");
-        assert_eq!(reasonmaxxer_advantages(&[1.0], &[1], 2.5, 1e-8).unwrap(), vec![0.0]);
+        assert_eq!(reasonmaxxer_advantages(&[1.0], &[1], 2.5, 1e-8).expect("valid"), vec![0.0]);
         assert!(reasonmaxxer_advantages(&[1.0], &[2], 2.5, 1e-8).is_err());
         assert!(reasonmaxxer_advantages(&[f32::NAN], &[1], 2.5, 1e-8).is_err());
     }
@@ -377,7 +375,7 @@ mod tests {
     fn rm2_rm3_gate_decision_loss_and_anchor() {
         let h = [0.3f32, 1.6, 0.9, 2.1, 1.4];
         let generated = [true; 5];
-        let d = decision_gate(&h, &generated, &[1.0], 5, (1.4, 1.4), GateVariant::Gated).unwrap();
+        let d = decision_gate(&h, &generated, &[1.0], 5, (1.4, 1.4), GateVariant::Gated).expect("valid");
         assert_eq!(d, vec![false, true, false, true, false]);
         let ce = [0.05f32, 0.9, 0.2, 1.3, 0.6];
         // KL(base ‖ θ) at the non-decision positions 0, 2, 4 (RM-3).
@@ -399,15 +397,15 @@ mod tests {
         {
             let c = ReasonMaxxerConfig { beta_neg: beta, ..only_dec };
             let rows = DecisionRows { decision: &d, valid: &valid, generated: &generated, advantages: &[a], width: 5 };
-            let l = reasonmaxxer_loss_host(&ce, &kl, &rows, &c).unwrap();
+            let l = reasonmaxxer_loss_host(&ce, &kl, &rows, &c).expect("valid");
             assert!(close(l, expected), "{a} {beta}: {l}");
         }
         let rows =
             DecisionRows { decision: &d, valid: &valid, generated: &generated, advantages: &[1.224745], width: 5 };
-        let l = reasonmaxxer_loss_host(&ce, &kl, &rows, &cfg).unwrap();
+        let l = reasonmaxxer_loss_host(&ce, &kl, &rows, &cfg).expect("valid");
         assert!(close(l, 1.363883), "{l}");
         // Gradient on the decision tokens: ∂L/∂log p_t = −Â/|E| = −c_t.
-        let c = reasonmaxxer_coefficients(&rows, &cfg).unwrap();
+        let c = reasonmaxxer_coefficients(&rows, &cfg).expect("valid");
         assert!(close(f64::from(c.ce[1]), 0.612372) && close(f64::from(c.ce[3]), 0.612372));
         assert!(close(f64::from(c.kl[0]), 0.2 / 3.0) && c.kl[1] == 0.0);
         assert!((c.effective_fraction - 0.4).abs() < 1e-12);
@@ -436,16 +434,16 @@ mod tests {
                     advantages: &adv,
                     width: 4,
                 };
-                let c = reasonmaxxer_coefficients(&rows, &cfg).unwrap();
+                let c = reasonmaxxer_coefficients(&rows, &cfg).expect("valid");
                 let linear: f64 = (0..8).map(|t| f64::from(c.ce[t] * ce[t] + c.kl[t] * kl[t])).sum();
-                let reference = reasonmaxxer_loss_host(&ce, &kl, &rows, &cfg).unwrap();
+                let reference = reasonmaxxer_loss_host(&ce, &kl, &rows, &cfg).expect("valid");
                 assert!((linear - reference).abs() < 1e-6, "{cfg:?} {adv:?}: {linear} vs {reference}");
             }
         }
         // E = ∅ and N = ∅ give 0, not NaN.
         let none = [false; 2];
         let rows = DecisionRows { decision: &none, valid: &none, generated: &none, advantages: &[1.0], width: 2 };
-        let c = reasonmaxxer_coefficients(&rows, &Default::default()).unwrap();
+        let c = reasonmaxxer_coefficients(&rows, &Default::default()).expect("valid");
         assert_eq!((c.ce, c.kl, c.effective_fraction), (vec![0.0; 2], vec![0.0; 2], 0.0));
     }
 
@@ -453,23 +451,24 @@ mod tests {
     fn threshold_hits_the_target_fraction_and_bad_input_is_refused() {
         let h: Vec<f32> = (0..100).map(|i| i as f32 / 10.0).collect();
         let mask = vec![true; 100];
-        let tau = gate_threshold(&h, &mask, 0.05).unwrap();
+        let tau = gate_threshold(&h, &mask, 0.05).expect("valid");
         assert_eq!(h.iter().filter(|&&x| x > tau).count(), 5);
-        let tau = gate_threshold(&h, &mask, 1.0).unwrap();
+        let tau = gate_threshold(&h, &mask, 1.0).expect("valid");
         assert_eq!(h.iter().filter(|&&x| x > tau).count(), 100);
-        let tau = gate_threshold(&[0.5; 4], &[true; 4], 0.25).unwrap();
+        let tau = gate_threshold(&[0.5; 4], &[true; 4], 0.25).expect("valid");
         assert_eq!([0.5f32; 4].iter().filter(|&&x| x > tau).count(), 0, "ties: nothing strictly above");
         assert!(gate_threshold(&[1.0], &[false], 0.1).is_err());
         assert!(gate_threshold(&[f32::NAN], &[true], 0.1).is_err());
         assert!(gate_threshold(&[1.0], &[true], 0.0).is_err());
-        let d = decision_gate(&[2.0, 2.0], &[true, true], &[1.0, 0.0], 1, (1.0, 3.0), GateVariant::Gated).unwrap();
+        let d =
+            decision_gate(&[2.0, 2.0], &[true, true], &[1.0, 0.0], 1, (1.0, 3.0), GateVariant::Gated).expect("valid");
         assert_eq!(d, vec![true, false], "τ_neg applies to the wrong rollout");
-        let d = decision_gate(&[0.0, 2.0], &[true, false], &[1.0], 2, (1.0, 1.0), GateVariant::Fullseq).unwrap();
+        let d = decision_gate(&[0.0, 2.0], &[true, false], &[1.0], 2, (1.0, 1.0), GateVariant::Fullseq).expect("valid");
         assert_eq!(d, vec![true, false]);
         assert!(ReasonMaxxerConfig { gated_fraction: 0.0, ..Default::default() }.validate().is_err());
         assert!(ReasonMaxxerConfig { tau: Some(f32::NAN), ..Default::default() }.validate().is_err());
         assert!(ReasonMaxxerConfig { kl_weight: -1.0, ..Default::default() }.validate().is_err());
-        let cfg: ReasonMaxxerConfig = toml::from_str("tau = 1.4\nvariant = \"fullseq\"").unwrap();
+        let cfg: ReasonMaxxerConfig = toml::from_str("tau = 1.4\nvariant = \"fullseq\"").expect("valid");
         assert_eq!((cfg.tau, cfg.variant, cfg.kl_weight), (Some(1.4), GateVariant::Fullseq, 0.2));
         assert!(toml::from_str::<ReasonMaxxerConfig>("taux = 1.0").is_err());
     }

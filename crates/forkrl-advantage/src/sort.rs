@@ -157,7 +157,7 @@ pub fn sort_weights(log_b: &[f32], log_c: &[f32], mask: &[bool], weighting: &Sor
     check_len("sort_weights: log_b vs mask", log_b.len(), mask.len())?;
     check_len("sort_weights: log_c vs mask", log_c.len(), mask.len())?;
     for (what, v) in [("log_b", log_b), ("log_c", log_c)] {
-        if let Some(i) = v.iter().zip(mask).position(|(x, &m)| m && !(*x <= 0.0)) {
+        if let Some(i) = v.iter().zip(mask).position(|(x, &m)| m && (x.is_nan() || *x > 0.0)) {
             return Err(Error::invalid_parameter(what, v[i], format!("position {i}: a log-prob must be ≤ 0")));
         }
     }
@@ -212,37 +212,37 @@ mod tests {
             (SortWeighting::Uniform, [1.0; 4], 1.305339),
         ];
         for (weighting, w_expected, l_expected) in cases {
-            let w = sort_weights(&lb, &lc, &mask, &weighting).unwrap();
+            let w = sort_weights(&lb, &lc, &mask, &weighting).expect("valid");
             for (x, e) in w.iter().zip(w_expected) {
                 assert!((x - e).abs() < 1e-5, "{weighting:?}: {w:?}");
             }
-            let l = sort_repair_loss_host(&lb, &w, &mask).unwrap();
+            let l = sort_repair_loss_host(&lb, &w, &mask).expect("valid");
             assert!((l - l_expected).abs() < 1e-5, "{weighting:?}: {l}");
         }
-        let w = sort_weights(&lb, &lc, &mask, &SortWeighting::default()).unwrap();
+        let w = sort_weights(&lb, &lc, &mask, &SortWeighting::default()).expect("valid");
         let sum: f32 = w.iter().sum();
         for (x, e) in w.iter().map(|w| -w / sum).zip([-0.514008f32, -0.222355, -0.027794, -0.235843]) {
             assert!((x - e).abs() < 1e-5);
         }
-        assert_eq!(sort_repair_loss_host(&lb, &[0.0; 4], &mask).unwrap(), 0.0);
+        assert_eq!(sort_repair_loss_host(&lb, &[0.0; 4], &mask).expect("valid"), 0.0);
     }
 
     #[test]
     fn no_plan_falls_back_to_dft_and_long_references_do_not_underflow() {
         let lb = ln(&B);
-        let w = sort_weights(&lb, &lb, &[true; 4], &SortWeighting::default()).unwrap();
+        let w = sort_weights(&lb, &lb, &[true; 4], &SortWeighting::default()).expect("valid");
         for (x, e) in w.iter().zip(B) {
             assert!((x - e).abs() < 1e-6);
         }
-        let w = sort_weights(&[-200.0], &[-100.0], &[true], &SortWeighting::Gain { gain_clip: 5.0 }).unwrap();
+        let w = sort_weights(&[-200.0], &[-100.0], &[true], &SortWeighting::Gain { gain_clip: 5.0 }).expect("valid");
         assert_eq!(w, vec![5.0], "the gain is capped");
-        let w = sort_weights(&[-200.0, 1.0], &[-100.0, 7.0], &[true, false], &SortWeighting::default()).unwrap();
+        let w = sort_weights(&[-200.0, 1.0], &[-100.0, 7.0], &[true, false], &SortWeighting::default()).expect("valid");
         assert!(w[0] >= 0.0 && w[0].is_finite() && w[1] == 0.0);
         assert!(sort_weights(&[0.5], &[-1.0], &[true], &SortWeighting::default()).is_err());
         assert!(sort_weights(&[f32::NAN], &[-1.0], &[true], &SortWeighting::default()).is_err());
         assert!(sort_weights(&[-1.0], &[-1.0], &[true], &SortWeighting::Geometric { lambda: 2.0 }).is_err());
         assert!(SortConfig { beta: -1.0, ..Default::default() }.validate().is_err());
-        let cfg: SortConfig = toml::from_str("beta = 0.5\n[weighting]\nkind = \"selective\"").unwrap();
+        let cfg: SortConfig = toml::from_str("beta = 0.5\n[weighting]\nkind = \"selective\"").expect("valid");
         assert_eq!(cfg.weighting, SortWeighting::Selective { lambda: 0.5 });
         assert!(toml::from_str::<SortConfig>("[weighting]\nkind = \"geometric\"\nlamda = 0.3").is_err());
     }

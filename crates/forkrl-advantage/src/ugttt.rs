@@ -77,7 +77,7 @@ impl UgTttConfig {
 pub fn ugttt_token_advantages(advantages: &[f32], mi: &[f32], mask: &[bool], beta: f32) -> Result<Vec<f32>> {
     check_len("ugttt_token_advantages: mi vs mask", mi.len(), mask.len())?;
     let b = advantages.len();
-    if b == 0 || mask.len() % b != 0 {
+    if b == 0 || !mask.len().is_multiple_of(b) {
         return Err(Error::invalid_parameter("advantages", b, format!("must divide the {} positions", mask.len())));
     }
     if let Some(i) = mi.iter().zip(mask).position(|(v, &m)| m && !(v.is_finite() && *v >= 0.0)) {
@@ -153,7 +153,8 @@ mod tests {
 
     #[test]
     fn bonus_by_hand() {
-        let a = ugttt_token_advantages(&[1.0, -1.0], &[0.5, 0.2, 0.0, 0.7], &[true, false, true, true], 0.1).unwrap();
+        let a = ugttt_token_advantages(&[1.0, -1.0], &[0.5, 0.2, 0.0, 0.7], &[true, false, true, true], 0.1)
+            .expect("valid");
         assert_eq!(a, vec![1.05, 0.0, -1.0, -0.93]);
         assert!(ugttt_token_advantages(&[1.0], &[-0.1], &[true], 0.1).is_err());
         assert!(ugttt_token_advantages(&[1.0, 2.0], &[0.1; 3], &[true; 3], 0.1).is_err());
@@ -163,15 +164,15 @@ mod tests {
     #[test]
     fn nuclear_norm_by_hand() {
         // diag(3, 4): 7. A rank-one matrix: its Frobenius norm.
-        assert!((nuclear_norm(&[3.0, 0.0, 0.0, 4.0], 2, 2).unwrap() - 7.0).abs() < 1e-9);
+        assert!((nuclear_norm(&[3.0, 0.0, 0.0, 4.0], 2, 2).expect("valid") - 7.0).abs() < 1e-9);
         let r1 = [1.0f32, 2.0, 2.0, 2.0, 4.0, 4.0];
-        assert!((nuclear_norm(&r1, 2, 3).unwrap() - 45f64.sqrt()).abs() < 1e-9);
+        assert!((nuclear_norm(&r1, 2, 3).expect("valid") - 45f64.sqrt()).abs() < 1e-9);
         // [[1, 1], [0, 1]]: singular values √((3 ± √5)/2), sum √5.
-        assert!((nuclear_norm(&[1.0, 1.0, 0.0, 1.0], 2, 2).unwrap() - 5f64.sqrt()).abs() < 1e-9);
+        assert!((nuclear_norm(&[1.0, 1.0, 0.0, 1.0], 2, 2).expect("valid") - 5f64.sqrt()).abs() < 1e-9);
         // Orthogonal rows of norms 1, 2, 3: 6.
         let m = [1.0f32, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 3.0, 0.0];
-        assert!((nuclear_norm(&m, 3, 4).unwrap() - 6.0).abs() < 1e-9);
-        assert_eq!(nuclear_norm(&[], 0, 3).unwrap(), 0.0);
+        assert!((nuclear_norm(&m, 3, 4).expect("valid") - 6.0).abs() < 1e-9);
+        assert_eq!(nuclear_norm(&[], 0, 3).expect("valid"), 0.0);
         assert!(nuclear_norm(&[1.0], 2, 2).is_err());
     }
 }

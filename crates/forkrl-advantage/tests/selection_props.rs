@@ -9,7 +9,10 @@ use forkrl_advantage::{
 use forkrl_entropy::epistemic_mutual_information;
 use proptest::prelude::*;
 
-fn rows() -> impl Strategy<Value = (usize, usize, Vec<bool>, Vec<bool>, Vec<bool>, Vec<f32>, Vec<f32>, Vec<f32>)> {
+/// `(B, W, decision, valid, generated, advantages, ce, kl)`.
+type Rows = (usize, usize, Vec<bool>, Vec<bool>, Vec<bool>, Vec<f32>, Vec<f32>, Vec<f32>);
+
+fn rows() -> impl Strategy<Value = Rows> {
     (1usize..5, 1usize..7).prop_flat_map(|(b, w)| {
         (
             Just(b),
@@ -29,7 +32,7 @@ proptest! {
 
     #[test]
     fn reasonmaxxer_advantages_are_clipped_and_ordered(r in prop::collection::vec(0.0f32..1.0, 1..12), clip in 0.5f32..4.0) {
-        let a = reasonmaxxer_advantages(&r, &[r.len()], clip, 1e-8).unwrap();
+        let a = reasonmaxxer_advantages(&r, &[r.len()], clip, 1e-8).expect("valid");
         let mean = r.iter().map(|&x| f64::from(x)).sum::<f64>() / r.len() as f64;
         for (x, ri) in a.iter().zip(&r) {
             prop_assert!(x.abs() <= clip + 1e-6);
@@ -45,9 +48,9 @@ proptest! {
     ) {
         let cfg = ReasonMaxxerConfig { beta_neg, kl_on_generated_only: generated_only, ..Default::default() };
         let rows = DecisionRows { decision: &decision, valid: &valid, generated: &generated, advantages: &adv, width: w };
-        let c = reasonmaxxer_coefficients(&rows, &cfg).unwrap();
+        let c = reasonmaxxer_coefficients(&rows, &cfg).expect("valid");
         let linear: f64 = (0..b * w).map(|t| f64::from(c.ce[t]) * f64::from(ce[t]) + f64::from(c.kl[t]) * f64::from(kl[t])).sum();
-        let reference = reasonmaxxer_loss_host(&ce, &kl, &rows, &cfg).unwrap();
+        let reference = reasonmaxxer_loss_host(&ce, &kl, &rows, &cfg).expect("valid");
         prop_assert!((linear - reference).abs() < 1e-4 * reference.abs().max(1.0));
         for t in 0..b * w {
             prop_assert!(!(c.ce[t] != 0.0 && c.kl[t] != 0.0), "a position is a decision token or an anchor, not both");
@@ -59,19 +62,19 @@ proptest! {
     fn sort_weights_are_bounded(lp in prop::collection::vec((-8.0f32..0.0, -8.0f32..0.0), 1..10), lambda in 0.0f32..1.0) {
         let (b, c): (Vec<f32>, Vec<f32>) = lp.into_iter().unzip();
         let mask = vec![true; b.len()];
-        let g = sort_weights(&b, &c, &mask, &SortWeighting::Geometric { lambda }).unwrap();
-        let s = sort_weights(&b, &c, &mask, &SortWeighting::Selective { lambda }).unwrap();
+        let g = sort_weights(&b, &c, &mask, &SortWeighting::Geometric { lambda }).expect("valid");
+        let s = sort_weights(&b, &c, &mask, &SortWeighting::Selective { lambda }).expect("valid");
         for i in 0..b.len() {
             let (lo, hi) = (b[i].min(c[i]).exp(), b[i].max(c[i]).exp());
             prop_assert!(g[i] >= lo * (1.0 - 1e-5) && g[i] <= hi * (1.0 + 1e-5), "between b and c");
             prop_assert!(s[i] == 0.0 || s[i] == g[i]);
         }
         // Uniform weights give the mean negative log-likelihood.
-        let u = sort_weights(&b, &c, &mask, &SortWeighting::Uniform).unwrap();
+        let u = sort_weights(&b, &c, &mask, &SortWeighting::Uniform).expect("valid");
         let nll = -b.iter().map(|&x| f64::from(x)).sum::<f64>() / b.len() as f64;
-        prop_assert!((sort_repair_loss_host(&b, &u, &mask).unwrap() - nll).abs() < 1e-5);
-        let l = sort_repair_loss_host(&b, &g, &mask).unwrap();
-        prop_assert!(l >= 0.0 && l <= 8.0 + 1e-5, "a weighted mean of NLLs in [0, 8]");
+        prop_assert!((sort_repair_loss_host(&b, &u, &mask).expect("valid") - nll).abs() < 1e-5);
+        let l = sort_repair_loss_host(&b, &g, &mask).expect("valid");
+        prop_assert!((0.0..=8.0 + 1e-5).contains(&l), "a weighted mean of NLLs in [0, 8]");
     }
 
     #[test]
@@ -82,11 +85,11 @@ proptest! {
         let m = tz.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let lse = m + tz.iter().map(|&x| (x - m).exp()).sum::<f32>().ln();
         let q: Vec<f32> = tz.iter().map(|&x| (x - lse).min(0.0)).collect();
-        let (kl, grad) = reverse_kl_host(&z, &q, 5).unwrap();
+        let (kl, grad) = reverse_kl_host(&z, &q, 5).expect("valid");
         prop_assert!(kl[0] >= -1e-6);
         prop_assert!(grad.iter().sum::<f64>().abs() < 1e-9);
         // The student is the teacher: no KL, no gradient.
-        let (kl, grad) = reverse_kl_host(&tz, &q, 5).unwrap();
+        let (kl, grad) = reverse_kl_host(&tz, &q, 5).expect("valid");
         prop_assert!(kl[0].abs() < 1e-5 && grad.iter().all(|g| g.abs() < 1e-5));
     }
 
@@ -100,11 +103,11 @@ proptest! {
         let teacher = &teacher[..n];
         let mask = vec![true; n];
         let cfg = DistillationConfig { estimator: DistillEstimator::SampledToken, kl_penalty_coef: c, ..Default::default() };
-        let a = opd_token_advantages(&samp, teacher, &mask, n, None, None, &cfg).unwrap();
+        let a = opd_token_advantages(&samp, teacher, &mask, n, None, None, &cfg).expect("valid");
         for t in 0..n {
             prop_assert!((a[t] + c * (samp[t] - teacher[t])).abs() < 1e-5);
         }
-        let g = opd_token_advantages(&samp, teacher, &mask, n, None, None, &DistillationConfig { kl_discount: 1.0, ..cfg }).unwrap();
+        let g = opd_token_advantages(&samp, teacher, &mask, n, None, None, &DistillationConfig { kl_discount: 1.0, ..cfg }).expect("valid");
         let total: f32 = a.iter().sum();
         prop_assert!((g[0] - total).abs() < 1e-4, "undiscounted reward-to-go at t = 0 is the sum");
     }
@@ -113,7 +116,7 @@ proptest! {
     fn infomax_is_bounded_by_log_k_and_q_sums_to_one(l in prop::collection::vec(-6.0f32..0.0, 1..6)) {
         let k = l.len();
         let all: Vec<f32> = (0..k).flat_map(|_| l.iter().copied()).collect();
-        let r = infomax_rewards(&all, k, &(0..k).collect::<Vec<_>>()).unwrap();
+        let r = infomax_rewards(&all, k, &(0..k).collect::<Vec<_>>()).expect("valid");
         let log_k = (k as f64).ln();
         prop_assert!(r.iter().all(|&x| f64::from(x) <= log_k + 1e-5));
         let q_sum: f64 = r.iter().map(|&x| (f64::from(x) - log_k).exp()).sum();
@@ -127,7 +130,7 @@ proptest! {
         let n = 12 / (members * v);
         prop_assume!(n > 0);
         let logits = &z[..members * n * v];
-        let mi = epistemic_mutual_information(logits, members, v, 1.0).unwrap();
+        let mi = epistemic_mutual_information(logits, members, v, 1.0).expect("valid");
         for &x in &mi {
             prop_assert!(x >= 0.0 && f64::from(x) <= (members as f64).ln() + 1e-5);
         }
@@ -137,7 +140,7 @@ proptest! {
     fn eda_rewards_are_zero_or_the_coefficient(seqs in prop::collection::vec(prop::collection::vec(0.0f32..3.0, 1..8), 1..6), general in prop::collection::vec(any::<bool>(), 6)) {
         let entropy: Vec<&[f32]> = seqs.iter().map(Vec::as_slice).collect();
         let cfg = HealConfig { min_len: 2, eda_coef: 0.5, ..Default::default() };
-        let r = eda_rewards(&entropy, &general[..seqs.len()], &cfg).unwrap();
+        let r = eda_rewards(&entropy, &general[..seqs.len()], &cfg).expect("valid");
         prop_assert!(r.iter().all(|&x| x == 0.0 || x == 0.5));
         for (a, b) in seqs.iter().zip(seqs.iter().skip(1)) {
             prop_assert!(entropy_curve_kl(a, b) >= -1e-12);
@@ -149,9 +152,9 @@ proptest! {
         let cols = 12 / rows;
         let x = &m[..rows * cols];
         let fro = x.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
-        let nn = nuclear_norm(x, rows, cols).unwrap();
+        let nn = nuclear_norm(x, rows, cols).expect("valid");
         prop_assert!(nn >= fro - 1e-6 && nn <= (rows.min(cols) as f64).sqrt() * fro + 1e-6, "{nn} vs {fro}");
         let scaled: Vec<f32> = x.iter().map(|v| 2.0 * v).collect();
-        prop_assert!((nuclear_norm(&scaled, rows, cols).unwrap() - 2.0 * nn).abs() < 1e-6 * nn.max(1.0));
+        prop_assert!((nuclear_norm(&scaled, rows, cols).expect("valid") - 2.0 * nn).abs() < 1e-6 * nn.max(1.0));
     }
 }

@@ -276,17 +276,18 @@ mod tests {
         let ids = vec![vec![p, y0, r, y2, y3, eos]];
         let kl = [0.5f32, 2.0, 0.1, 3.0, 0.4];
         let mask = [true; 5];
-        let no = rock_bypass_weights(&rock_aligned_ids(&ids, 5, RockAlignment::Predicted).unwrap(), &mask, &[], 0.0);
-        assert!((rock_bypass_mean(&kl, &no.unwrap(), &mask).unwrap() - 1.2).abs() < 1e-6);
+        let no =
+            rock_bypass_weights(&rock_aligned_ids(&ids, 5, RockAlignment::Predicted).expect("valid"), &mask, &[], 0.0);
+        assert!((rock_bypass_mean(&kl, &no.expect("valid"), &mask).expect("valid") - 1.2).abs() < 1e-6);
         for (alignment, fw, expected, bypassed) in [
             (RockAlignment::Predicted, 0.0, 1.0, 1),
             (RockAlignment::Context, 0.0, 1.475, 2),
             (RockAlignment::Predicted, 0.5, 1.111111, 1),
         ] {
-            let aligned = rock_aligned_ids(&ids, 5, alignment).unwrap();
-            let w = rock_bypass_weights(&aligned, &mask, &[r], fw).unwrap();
+            let aligned = rock_aligned_ids(&ids, 5, alignment).expect("valid");
+            let w = rock_bypass_weights(&aligned, &mask, &[r], fw).expect("valid");
             assert_eq!(w.iter().position(|&x| x < 1.0), Some(bypassed), "{alignment:?}");
-            let l = rock_bypass_mean(&kl, &w, &mask).unwrap();
+            let l = rock_bypass_mean(&kl, &w, &mask).expect("valid");
             assert!((l - expected).abs() < 1e-6, "{alignment:?} {fw}: {l}");
         }
         assert!(rock_aligned_ids(&[vec![1, 2]], 2, RockAlignment::Context).is_err());
@@ -295,13 +296,13 @@ mod tests {
     #[test]
     fn online_detection_forgets_steps_outside_its_window() {
         let config = RockConfig { drop_most_frequent: 0, top_k: 1, control_k: 0, min_freq: 2 };
-        let mut d = OnlineRockDetector::new(2, config).unwrap();
-        d.push(&[5, 5, 6], &[3.0, 3.0, 0.1], &[true, true, true]).unwrap();
-        assert_eq!(d.report().unwrap().rocks, vec![5]);
-        d.push(&[6, 6], &[1.0, 1.0], &[true, true]).unwrap();
-        d.push(&[6, 7, 9], &[1.0, 0.5, 9.0], &[true, true, false]).unwrap();
+        let mut d = OnlineRockDetector::new(2, config).expect("valid");
+        d.push(&[5, 5, 6], &[3.0, 3.0, 0.1], &[true, true, true]).expect("valid");
+        assert_eq!(d.report().expect("valid").rocks, vec![5]);
+        d.push(&[6, 6], &[1.0, 1.0], &[true, true]).expect("valid");
+        d.push(&[6, 7, 9], &[1.0, 0.5, 9.0], &[true, true, false]).expect("valid");
         assert_eq!(d.len(), 2);
-        assert_eq!(d.report().unwrap().rocks, vec![6], "id 5 left the window; the masked id 9 never entered");
+        assert_eq!(d.report().expect("valid").rocks, vec![6], "id 5 left the window; the masked id 9 never entered");
         assert!(d.push(&[1], &[-1.0], &[true]).is_err());
         assert!(OnlineRockDetector::new(0, RockConfig::default()).is_err());
     }

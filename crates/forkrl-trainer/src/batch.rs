@@ -50,6 +50,10 @@ pub struct Scores {
     pub vps: Option<crate::rl::vps::VpsProbes>,
     /// `[B, W]`: the response tokens that enter the loss (the response mask less the rows balancing dropped).
     pub train_mask: Vec<bool>,
+    /// On-policy distillation's teacher log-probs, reverse KL and bypass weights (when `rl.distillation` is on).
+    pub distill: Option<crate::rl::distill::DistillScores>,
+    /// SORT's repair rows and weights (when `rl.sort` is on).
+    pub sort: Option<crate::rl::sort::SortScores>,
 }
 
 /// One RL step's rollouts, as they flow from `rollout` through `score` to `update`.

@@ -7,8 +7,8 @@
 use std::{ops::Deref, path::PathBuf};
 
 use forkrl_advantage::{
-    ActorLossConfig, AdvantageConfig, AggMode, BalanceConfig, BalancedBuffer, ForkingDenominator, KlEstimator,
-    KlLossConfig, KlPenalty, PolicyLoss, PpoClipConfig, TokenWeighting,
+    ActorLossConfig, AdvantageConfig, AggMode, BalanceConfig, BalancedBuffer, DistillationConfig, ForkingDenominator,
+    KlEstimator, KlLossConfig, KlPenalty, PolicyLoss, PpoClipConfig, ReasonMaxxerConfig, SortConfig, TokenWeighting,
 };
 use forkrl_entropy::{SelectionRule, TokenSelection};
 use forkrl_rollout::{Decoding, DynamicSamplingConfig, HoraConfig, MixedCuts, OverlongConfig, PosteriorSource};
@@ -222,6 +222,67 @@ pub struct RlConfig {
     pub balance: Balance,
     /// The buffered balance's ratios and forced-update horizon (`forkrl_advantage::BalanceConfig`: 3/8, 5/8, 10).
     pub balance_buffer: BalanceConfig,
+    /// On-policy distillation from a frozen teacher (`[rl.distillation]`, `crate::rl::distill`): the student samples,
+    /// the teacher scores every response position, and the student minimises the per-position reverse KL (the exact
+    /// full-vocabulary form, or the sampled-token advantage `−k_t`), with the rock-token bypass. `None` = off.
+    pub distillation: Option<DistillationSetup>,
+    /// SORT's repair update for all-wrong groups (`[rl.sort]`, `crate::rl::sort`): plan-guided weighted imitation of
+    /// the problem's reference solution added to the GRPO loss. `None` = off.
+    pub sort: Option<SortConfig>,
+    /// ReasonMaxxer's offline stage in place of RL (`[rl.reasonmaxxer]`, `crate::rl::reasonmaxxer`): base rollouts,
+    /// an entropy gate from the frozen base, then `rl.steps` optimiser steps of the gated contrastive loss plus the KL
+    /// anchor. `None` = RL as configured.
+    pub reasonmaxxer: Option<ReasonMaxxerSetup>,
+}
+
+/// `[rl.distillation]`: the teacher and the distillation loss.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillationSetup {
+    /// The teacher: a forkrl checkpoint directory (`policy_config.json` + `policy.bpk`, e.g.
+    /// `runs/<name>/checkpoints/step-000100`) or a Hugging Face model directory. Its vocabulary must be the student's
+    /// (same size; for two Hugging Face directories, the same `tokenizer.json`).
+    pub teacher: PathBuf,
+    /// The estimator, `kl_penalty_coef`, discount, environment advantage and rock-token bypass
+    /// (`forkrl_advantage::DistillationConfig`).
+    #[serde(default)]
+    pub loss: DistillationConfig,
+}
+
+/// `[rl.reasonmaxxer]`: the data recipe of the offline stage and the loss (`forkrl_advantage::ReasonMaxxerConfig`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReasonMaxxerSetup {
+    /// Problems drawn from the training split (the released example: 300; the paper: 150).
+    pub problems: usize,
+    /// Base rollouts per problem (20), at the rollout decoding.
+    pub rollouts_per_problem: usize,
+    /// Problems kept: those closest to pass rate ½ with both outcomes present (the released code: 50; `None` keeps
+    /// every problem with a pass rate strictly in (0, 1), the paper's rule).
+    pub keep_problems: Option<usize>,
+    /// Keep only this share of the kept rollouts, shortest first (the released code: 0.8; 1.0 = off).
+    pub trim_fraction: f64,
+    /// Sequences per optimiser step (the released code: 1 × accumulation 8).
+    pub batch_size: usize,
+    /// Order of the training sequences: shuffled per epoch (default) or the released curriculum by signal clarity
+    /// `|A_i| · #D_i / length`, descending.
+    pub curriculum: bool,
+    /// The gate, advantages and loss.
+    pub loss: ReasonMaxxerConfig,
+}
+
+impl Default for ReasonMaxxerSetup {
+    fn default() -> Self {
+        Self {
+            problems: 300,
+            rollouts_per_problem: 20,
+            keep_problems: Some(50),
+            trim_fraction: 1.0,
+            batch_size: 8,
+            curriculum: false,
+            loss: ReasonMaxxerConfig::default(),
+        }
+    }
 }
 
 /// Deserialises `[rl.policy_loss]`, filling a `vanilla` table's missing `clip_ratio_high` with the trainer default
@@ -349,6 +410,9 @@ impl Default for RlConfig {
             kl_in_reward: None,
             rollout_dump_every: 0,
             vps: None,
+            distillation: None,
+            sort: None,
+            reasonmaxxer: None,
         }
     }
 }
@@ -492,13 +556,15 @@ impl CheckedConfig {
     }
 
     /// The forking arm in force: the configured one, or the loss's documented default (`top` for token-level
-    /// losses, `all` for sequence-level losses and HTPO).
+    /// losses, `all` for sequence-level losses, HTPO and on-policy distillation, whose signal is per token already).
     pub fn token_selection(&self) -> TokenSelection {
-        self.rl.forking.select.unwrap_or(if selects_its_own_tokens(&self.rl.policy_loss) {
-            TokenSelection::All
-        } else {
-            TokenSelection::Top
-        })
+        self.rl.forking.select.unwrap_or(
+            if selects_its_own_tokens(&self.rl.policy_loss) || self.rl.distillation.is_some() {
+                TokenSelection::All
+            } else {
+                TokenSelection::Top
+            },
+        )
     }
 
     /// Whether scoring needs the reference policy (the KL loss or KL in the reward).
@@ -800,6 +866,7 @@ impl TrainConfig {
         if let Some(o) = &rl.overlong {
             o.validate().map_err(TrainerError::in_section("rl.overlong"))?;
         }
+        self.check_literature()?;
         if let Some(k) = &rl.kl_in_reward {
             let c = &k.kl_ctrl;
             if !(c.kl_coef.is_finite() && c.kl_coef >= 0.0) {
@@ -812,6 +879,75 @@ impl TrainConfig {
             if c.kind == KlCtrlKind::Adaptive {
                 positive("rl.kl_in_reward.kl_ctrl.target_kl", c.target_kl)?;
                 positive("rl.kl_in_reward.kl_ctrl.horizon", c.horizon)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TrainConfig {
+    /// The methods of `docs/methods.md`'s second table: on-policy distillation, SORT, ReasonMaxxer. The teacher
+    /// directory is checked to exist and to hold a checkpoint here, before anything runs; its vocabulary when it loads.
+    fn check_literature(&self) -> Result<()> {
+        let rl = &self.rl;
+        if let Some(d) = &rl.distillation {
+            d.loss.validate().map_err(TrainerError::in_section("rl.distillation.loss"))?;
+            let t = &d.teacher;
+            let holds = t.join(crate::model::checkpoint::CONFIG_FILE).is_file() || t.join("config.json").is_file();
+            if !holds {
+                return Err(TrainerError::invalid(
+                    "rl.distillation.teacher",
+                    t.display(),
+                    "is not a forkrl checkpoint (policy_config.json) or a Hugging Face model directory (config.json)",
+                ));
+            }
+            if rl.vps.is_some() || rl.token_weighting != TokenWeighting::None {
+                return Err(TrainerError::invalid(
+                    "rl.distillation",
+                    "set",
+                    "distillation sets the token advantages itself: unset rl.vps and leave rl.token_weighting at none",
+                ));
+            }
+            if rl.balance != Balance::None {
+                return Err(TrainerError::invalid(
+                    "rl.balance",
+                    format!("{:?}", rl.balance),
+                    "reward balancing selects rows by advantage sign, which the per-token distillation signal does \
+                     not have",
+                ));
+            }
+        }
+        if let Some(s) = &rl.sort {
+            s.validate().map_err(TrainerError::in_section("rl.sort"))?;
+            if rl.balance == Balance::Buffered {
+                return Err(TrainerError::invalid(
+                    "rl.sort",
+                    "set",
+                    "SORT's repair groups do not survive the buffered balance",
+                ));
+            }
+        }
+        if let Some(r) = &rl.reasonmaxxer {
+            r.loss.validate().map_err(TrainerError::in_section("rl.reasonmaxxer.loss"))?;
+            at_least("rl.reasonmaxxer.problems", r.problems, 1)?;
+            at_least("rl.reasonmaxxer.rollouts_per_problem", r.rollouts_per_problem, 2)?;
+            at_least("rl.reasonmaxxer.batch_size", r.batch_size, 1)?;
+            if let Some(k) = r.keep_problems {
+                at_least("rl.reasonmaxxer.keep_problems", k, 1)?;
+            }
+            if !(r.trim_fraction > 0.0 && r.trim_fraction <= 1.0) {
+                return Err(TrainerError::invalid(
+                    "rl.reasonmaxxer.trim_fraction",
+                    r.trim_fraction,
+                    "must lie in (0, 1]",
+                ));
+            }
+            if rl.distillation.is_some() || rl.sort.is_some() {
+                return Err(TrainerError::invalid(
+                    "rl.reasonmaxxer",
+                    "set",
+                    "ReasonMaxxer replaces the RL phase: unset rl.distillation and rl.sort",
+                ));
             }
         }
         Ok(())

@@ -129,6 +129,8 @@ pub fn batch_of(rows: Vec<BufferedRow>, step: usize, pad: u32) -> Result<Rollout
         token_advantages: lay(&|r| &r.token_advantages),
         vps: None,
         train_mask: batch.response_mask().to_vec(),
+        distill: None,
+        sort: None,
     };
     batch.rewards = rows.iter().map(|r| r.reward).collect();
     batch.scores = Some(scores);

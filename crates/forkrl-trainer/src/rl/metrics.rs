@@ -241,6 +241,26 @@ pub fn rl_step_row(
     if let Some((beta, kl)) = scores.reward_kl {
         row = row.with("actor/reward_kl_penalty", kl).with("actor/reward_kl_penalty_coeff", beta);
     }
+    if let Some(d) = &scores.distill {
+        let (kl, k1, bypassed, rock_share) = d.metrics(batch.response_mask(), &scores.old_log_prob);
+        row = row
+            .with("distill/reverse_kl", kl)
+            .with("distill/k1", k1)
+            .with("distill/frac_bypassed", bypassed)
+            .with("distill/rock_kl_share", rock_share)
+            .with("distill/num_rocks", d.rocks.len() as f64)
+            .with("distill/loss", stats.distill_loss);
+    }
+    if let Some(s) = &scores.sort {
+        let (mean_w, gain, frac_gain) = s.stats;
+        row = row
+            .with("sort/repair_prompts", s.groups.len() as f64)
+            .with("sort/planned", s.planned as f64)
+            .with("sort/mean_weight", mean_w)
+            .with("sort/mean_log_gain", gain)
+            .with("sort/frac_gain", frac_gain)
+            .with("sort/repair_loss", stats.repair_loss);
+    }
     // The paper's entropy analyses per step: percentiles of the rollout policy's token entropy and the shares below
     // 1e-2 and 0.672 (its 50.6 % and 80th percentile).
     for &(q, v) in &entropy.percentiles {

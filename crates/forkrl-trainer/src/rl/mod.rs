@@ -10,14 +10,18 @@
 //! - [`balance`]: the buffered global reward balance across steps;
 //! - [`dump`]: rollout dumps (per-token entropy and log-prob of every response, every K steps);
 //! - [`vps`]: GRPO-VPS's probe rollouts from mid-response prefixes;
+//! - [`distill`]: on-policy distillation from a frozen teacher, with the rock-token bypass;
+//! - [`sort`]: SORT's plan-guided repair of all-wrong groups;
 //! - [`metrics`]: [`metrics::Observer`] and its events, the metrics rows (verl names), the run summary;
 //! - [`state`]: what a checkpoint records, atomic checkpoint writes, and the run directory.
 
 pub mod balance;
+pub mod distill;
 pub mod dump;
 pub mod metrics;
 pub mod rollout;
 pub mod score;
+pub mod sort;
 pub mod state;
 pub mod trainer;
 pub mod update;

@@ -10,8 +10,12 @@
 //!    or GRPO-VPS's process advantages from probe rollouts ([`crate::rl::vps`]).
 //! 5. The loss rows: per-query reward balance (`forkrl_advantage::balance_per_query`) and overlong filtering drop rows
 //!    from the loss.
+//! 6. With on-policy distillation ([`crate::rl::distill`]): the teacher's log-probs, the per-position reverse KL, the
+//!    rock-token bypass weights and the distillation token advantages (in place of token weighting); full-bypass
+//!    positions leave the loss rows. With SORT ([`crate::rl::sort`]): the repair prompts' reference rows and weights.
 
 use forkrl_advantage::{RolloutView, balance_per_query, group_advantages, kl::kl_value};
+use forkrl_entropy::OnlineRockDetector;
 
 use crate::{
     Result,
@@ -19,23 +23,36 @@ use crate::{
     config::{Balance, CheckedConfig},
     host_f32,
     model::{Vocab, ids_tensor, policy::Policy, token_stats_host},
-    rl::vps,
+    rl::{distill, sort, vps},
 };
 
-/// Scores `batch` with the rollout policy `policy` and the reference policy `reference` (both autodiff-free
-/// snapshots; `reference` is needed when the KL loss or KL in the reward is on). `kl_coef` is the current β of KL in
-/// the reward.
+/// What scoring reads besides the rollout policy and the batch: the frozen policies (autodiff-free) and the state
+/// carried across steps.
+#[derive(Debug, Default)]
+pub struct ScoreContext<'a> {
+    /// The reference policy: needed when the KL loss or KL in the reward is on.
+    pub reference: Option<&'a Policy>,
+    /// The distillation teacher: needed when `rl.distillation` is on.
+    pub teacher: Option<&'a Policy>,
+    /// The online rock-token detector (distillation with a bypass and no fixed rock set).
+    pub rock_detector: Option<&'a mut OnlineRockDetector>,
+    /// The current β of KL in the reward.
+    pub kl_coef: f64,
+}
+
+/// Scores `batch` with the rollout policy `policy` (an autodiff-free snapshot) and `ctx`.
 ///
 /// # Errors
-/// The errors of the advantage estimator, the forwards, the overlong penalty and the token weighting.
+/// The errors of the advantage estimator, the forwards, the overlong penalty and the token weighting;
+/// [`crate::TrainerError::Stage`] when a policy the configuration needs is missing from `ctx`.
 pub fn score(
     policy: &Policy,
-    reference: Option<&Policy>,
     vocab: &Vocab,
     config: &CheckedConfig,
     batch: &mut RolloutBatch,
-    kl_coef: f64,
+    ctx: ScoreContext<'_>,
 ) -> Result<()> {
+    let (reference, kl_coef) = (ctx.reference, ctx.kl_coef);
     let rl = &config.rl;
     let (w, temperature) = (batch.width(), config.temperature());
     let micro = config.log_prob_micro_batch_size().unwrap_or(batch.len());
@@ -69,14 +86,36 @@ pub fn score(
         log_prob: Some(&old_log_prob),
         hidden: hidden.as_ref().map(|(h, dim)| (h.as_slice(), *dim)),
     };
-    let (token_advantages, vps_probes) = match &rl.vps {
-        Some(v) => {
+    let distill = match (&rl.distillation, ctx.teacher) {
+        (Some(setup), Some(teacher)) => Some(distill::score(policy, teacher, batch, config, setup, ctx.rock_detector)?),
+        (Some(_), None) => {
+            return Err(crate::TrainerError::Stage {
+                stage: "score",
+                reason: "rl.distillation is on but no teacher was given".into(),
+            });
+        }
+        (None, _) => None,
+    };
+    let (token_advantages, vps_probes) = match (&rl.vps, &rl.distillation, &distill) {
+        (Some(v), _, _) => {
             let probes = vps::probe(policy, vocab, config, v, batch, &old_entropy)?;
             (vps::token_advantages(batch, &adv.advantages, &probes, v.vps.alpha)?, Some(probes))
         }
-        None => (rl.token_weighting.token_advantages(&view)?, None),
+        (None, Some(setup), Some(d)) => {
+            (distill::token_advantages(batch, setup, d, &old_log_prob, &adv.advantages)?, None)
+        }
+        _ => (rl.token_weighting.token_advantages(&view)?, None),
     };
-    let train_mask = train_mask(batch, &adv.advantages, config)?;
+    let mut train_mask = train_mask(batch, &adv.advantages, config)?;
+    if let Some(d) = &distill {
+        for (m, w) in train_mask.iter_mut().zip(&d.weights) {
+            *m &= *w > 0.0;
+        }
+    }
+    let sort = match &rl.sort {
+        Some(s) => Some(sort::score(policy, vocab, batch, config, s)?),
+        None => None,
+    };
     batch.scores = Some(Scores {
         rewards: shaped,
         reward_kl,
@@ -88,6 +127,8 @@ pub fn score(
         token_advantages,
         vps: vps_probes,
         train_mask,
+        distill,
+        sort,
     });
     Ok(())
 }

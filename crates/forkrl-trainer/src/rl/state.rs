@@ -47,6 +47,9 @@ pub struct TrainState {
     /// The buffered balance's rows (`rl.balance = "buffered"`); `None` otherwise.
     #[serde(default)]
     pub balance_buffer: Option<crate::rl::balance::RowBuffer>,
+    /// The online rock-token detector's window (distillation with a bypass and no fixed rock set); `None` otherwise.
+    #[serde(default)]
+    pub rock_detector: Option<forkrl_entropy::OnlineRockDetector>,
 }
 
 /// State file inside a checkpoint directory.
@@ -330,6 +333,7 @@ mod tests {
             kl_coef: None,
             prompt_stats: None,
             balance_buffer: None,
+            rock_detector: None,
         };
         fs::write(path.join(STATE_FILE), serde_json::to_string(&state).expect("json")).expect("write");
         path

@@ -22,6 +22,7 @@ use burn::{
 };
 
 use forkrl_advantage::AdaptiveKlController;
+use forkrl_entropy::OnlineRockDetector;
 use forkrl_rollout::{PosteriorSource, PromptStatsStore};
 
 use crate::{
@@ -35,9 +36,10 @@ use crate::{
     },
     rl::{
         balance::{self, RowBuffer},
-        dump,
+        distill, dump,
         metrics::{Event, MetricsRow, Observer, TrainSummary, rl_step_row},
-        rollout, score,
+        rollout,
+        score::{self, ScoreContext},
         state::{
             OPTIMIZER_FILE, OptimizerState, TrainState, latest_checkpoint, read_state, remove_stale_temporaries,
             resumable, save_checkpoint,
@@ -61,6 +63,10 @@ pub struct Trainer {
     sft_optim: ModuleOptimizer,
     optim: ModuleOptimizer,
     reference: Option<Policy>,
+    /// The distillation teacher (`rl.distillation`), frozen, without a graph.
+    teacher: Option<Policy>,
+    /// Online rock-token detection (`rl.distillation.loss.rock` without a fixed rock set); kept in checkpoints.
+    rock_detector: Option<OnlineRockDetector>,
     /// β of KL in the reward (adapted after each batch by verl's controller when `kl_ctrl.type = "adaptive"`).
     kl_coef: f64,
     /// HORA's per-prompt history and the last RL step recorded into it.
@@ -126,6 +132,14 @@ impl Trainer {
             device.clone().autodiff()
         };
         let built = model::build_seeded(&config.model, &device, config.run.seed)?;
+        let teacher = match &config.rl.distillation {
+            Some(setup) => Some(distill::load_teacher(setup, &config, built.config.vocab_size, &device)?),
+            None => None,
+        };
+        let rock_detector = match config.rl.distillation.as_ref().and_then(|d| d.loss.rock.as_ref()) {
+            Some(r) if r.tokens.is_empty() => Some(OnlineRockDetector::new(r.window, r.detection.clone())?),
+            _ => None,
+        };
         let test = task.test_set(config.eval.size);
         if test.is_empty() {
             return Err(TrainerError::invalid(
@@ -144,6 +158,8 @@ impl Trainer {
             sft_optim: sft_adamw(),
             optim: rl_adamw(&config),
             reference: None,
+            teacher,
+            rock_detector,
             kl_coef: config.rl.kl_in_reward.map_or(0.0, |k| k.kl_ctrl.kl_coef),
             prompt_stats: match config.rl.hora.map(|h| h.source) {
                 Some(PosteriorSource::History { decay }) => Some((PromptStatsStore::new(decay)?, 0)),
@@ -233,6 +249,9 @@ impl Trainer {
         }
         if let (Some(buffer), Some(saved)) = (t.buffer.as_mut(), state.balance_buffer) {
             *buffer = saved;
+        }
+        if let (Some(detector), Some(saved)) = (t.rock_detector.as_mut(), state.rock_detector) {
+            *detector = saved;
         }
         if t.config.needs_reference() && state.step > 0 {
             t.reference = Some(checkpoint::load_policy(&checkpoints.join("reference"), &t.device)?.0.valid());
@@ -368,7 +387,13 @@ impl Trainer {
             self.reference = Some(self.policy().valid());
         }
         let snapshot = self.policy().valid();
-        score::score(&snapshot, self.reference.as_ref(), &self.vocab, &self.config, batch, self.kl_coef)?;
+        let ctx = ScoreContext {
+            reference: self.reference.as_ref(),
+            teacher: self.teacher.as_ref(),
+            rock_detector: self.rock_detector.as_mut(),
+            kl_coef: self.kl_coef,
+        };
+        score::score(&snapshot, &self.vocab, &self.config, batch, ctx)?;
         if let Some((store, recorded)) = self.prompt_stats.as_mut().filter(|(_, recorded)| batch.step > *recorded) {
             // HORA's history: each prompt's verifier rewards of this step, once per step.
             let mut start = 0;
@@ -400,7 +425,7 @@ impl Trainer {
     /// last good ones); backend errors.
     pub fn update(&mut self, batch: &RolloutBatch) -> Result<UpdateStats> {
         let (lr, epochs) = (self.config.rl_lr(batch.step), self.config.rl.ppo_epochs);
-        let updater = Updater::new(&self.config, batch, &self.device)?;
+        let updater = Updater::new(&self.config, batch, &self.device, self.teacher.as_ref())?;
         let mut mean = StatsMean::new(lr);
         for epoch in 0..epochs {
             for idx in updater.minibatches(epoch)? {
@@ -602,6 +627,7 @@ impl Trainer {
             kl_coef: self.config.rl.kl_in_reward.map(|_| self.kl_coef),
             prompt_stats: self.prompt_stats.as_ref().map(|(store, _)| store.clone()),
             balance_buffer: self.buffer.clone(),
+            rock_detector: self.rock_detector.clone(),
         };
         save_checkpoint(dir, self.config.checkpoint.keep, self.policy(), &self.policy_config, &self.optim, &state)
     }

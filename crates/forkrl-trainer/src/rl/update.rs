@@ -10,16 +10,18 @@
 //! (`forkrl_advantage::actor_loss`: policy loss − entropy bonus + KL loss), each divided by the mini-batch's global
 //! denominators, so the accumulated gradient is the mini-batch's. The forking mask restricts the policy-gradient term
 //! only; the entropy bonus and the KL loss (and the logged `actor/entropy`) cover every response token of the loss rows,
-//! as in the official 80/20 code. The optimiser step itself is the
-//! [`Trainer`](crate::Trainer)'s (it owns the policy).
+//! as in the official 80/20 code. Two terms are added per mini-batch, each with its own backward pass into the same
+//! accumulated gradient: on-policy distillation's full-vocabulary reverse KL ([`crate::rl::distill`]) and SORT's
+//! repair loss ([`crate::rl::sort`]). The optimiser step itself is the [`Trainer`](crate::Trainer)'s (it owns the
+//! policy).
 
 use burn::{
     optim::{GradientsAccumulator, GradientsParams},
     tensor::{Bool, Device, Tensor, TensorData},
 };
 use forkrl_advantage::{
-    ActorLoss, ActorLossConfig, ForkingLossMask, GlobalDenominators, HtpoTokenGroups, LossContext, PolicyInputs,
-    PolicyLoss, actor_loss, forking_loss_mask, htpo_token_groups, query_preserved_minibatches,
+    ActorLoss, ActorLossConfig, DistillEstimator, ForkingLossMask, GlobalDenominators, HtpoTokenGroups, LossContext,
+    PolicyInputs, PolicyLoss, actor_loss, forking_loss_mask, htpo_token_groups, query_preserved_minibatches,
 };
 use forkrl_core::{ResponseRows, SeedStream, derive_seed};
 use forkrl_entropy::ForkingMask;
@@ -30,6 +32,7 @@ use crate::{
     config::{CheckedConfig, ForkingScope},
     host_f32,
     model::{policy::Policy, token_stats, token_stats_host},
+    rl::distill,
 };
 
 /// verl's actor metrics of one update (means over the mini-batches of the last PPO epoch) and what the forking mask
@@ -59,6 +62,11 @@ pub struct UpdateStats {
     pub forking_frac_selected: f64,
     /// Mini-batches that entered the means.
     pub minibatches: usize,
+    /// `distill/loss`: the full-vocabulary distillation term (NaN when off).
+    pub distill_loss: f64,
+    /// `sort/repair_loss`: SORT's repair term, `β · mean_q L_repair` (NaN when off; 0 for a mini-batch without a
+    /// repair prompt).
+    pub repair_loss: f64,
 }
 
 impl UpdateStats {
@@ -78,6 +86,8 @@ impl UpdateStats {
             forking_threshold: None,
             forking_frac_selected: nan,
             minibatches: 0,
+            distill_loss: nan,
+            repair_loss: nan,
         }
     }
 }
@@ -105,6 +115,8 @@ pub(crate) struct MinibatchStats {
     ppo_kl: f64,
     tokens: usize,
     forking: Option<ForkingMask>,
+    distill_loss: Option<f64>,
+    repair_loss: Option<f64>,
 }
 
 impl MinibatchStats {
@@ -141,6 +153,8 @@ impl StatsMean {
                 forking_threshold: None,
                 forking_frac_selected: 0.0,
                 minibatches: 0,
+                distill_loss: f64::NAN,
+                repair_loss: f64::NAN,
             },
         }
     }
@@ -155,6 +169,11 @@ impl StatsMean {
         s.ppo_kl += mb.ppo_kl / t;
         s.grad_norm += grad_norm;
         s.minibatches += 1;
+        for (sum, v) in [(&mut s.distill_loss, mb.distill_loss), (&mut s.repair_loss, mb.repair_loss)] {
+            if let Some(v) = v {
+                *sum = if sum.is_nan() { v } else { *sum + v };
+            }
+        }
         if let Some(f) = mb.forking {
             s.forking_threshold = f.threshold;
             s.forking_frac_selected = f.frac_selected();
@@ -172,6 +191,8 @@ impl StatsMean {
             &mut s.pg_clipfrac_lower,
             &mut s.ppo_kl,
             &mut s.grad_norm,
+            &mut s.distill_loss,
+            &mut s.repair_loss,
         ] {
             *v /= n;
         }
@@ -186,11 +207,17 @@ pub(crate) struct Updater<'a> {
     batch: &'a RolloutBatch,
     scores: &'a Scores,
     device: &'a Device,
+    teacher: Option<&'a Policy>,
 }
 
 impl<'a> Updater<'a> {
-    pub(crate) fn new(config: &'a CheckedConfig, batch: &'a RolloutBatch, device: &'a Device) -> Result<Self> {
-        Ok(Self { config, actor: config.actor_loss(), batch, scores: batch.scored("update")?, device })
+    pub(crate) fn new(
+        config: &'a CheckedConfig,
+        batch: &'a RolloutBatch,
+        device: &'a Device,
+        teacher: Option<&'a Policy>,
+    ) -> Result<Self> {
+        Ok(Self { config, actor: config.actor_loss(), batch, scores: batch.scored("update")?, device, teacher })
     }
 
     /// The rows of each mini-batch of `epoch`: the whole batch, or groups of `ppo_mini_batch_size` prompts in a
@@ -327,8 +354,75 @@ impl<'a> Updater<'a> {
             accumulator.accumulate(policy, GradientsParams::from_grads(out.loss.backward(), policy));
             stats.add(&out, tokens);
         }
+        stats.distill_loss = self.distill_term(policy, &mb, &mut accumulator)?;
+        stats.repair_loss = self.repair_term(policy, &mb, &mut accumulator)?;
         stats.forking = Some(mb.forking);
         Ok((accumulator.grads(), stats))
+    }
+
+    /// The full-vocabulary distillation term of a mini-batch, `c_KL Σ_t w_t ℓ_t / max(Σ w, 1)` over its loss tokens,
+    /// accumulated micro-batch by micro-batch; `None` when it is off.
+    fn distill_term(
+        &self,
+        policy: &Policy,
+        mb: &Minibatch,
+        accumulator: &mut GradientsAccumulator<Policy>,
+    ) -> Result<Option<f64>> {
+        let (Some(setup), Some(d), Some(teacher)) = (&self.config.rl.distillation, &self.scores.distill, self.teacher)
+        else {
+            return Ok(None);
+        };
+        if setup.loss.estimator != DistillEstimator::FullVocabulary {
+            return Ok(None);
+        }
+        let w = self.batch.width();
+        let masked: Vec<f32> =
+            d.weights.iter().zip(&self.scores.train_mask).map(|(&x, &m)| if m { x } else { 0.0 }).collect();
+        let z = self.batch.gather_rows(&masked, &mb.idx).iter().sum::<f32>().max(1.0);
+        let all: Vec<usize> = (0..mb.idx.len()).collect();
+        let mut total = 0.0f64;
+        for rows in all.chunks(mb.micro) {
+            let batch_rows: Vec<usize> = rows.iter().map(|&k| mb.idx[k]).collect();
+            let shape = (w, self.config.temperature(), setup.loss.kl_penalty_coef, z);
+            let weights = self.batch.gather_rows(&masked, &batch_rows);
+            let seqs = self.sequences(&mb.idx, rows);
+            let loss = distill::full_vocabulary_loss(policy, teacher, &seqs, weights, shape, self.device)?;
+            total += f64::from(crate::finite_scalar("distillation loss", &loss)?);
+            accumulator.accumulate(policy, GradientsParams::from_grads(loss.backward(), policy));
+        }
+        Ok(Some(total))
+    }
+
+    /// SORT's repair term of a mini-batch: `β · mean_q (−Σ_t w_t log π(y*_t) / Σ_t w_t)` over the repair prompts of
+    /// its groups; `None` when SORT is off.
+    fn repair_term(
+        &self,
+        policy: &Policy,
+        mb: &Minibatch,
+        accumulator: &mut GradientsAccumulator<Policy>,
+    ) -> Result<Option<f64>> {
+        let (Some(config), Some(sort)) = (&self.config.rl.sort, &self.scores.sort) else { return Ok(None) };
+        let Some(repair) = &sort.repair else { return Ok(Some(0.0)) };
+        let group_of = self.batch.group_of();
+        let rows: Vec<usize> =
+            (0..sort.groups.len()).filter(|&q| mb.idx.iter().any(|&r| group_of[r] == sort.groups[q])).collect();
+        if rows.is_empty() {
+            return Ok(Some(0.0));
+        }
+        let w = repair.width();
+        let mut coef = repair.gather_rows(&sort.weights, &rows);
+        for row in coef.chunks_mut(w) {
+            let sum: f32 = row.iter().sum();
+            let scale = if sum > 0.0 { config.beta / sum / rows.len() as f32 } else { 0.0 };
+            row.iter_mut().for_each(|x| *x *= scale);
+        }
+        let seqs: Vec<Vec<u32>> = rows.iter().map(|&q| repair.ids()[q].clone()).collect();
+        let (_, log_prob) = token_stats(policy, &seqs, w, 1.0)?;
+        let coef = Tensor::<2>::from_data(TensorData::new(coef, [rows.len(), w]), self.device);
+        let loss = log_prob.mul(coef).sum().neg();
+        let value = f64::from(crate::finite_scalar("SORT repair loss", &loss)?);
+        accumulator.accumulate(policy, GradientsParams::from_grads(loss.backward(), policy));
+        Ok(Some(value))
     }
 
     /// The actor loss of micro-batch `rows` (indices into the mini-batch), divided by the mini-batch's denominators,

@@ -1,0 +1,231 @@
+//! The methods of `docs/methods.md`'s literature table in the trainer, each on a fixed batch and an untrained tiny
+//! policy (CPU backend): on-policy distillation (both estimators, the rock-token bypass and its alignment, online rock
+//! detection, the teacher checks), SORT's repair update, and ReasonMaxxer's offline stage.
+
+use std::path::PathBuf;
+
+use forkrl_core::Backend;
+use forkrl_entropy::{RockAlignment, RockConfig, detect_rock_tokens, rock_aligned_ids};
+use forkrl_trainer::{
+    TrainConfig, Trainer, TrainerError,
+    batch::{Rollout, RolloutBatch},
+    model::{checkpoint, token_stats_host},
+    tasks::{Gold, Problem},
+};
+
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("forkrl-literature-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+fn config(toml: &str) -> TrainConfig {
+    let mut config: TrainConfig = toml::from_str(toml).expect("valid option");
+    config.sft.steps = 0;
+    config.rl.prompts_per_step = 2;
+    config.rl.ppo_epochs = 1;
+    config.rl.max_response_len = 16;
+    config.eval.size = 4;
+    config
+}
+
+fn trainer(toml: &str) -> Trainer {
+    Trainer::new(config(toml).check().expect("valid"), &Backend::Cpu.device().expect("cpu")).expect("builds")
+}
+
+/// A teacher: the tiny policy of another seed, saved as a forkrl checkpoint.
+fn teacher_dir(tag: &str, seed: u64) -> PathBuf {
+    let t = trainer(&format!("[run]\nseed = {seed}\n"));
+    let dir = scratch(tag).join("teacher");
+    checkpoint::save_policy(t.policy(), t.policy_config(), &dir).expect("saves");
+    dir
+}
+
+/// Two prompts × four responses, rewards `[1, 0, 0, 1 | 0, 0, 0, 0]`, with the problems (and worked solutions) attached.
+fn fixed_batch(t: &Trainer) -> RolloutBatch {
+    let v = t.vocab();
+    let rows = [
+        ("12+34-5=", "46|41", 1.0),
+        ("12+34-5=", "46|40", 0.0),
+        ("12+34-5=", "4", 0.0),
+        ("12+34-5=", "46|41", 1.0),
+        ("7+8+9=", "15|25", 0.0),
+        ("7+8+9=", "15|23", 0.0),
+        ("7+8+9=", "16|25", 0.0),
+        ("7+8+9=", "15|24|9", 0.0),
+    ];
+    let rollouts = rows
+        .iter()
+        .map(|(p, r, reward)| {
+            let mut response = v.encode(r).expect("encodes");
+            response.push(v.eos[0]);
+            Rollout { prompt: v.encode(p).expect("encodes"), response, truncated: false, reward: *reward }
+        })
+        .collect();
+    let mut batch = RolloutBatch::new(1, rollouts, vec![4, 4], v.pad).expect("valid batch");
+    batch.problems = Some(vec![
+        Problem { prompt: "12+34-5=".into(), solution: Some("46|41".into()), gold: Gold::LastInteger(41) },
+        Problem { prompt: "7+8+9=".into(), solution: Some("7+8=15|15+9=24".into()), gold: Gold::LastInteger(24) },
+    ]);
+    batch
+}
+
+fn mean_reverse_kl(t: &mut Trainer, batch: &RolloutBatch) -> f64 {
+    let mut b = batch.clone();
+    t.score(&mut b).expect("scores");
+    let d = b.scores.as_ref().and_then(|s| s.distill.clone()).expect("distill scores");
+    let mask = b.response_mask();
+    let n = mask.iter().filter(|&&m| m).count() as f64;
+    d.reverse_kl.iter().zip(mask).filter(|(_, m)| **m).map(|(&k, _)| f64::from(k)).sum::<f64>() / n
+}
+
+#[test]
+fn sampled_token_distillation_trains_on_minus_k1_and_full_vocabulary_lowers_the_reverse_kl() {
+    let teacher = teacher_dir("opd", 11);
+    let base = format!("[rl]\nlr = 3e-3\n[rl.distillation]\nteacher = {:?}\n", teacher.display().to_string());
+
+    // Sampled token: A_t = −(log π_old − log q) on every response token, the forking mask off (all tokens).
+    let mut t = trainer(&format!("{base}[rl.distillation.loss]\nestimator = \"sampled_token\"\n"));
+    let mut batch = fixed_batch(&t);
+    t.score(&mut batch).expect("scores");
+    let s = batch.scores.as_ref().expect("scored");
+    let d = s.distill.as_ref().expect("distill");
+    for (i, &m) in batch.response_mask().iter().enumerate() {
+        let expected = if m { -(s.old_log_prob[i] - d.teacher_log_prob[i]) } else { 0.0 };
+        assert!((s.token_advantages[i] - expected).abs() < 1e-6, "position {i}");
+        assert!(!m || d.reverse_kl[i] > 0.0, "two different policies disagree everywhere");
+    }
+    assert_eq!(t.config().token_selection(), forkrl_entropy::TokenSelection::All);
+    // One step raises the surrogate Σ_t A_t log π(y_t): tokens the teacher prefers (k < 0) gain probability.
+    let (advantages, old) = (s.token_advantages.clone(), s.old_log_prob.clone());
+    t.update(&batch).expect("updates");
+    let new = token_stats_host(t.policy(), batch.ids(), batch.width(), 1.0, 8).expect("stats").1;
+    let surrogate: f64 = (0..new.len()).map(|i| f64::from(advantages[i]) * f64::from(new[i] - old[i])).sum();
+    assert!(surrogate > 0.0, "{surrogate}");
+
+    // Full vocabulary: the exact reverse KL is the loss; one step lowers it on the batch, and its metric is logged.
+    let mut t = trainer(&base);
+    let before = mean_reverse_kl(&mut t, &batch);
+    let mut b = batch.clone();
+    t.score(&mut b).expect("scores");
+    assert!(b.scores.as_ref().expect("scored").token_advantages.iter().all(|&a| a == 0.0), "no env advantage");
+    let stats = t.update(&b).expect("updates");
+    assert!((stats.distill_loss - before).abs() < 1e-3 * before.max(1.0), "{} vs {before}", stats.distill_loss);
+    assert!(mean_reverse_kl(&mut t, &batch) < 0.9 * before);
+
+    // The teacher is the student: no KL, no signal.
+    let t = trainer("");
+    let same = scratch("opd-self").join("teacher");
+    checkpoint::save_policy(t.policy(), t.policy_config(), &same).expect("saves");
+    let mut c = config(&format!("[rl.distillation]\nteacher = {:?}\n", same.display().to_string()));
+    c.run.seed = t.config().run.seed;
+    let mut t = Trainer::new(c.check().expect("valid"), &Backend::Cpu.device().expect("cpu")).expect("builds");
+    assert!(mean_reverse_kl(&mut t, &batch) < 1e-5);
+}
+
+#[test]
+fn the_rock_bypass_silences_the_predicted_or_the_next_position_and_online_detection_ranks_kl_mass() {
+    let teacher = teacher_dir("rock", 12);
+    let sep = 2 + "0123456789+-=|*/(),>:".find('|').expect("in the alphabet") as u32;
+    let setup = |extra: &str| {
+        format!(
+            "[rl.distillation]\nteacher = {:?}\n[rl.distillation.loss]\nestimator = \"sampled_token\"\n\
+             [rl.distillation.loss.rock]\nfreeze_weight = 0.0\n{extra}",
+            teacher.display().to_string()
+        )
+    };
+    for (alignment, offset) in [("predicted", 1usize), ("context", 0)] {
+        let mut t = trainer(&setup(&format!("tokens = [{sep}]\nalignment = \"{alignment}\"\n")));
+        let mut batch = fixed_batch(&t);
+        t.score(&mut batch).expect("scores");
+        let s = batch.scores.as_ref().expect("scored");
+        let d = s.distill.as_ref().expect("distill");
+        let w = batch.width();
+        for (i, &m) in batch.response_mask().iter().enumerate() {
+            let rock = batch.ids()[i / w][i % w + offset] == sep;
+            assert_eq!(d.weights[i], if m && !rock { 1.0 } else { 0.0 }, "{alignment} position {i}");
+            assert_eq!(s.train_mask[i], m && !rock, "a full bypass leaves the loss rows");
+            assert!(!(m && rock) || s.token_advantages[i] == 0.0);
+        }
+        assert!(d.weights.iter().zip(batch.response_mask()).any(|(&x, &m)| m && x == 0.0), "{alignment}: a rock");
+    }
+    // Every id a rock: nothing trains, the parameters stay.
+    let all: Vec<String> = (0..30).map(|i| i.to_string()).collect();
+    let mut t = trainer(&setup(&format!("tokens = [{}]\n", all.join(", "))));
+    let mut batch = fixed_batch(&t);
+    t.score(&mut batch).expect("scores");
+    let before = token_stats_host(t.policy(), batch.ids(), batch.width(), 1.0, 8).expect("stats").1;
+    t.update(&batch).expect("updates");
+    assert_eq!(token_stats_host(t.policy(), batch.ids(), batch.width(), 1.0, 8).expect("stats").1, before);
+
+    // Online detection over a one-step window = the library's ranking of this batch's ℓ by predicted token.
+    let detection =
+        "window = 1\n[rl.distillation.loss.rock.detection]\nmin_freq = 1\ndrop_most_frequent = 0\ntop_k = 2\n";
+    let mut t = trainer(&setup(detection));
+    let mut batch = fixed_batch(&t);
+    t.score(&mut batch).expect("scores");
+    let d = batch.scores.as_ref().and_then(|s| s.distill.clone()).expect("distill");
+    let ids = rock_aligned_ids(batch.ids(), batch.width(), RockAlignment::Predicted).expect("aligned");
+    let config = RockConfig { min_freq: 1, drop_most_frequent: 0, top_k: 2, control_k: 100 };
+    let expected = detect_rock_tokens(&ids, &d.reverse_kl, batch.response_mask(), &config).expect("ranks");
+    assert_eq!(d.rocks, expected.rocks);
+    assert_eq!(d.rocks.len(), 2);
+}
+
+#[test]
+fn a_bad_teacher_is_refused_before_anything_runs() {
+    let missing = config("[rl.distillation]\nteacher = \"/nonexistent/teacher\"\n").check();
+    assert!(matches!(missing, Err(TrainerError::InvalidConfig { ref key, .. }) if key == "rl.distillation.teacher"));
+    // A Hugging Face fixture has another vocabulary than the built-in character tokenizer.
+    let hf = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/qwen2-tied");
+    let c = config(&format!("[rl.distillation]\nteacher = {:?}\n", hf.display().to_string())).check().expect("valid");
+    let err = Trainer::new(c, &Backend::Cpu.device().expect("cpu")).expect_err("another vocabulary");
+    assert!(err.to_string().contains("vocabulary"), "{err}");
+    let c = config("[rl]\nbalance = \"per_query\"\n[rl.distillation]\nteacher = \"/x\"\n");
+    assert!(c.check().is_err());
+}
+
+#[test]
+fn sort_repairs_only_all_wrong_groups_and_raises_the_reference_likelihood() {
+    let reference_lp = |t: &Trainer| {
+        let v = t.vocab();
+        let mut seq = v.encode("7+8+9=").expect("encodes");
+        let prompt = seq.len();
+        seq.extend(v.encode("7+8=15|15+9=24").expect("encodes"));
+        seq.push(v.eos[0]);
+        let w = seq.len() - 1;
+        let lp = token_stats_host(t.policy(), &[seq], w, 1.0, 1).expect("stats").1;
+        lp[prompt - 1..].iter().map(|&x| f64::from(x)).sum::<f64>()
+    };
+    let mut gains = Vec::new();
+    for toml in ["[rl]\nlr = 3e-3\n", "[rl]\nlr = 3e-3\n[rl.sort]\nweighting = { kind = \"uniform\" }\n"] {
+        let mut t = trainer(toml);
+        let mut batch = fixed_batch(&t);
+        t.score(&mut batch).expect("scores");
+        let before = reference_lp(&t);
+        let stats = t.update(&batch).expect("updates");
+        gains.push(reference_lp(&t) - before);
+        if let Some(s) = batch.scores.as_ref().and_then(|s| s.sort.clone()) {
+            assert_eq!(s.groups, vec![1], "only the all-wrong group");
+            assert_eq!(s.planned, 1, "the character tokenizer takes the compact plan");
+            let repair = s.repair.as_ref().expect("rows");
+            let on: Vec<f32> = repair.response_values(&s.weights, 0);
+            assert!(on.iter().all(|&w| w == 1.0) && on.len() == "7+8=15|15+9=24".len() + 1);
+            assert!(stats.repair_loss > 0.0);
+        }
+    }
+    assert!(gains[1] > gains[0] + 0.1, "the repair term raises log π(y*): {gains:?}");
+
+    // Geometric weights lie in (0, 1]; a batch without problems repairs nothing.
+    let mut t = trainer("[rl.sort]\n");
+    let mut batch = fixed_batch(&t);
+    t.score(&mut batch).expect("scores");
+    let s = batch.scores.as_ref().and_then(|s| s.sort.clone()).expect("sort");
+    let repair = s.repair.as_ref().expect("rows");
+    assert!(repair.response_values(&s.weights, 0).iter().all(|&w| w > 0.0 && w <= 1.0));
+    let mut bare = fixed_batch(&t);
+    bare.problems = None;
+    t.score(&mut bare).expect("scores");
+    assert!(bare.scores.as_ref().and_then(|s| s.sort.clone()).expect("sort").groups.is_empty());
+}
