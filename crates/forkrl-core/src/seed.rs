@@ -34,6 +34,8 @@ pub enum SeedStream {
     VpsProbe,
     /// The buffered global balance's draw of an update batch (index: RL step).
     BalanceExtract,
+    /// ReasonMaxxer's offline data: its problems, base rollouts and epoch orders (indices chosen by the trainer).
+    ReasonMaxxer,
 }
 
 impl SeedStream {
@@ -49,6 +51,7 @@ impl SeedStream {
             SeedStream::Control => 0x434f_4e54_524f_4c53,
             SeedStream::VpsProbe => 0x5650_5350_524f_4245,
             SeedStream::BalanceExtract => 0x4241_4c42_5546_4652,
+            SeedStream::ReasonMaxxer => 0x5245_4153_4d41_5858,
         }
     }
 }
@@ -76,6 +79,7 @@ mod tests {
             SeedStream::Control,
             SeedStream::VpsProbe,
             SeedStream::BalanceExtract,
+            SeedStream::ReasonMaxxer,
         ];
         let mut seen = HashSet::new();
         for seed in 0..4 {

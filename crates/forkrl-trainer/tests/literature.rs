@@ -10,6 +10,7 @@ use forkrl_trainer::{
     TrainConfig, Trainer, TrainerError,
     batch::{Rollout, RolloutBatch},
     model::{checkpoint, token_stats_host},
+    rl::reasonmaxxer::ReasonMaxxerData,
     tasks::{Gold, Problem},
 };
 
@@ -228,4 +229,58 @@ fn sort_repairs_only_all_wrong_groups_and_raises_the_reference_likelihood() {
     bare.problems = None;
     t.score(&mut bare).expect("scores");
     assert!(bare.scores.as_ref().and_then(|s| s.sort.clone()).expect("sort").groups.is_empty());
+}
+
+#[test]
+fn reasonmaxxer_raises_positive_decision_tokens_lowers_negative_ones_and_anchors_the_rest() {
+    let rm = "[rl]\nlr = 3e-3\n[rl.reasonmaxxer]\nbatch_size = 8\n[rl.reasonmaxxer.loss]\ngated_fraction = 0.5\n";
+    let t = trainer(rm);
+    let setup = t.config().rl.reasonmaxxer.clone().expect("set");
+    let base = t.policy().clone();
+    let mut batch = fixed_batch(&t);
+    batch.problems = None;
+    let data = ReasonMaxxerData::from_batch(&base, batch.clone(), t.config(), &setup).expect("offline set");
+    // Group 0 [1, 0, 0, 1]: A = ±1; group 1 all wrong: A = 0 (its tokens go to the anchor only).
+    assert_eq!(data.advantages, vec![1.0, -1.0, -1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+    let generated = batch.response_mask().iter().filter(|&&m| m).count() as f64;
+    let gated = data.decision.iter().filter(|&&d| d).count() as f64;
+    // τ from the target fraction: at most ⌊0.5 n⌋ tokens strictly above it (fewer where duplicated rows tie).
+    assert!(gated >= 1.0 && gated <= (0.5 * generated).floor(), "{gated} of {generated}");
+    assert!(data.decision.iter().zip(batch.response_mask()).all(|(&d, &m)| !d || m), "only generated tokens");
+
+    let decision = data.decision.clone();
+    let mut t = t.with_reasonmaxxer_data(data);
+    let before = token_stats_host(t.policy(), batch.ids(), batch.width(), 1.0, 8).expect("stats").1;
+    let mut row = t.rl_step().expect("step");
+    for _ in 0..4 {
+        row = t.rl_step().expect("step");
+    }
+    let after = token_stats_host(t.policy(), batch.ids(), batch.width(), 1.0, 8).expect("stats").1;
+    let w = batch.width();
+    let mean_delta = |keep: &dyn Fn(usize) -> bool| {
+        let picked: Vec<f64> = (0..after.len()).filter(|&i| keep(i)).map(|i| f64::from(after[i] - before[i])).collect();
+        picked.iter().sum::<f64>() / picked.len().max(1) as f64
+    };
+    // A negative row's token that continues a prefix of a positive row is the same (context, token) pair: the two
+    // advantages meet there. Compare the tokens only the negative rows have.
+    let ids = batch.ids();
+    let shared = |i: usize| [0, 3].iter().any(|&p| ids[p][..i % w + 2] == ids[i / w][..i % w + 2]);
+    let positive = mean_delta(&|i| decision[i] && [0, 3].contains(&(i / w)));
+    let negative = mean_delta(&|i| decision[i] && [1, 2].contains(&(i / w)) && !shared(i));
+    assert!(positive > 0.05 && negative < -0.05, "positive {positive}, negative {negative}");
+    assert!(row.get("reasonmaxxer/dlogp_plus").expect("logged") > 0.0);
+    // (dlogp_minus averages the shared tokens too, which the positive rows outnumber here.)
+    assert!(row.get("reasonmaxxer/dlogp_minus").expect("logged") < row.get("reasonmaxxer/dlogp_plus").expect("logged"));
+    // The anchor holds the non-decision tokens of the zero-advantage group far closer than the trained ones move.
+    let anchored = mean_delta(&|i| batch.response_mask()[i] && !decision[i] && i / w >= 4).abs();
+    assert!(anchored < positive.min(-negative), "anchored {anchored}");
+}
+
+#[test]
+fn reasonmaxxer_without_mixed_outcomes_says_so() {
+    let mut t = trainer("[rl.reasonmaxxer]\nproblems = 3\nrollouts_per_problem = 2\n");
+    let err = t.rl_step().expect_err("an untrained policy solves nothing");
+    assert!(err.to_string().contains("both a correct and a wrong"), "{err}");
+    assert!(config("[rl.reasonmaxxer]\ntrim_fraction = 0.0\n").check().is_err());
+    assert!(config("[rl.reasonmaxxer]\n[rl.sort]\n").check().is_err());
 }

@@ -28,7 +28,7 @@ use forkrl_rollout::{PosteriorSource, PromptStatsStore};
 use crate::{
     Result, TrainerError,
     batch::RolloutBatch,
-    config::{Balance, CheckedConfig, KlCtrlKind},
+    config::{Balance, CheckedConfig, KlCtrlKind, ReasonMaxxerSetup},
     eval, finite_scalar,
     model::{
         self, Vocab, checkpoint, gradients, hf_export,
@@ -38,6 +38,7 @@ use crate::{
         balance::{self, RowBuffer},
         distill, dump,
         metrics::{Event, MetricsRow, Observer, TrainSummary, rl_step_row},
+        reasonmaxxer::{self, ReasonMaxxerData},
         rollout,
         score::{self, ScoreContext},
         state::{
@@ -67,6 +68,8 @@ pub struct Trainer {
     teacher: Option<Policy>,
     /// Online rock-token detection (`rl.distillation.loss.rock` without a fixed rock set); kept in checkpoints.
     rock_detector: Option<OnlineRockDetector>,
+    /// ReasonMaxxer's offline set (`rl.reasonmaxxer`), built from the base (`reference`) at the first step.
+    reasonmaxxer: Option<ReasonMaxxerData>,
     /// β of KL in the reward (adapted after each batch by verl's controller when `kl_ctrl.type = "adaptive"`).
     kl_coef: f64,
     /// HORA's per-prompt history and the last RL step recorded into it.
@@ -160,6 +163,7 @@ impl Trainer {
             reference: None,
             teacher,
             rock_detector,
+            reasonmaxxer: None,
             kl_coef: config.rl.kl_in_reward.map_or(0.0, |k| k.kl_ctrl.kl_coef),
             prompt_stats: match config.rl.hora.map(|h| h.source) {
                 Some(PosteriorSource::History { decay }) => Some((PromptStatsStore::new(decay)?, 0)),
@@ -253,7 +257,7 @@ impl Trainer {
         if let (Some(detector), Some(saved)) = (t.rock_detector.as_mut(), state.rock_detector) {
             *detector = saved;
         }
-        if t.config.needs_reference() && state.step > 0 {
+        if (t.config.needs_reference() || t.config.rl.reasonmaxxer.is_some()) && state.step > 0 {
             t.reference = Some(checkpoint::load_policy(&checkpoints.join("reference"), &t.device)?.0.valid());
         }
         t.sft_steps_done = t.config.sft.steps;
@@ -474,6 +478,9 @@ impl Trainer {
     /// # Errors
     /// The errors of the three stages.
     pub fn rl_step(&mut self) -> Result<MetricsRow> {
+        if let Some(setup) = self.config.rl.reasonmaxxer.clone() {
+            return self.reasonmaxxer_step(&setup);
+        }
         let start = Instant::now();
         let mut batch = self.rollout()?;
         self.score(&mut batch)?;
@@ -509,6 +516,70 @@ impl Trainer {
         }
         s.last_batch_entropy = Some(entropy);
         Ok(row)
+    }
+
+    /// One optimiser step of ReasonMaxxer's offline stage (`rl.reasonmaxxer`, in place of an RL step): the base is
+    /// the policy at the first call (saved beside the checkpoints as `reference`), the offline set is built from it
+    /// then, and each step trains on the next `batch_size` sequences.
+    ///
+    /// # Errors
+    /// The errors of [`ReasonMaxxerData::build`] and [`reasonmaxxer::step_loss`]; non-finite losses, gradients or
+    /// parameters.
+    pub fn reasonmaxxer_step(&mut self, setup: &ReasonMaxxerSetup) -> Result<MetricsRow> {
+        let start = Instant::now();
+        if self.reference.is_none() {
+            if let Some(dir) = &self.checkpoints {
+                checkpoint::save_policy(self.policy(), &self.policy_config, &dir.join("reference"))?;
+            }
+            self.reference = Some(self.policy().valid());
+        }
+        let base = self.reference.clone().ok_or_else(|| TrainerError::Stage {
+            stage: "reasonmaxxer",
+            reason: "the base policy is missing".into(),
+        })?;
+        let data = match self.reasonmaxxer.take() {
+            Some(d) => d,
+            None => ReasonMaxxerData::build(&base, &self.vocab, &self.task, &self.config, setup)?,
+        };
+        let step = self.rl_steps_done + 1;
+        let rows = data.rows(step, setup.batch_size, self.config.run.seed);
+        let out = reasonmaxxer::step_loss(self.policy(), &base, &data, &rows, setup, &self.device)?;
+        let loss = finite_scalar("ReasonMaxxer loss", &out.loss)?;
+        let (dec, anchor, plus, minus) = out.parts;
+        let mut row = MetricsRow::new("rl", step)
+            .with("reasonmaxxer/loss", f64::from(loss))
+            .with("reasonmaxxer/decision_loss", dec)
+            .with("reasonmaxxer/anchor_kl", anchor)
+            .with("reasonmaxxer/dlogp_plus", plus)
+            .with("reasonmaxxer/dlogp_minus", minus)
+            .with("reasonmaxxer/gated_fraction", data.gated_fraction)
+            .with("reasonmaxxer/tau", f64::from(data.tau.0))
+            .with("reasonmaxxer/sequences", data.batch.len() as f64)
+            .with("reasonmaxxer/problems_kept", data.problems.1 as f64)
+            .with("critic/score/mean", data.mean_reward);
+        let grads = GradientsParams::from_grads(out.loss.backward(), self.policy());
+        let (grads, norm) = clipped(self.policy(), grads, self.config.rl.grad_clip, "ReasonMaxxer gradient")?;
+        let lr = self.config.rl_lr(step);
+        optimiser_step(&mut self.optim, &mut self.policy, lr, grads);
+        if let Some(tensor) = model::first_non_finite_parameter(self.policy())? {
+            return Err(TrainerError::NonFiniteParameters { step, tensor });
+        }
+        self.rl_steps_done = step;
+        row = row
+            .with("actor/grad_norm", norm)
+            .with("actor/lr", lr)
+            .with("perf/time_per_step", start.elapsed().as_secs_f64());
+        self.summary.reward_curve.push((step, data.mean_reward));
+        self.reasonmaxxer = Some(data);
+        Ok(row)
+    }
+
+    /// Trains ReasonMaxxer's offline stage on a caller's own offline set (e.g. from
+    /// [`ReasonMaxxerData::from_batch`] on rollouts of the current policy) instead of drawing one at the first step.
+    #[must_use]
+    pub fn with_reasonmaxxer_data(mut self, data: ReasonMaxxerData) -> Self {
+        self.reasonmaxxer = Some(data);
+        self
     }
 
     /// Held-out greedy accuracy.
