@@ -36,6 +36,8 @@ pub enum SeedStream {
     BalanceExtract,
     /// ReasonMaxxer's offline data: its problems, base rollouts and epoch orders (indices chosen by the trainer).
     ReasonMaxxer,
+    /// HEAL's target draw, general candidates and their selection rollouts (indices chosen by the trainer).
+    Heal,
 }
 
 impl SeedStream {
@@ -52,6 +54,7 @@ impl SeedStream {
             SeedStream::VpsProbe => 0x5650_5350_524f_4245,
             SeedStream::BalanceExtract => 0x4241_4c42_5546_4652,
             SeedStream::ReasonMaxxer => 0x5245_4153_4d41_5858,
+            SeedStream::Heal => 0x4845_414c_5345_4c45,
         }
     }
 }
@@ -80,6 +83,7 @@ mod tests {
             SeedStream::VpsProbe,
             SeedStream::BalanceExtract,
             SeedStream::ReasonMaxxer,
+            SeedStream::Heal,
         ];
         let mut seen = HashSet::new();
         for seed in 0..4 {

@@ -54,6 +54,8 @@ pub struct Scores {
     pub distill: Option<crate::rl::distill::DistillScores>,
     /// SORT's repair rows and weights (when `rl.sort` is on).
     pub sort: Option<crate::rl::sort::SortScores>,
+    /// HEAL's `(r_EDA, general)` per row (when `rl.heal` is on).
+    pub heal: Option<(Vec<f32>, Vec<bool>)>,
 }
 
 /// One RL step's rollouts, as they flow from `rollout` through `score` to `update`.

@@ -8,7 +8,8 @@ use std::{ops::Deref, path::PathBuf};
 
 use forkrl_advantage::{
     ActorLossConfig, AdvantageConfig, AggMode, BalanceConfig, BalancedBuffer, DistillationConfig, ForkingDenominator,
-    KlEstimator, KlLossConfig, KlPenalty, PolicyLoss, PpoClipConfig, ReasonMaxxerConfig, SortConfig, TokenWeighting,
+    HealConfig, KlEstimator, KlLossConfig, KlPenalty, PolicyLoss, PpoClipConfig, ReasonMaxxerConfig, SortConfig,
+    TokenWeighting,
 };
 use forkrl_entropy::{SelectionRule, TokenSelection};
 use forkrl_rollout::{Decoding, DynamicSamplingConfig, HoraConfig, MixedCuts, OverlongConfig, PosteriorSource};
@@ -233,6 +234,43 @@ pub struct RlConfig {
     /// an entropy gate from the frozen base, then `rl.steps` optimiser steps of the gated contrastive loss plus the KL
     /// anchor. `None` = RL as configured.
     pub reasonmaxxer: Option<ReasonMaxxerSetup>,
+    /// HEAL (`[rl.heal]`, `crate::rl::heal`): few-shot RL on the main task (the target domain) mixed with general-domain
+    /// problems selected by uncertainty × entropy diversity, and the entropy-dynamics-alignment reward. `None` = off.
+    pub heal: Option<HealSetup>,
+}
+
+/// `[rl.heal]`: HEAL's data recipe and reward.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealSetup {
+    /// The general-domain task (a `[task]` table, e.g. `{ kind = "arithmetic" }`).
+    pub general: TaskConfig,
+    /// Target-domain problems drawn once from the main task (the paper: 32).
+    pub target_problems: usize,
+    /// General-domain candidates scored for selection (RECONSTRUCTION: the pool size is not published).
+    pub general_pool: usize,
+    /// General-domain problems kept (the paper: 384).
+    pub general_keep: usize,
+    /// Rollouts per candidate for its accuracy and entropy diversity (RECONSTRUCTION: 8).
+    pub selection_rollouts: usize,
+    /// Share of each batch's prompts from the general set (RECONSTRUCTION: ½).
+    pub general_share: f64,
+    /// The EDA reward's settings (`forkrl_advantage::HealConfig`: `min_len` 50, `eda_coef` 1, `top_fraction` 0.2).
+    pub eda: HealConfig,
+}
+
+impl Default for HealSetup {
+    fn default() -> Self {
+        Self {
+            general: TaskConfig::default(),
+            target_problems: 32,
+            general_pool: 768,
+            general_keep: 384,
+            selection_rollouts: 8,
+            general_share: 0.5,
+            eda: HealConfig::default(),
+        }
+    }
 }
 
 /// `[rl.distillation]`: the teacher and the distillation loss.
@@ -413,6 +451,7 @@ impl Default for RlConfig {
             distillation: None,
             sort: None,
             reasonmaxxer: None,
+            heal: None,
         }
     }
 }
@@ -924,6 +963,24 @@ impl TrainConfig {
                     "rl.sort",
                     "set",
                     "SORT's repair groups do not survive the buffered balance",
+                ));
+            }
+        }
+        if let Some(h) = &rl.heal {
+            h.eda.validate().map_err(TrainerError::in_section("rl.heal.eda"))?;
+            h.general.validate()?;
+            at_least("rl.heal.target_problems", h.target_problems, 1)?;
+            at_least("rl.heal.general_keep", h.general_keep, 1)?;
+            at_least("rl.heal.general_pool", h.general_pool, h.general_keep)?;
+            at_least("rl.heal.selection_rollouts", h.selection_rollouts, 2)?;
+            if !(0.0..=1.0).contains(&h.general_share) {
+                return Err(TrainerError::invalid("rl.heal.general_share", h.general_share, "must lie in [0, 1]"));
+            }
+            if rl.dynamic_sampling.is_some() || rl.reasonmaxxer.is_some() {
+                return Err(TrainerError::invalid(
+                    "rl.heal",
+                    "set",
+                    "HEAL draws its own prompts: unset rl.dynamic_sampling and rl.reasonmaxxer",
                 ));
             }
         }

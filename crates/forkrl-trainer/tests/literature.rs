@@ -284,3 +284,40 @@ fn reasonmaxxer_without_mixed_outcomes_says_so() {
     assert!(config("[rl.reasonmaxxer]\ntrim_fraction = 0.0\n").check().is_err());
     assert!(config("[rl.reasonmaxxer]\n[rl.sort]\n").check().is_err());
 }
+
+#[test]
+fn heal_mixes_selected_general_problems_and_adds_the_eda_reward() {
+    let toml = "[rl.heal]\ngeneral = { kind = \"sum\" }\ntarget_problems = 4\ngeneral_pool = 8\ngeneral_keep = 4\n\
+                selection_rollouts = 2\n[rl.heal.eda]\nmin_len = 2\n";
+    let mut t = trainer(toml);
+    assert!(t.rollout().is_err(), "the sets are built by prepare_rl");
+    t.prepare_rl().expect("selects");
+    let mut batch = t.rollout().expect("rolls out");
+    let problems = batch.problems.clone().expect("problems");
+    // prompts_per_step = 2, general_share = ½: one sum problem (its prompt ends with a comma list), one arithmetic.
+    let general: Vec<bool> = problems.iter().map(|p| p.prompt.contains(',')).collect();
+    assert_eq!(general, vec![true, false]);
+    t.score(&mut batch).expect("scores");
+    let s = batch.scores.as_ref().expect("scored");
+    let (eda, rows_general) = s.heal.clone().expect("heal scores");
+    let w = batch.width();
+    let entropy: Vec<Vec<f32>> = (0..batch.len()).map(|r| batch.response_values(&s.old_entropy, r)).collect();
+    let views: Vec<&[f32]> = entropy.iter().map(Vec::as_slice).collect();
+    let cfg = t.config().rl.heal.clone().expect("set").eda;
+    assert_eq!(eda, forkrl_advantage::eda_rewards(&views, &rows_general, &cfg).expect("library"));
+    for r in 0..batch.len() {
+        assert_eq!(s.rewards[r], batch.rewards[r] + eda[r], "row {r}");
+        assert_eq!(rows_general[r], general[batch.group_of()[r]]);
+    }
+    assert!(eda.iter().any(|&e| e > 0.0), "some trajectory is paid for its entropy dynamics");
+    assert!(w > 0);
+    // Without HEAL's reward (eda_coef = 0) the advantages are the verifier's alone.
+    let mut t0 = trainer(&toml.replace("min_len = 2", "min_len = 2\neda_coef = 0.0"));
+    t0.prepare_rl().expect("selects");
+    let mut b0 = t0.rollout().expect("rolls out");
+    t0.score(&mut b0).expect("scores");
+    let s0 = b0.scores.as_ref().expect("scored");
+    assert_eq!(s0.rewards, b0.rewards);
+    assert!(config("[rl.heal]\ngeneral_share = 1.5\n").check().is_err());
+    assert!(config("[rl.heal]\ngeneral_keep = 10\ngeneral_pool = 5\n").check().is_err());
+}

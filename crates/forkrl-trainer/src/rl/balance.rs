@@ -131,6 +131,7 @@ pub fn batch_of(rows: Vec<BufferedRow>, step: usize, pad: u32) -> Result<Rollout
         train_mask: batch.response_mask().to_vec(),
         distill: None,
         sort: None,
+        heal: None,
     };
     batch.rewards = rows.iter().map(|r| r.reward).collect();
     batch.scores = Some(scores);

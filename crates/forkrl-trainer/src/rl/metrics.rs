@@ -251,6 +251,18 @@ pub fn rl_step_row(
             .with("distill/num_rocks", d.rocks.len() as f64)
             .with("distill/loss", stats.distill_loss);
     }
+    if let Some((eda, general)) = &scores.heal {
+        let mean = |keep: &dyn Fn(usize) -> bool, v: &dyn Fn(usize) -> f64| {
+            let rows: Vec<usize> = (0..eda.len()).filter(|&r| keep(r)).collect();
+            rows.iter().map(|&r| v(r)).sum::<f64>() / rows.len().max(1) as f64
+        };
+        let reward = |r: usize| f64::from(batch.rewards[r]);
+        row = row
+            .with("heal/eda_reward", mean(&|_| true, &|r| f64::from(eda[r])))
+            .with("heal/general_rows", general.iter().filter(|&&g| g).count() as f64)
+            .with("heal/target_score", mean(&|r| !general[r], &reward))
+            .with("heal/general_score", mean(&|r| general[r], &reward));
+    }
     if let Some(s) = &scores.sort {
         let (mean_w, gain, frac_gain) = s.stats;
         row = row

@@ -12,6 +12,7 @@
 //! - [`vps`]: GRPO-VPS's probe rollouts from mid-response prefixes;
 //! - [`distill`]: on-policy distillation from a frozen teacher, with the rock-token bypass;
 //! - [`sort`]: SORT's plan-guided repair of all-wrong groups;
+//! - [`heal`]: HEAL's target / general problem sets and its entropy-dynamics-alignment reward;
 //! - [`reasonmaxxer`]: ReasonMaxxer's offline stage (base rollouts, entropy gate, contrastive loss + KL anchor) in
 //!   place of RL;
 //! - [`metrics`]: [`metrics::Observer`] and its events, the metrics rows (verl names), the run summary;
@@ -20,6 +21,7 @@
 pub mod balance;
 pub mod distill;
 pub mod dump;
+pub mod heal;
 pub mod metrics;
 pub mod reasonmaxxer;
 pub mod rollout;

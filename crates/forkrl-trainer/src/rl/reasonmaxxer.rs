@@ -59,7 +59,7 @@ pub struct ReasonMaxxerData {
 
 /// `rl` with the base rollouts' group size and no allocation scheme: what [`sample_groups`] draws ReasonMaxxer's
 /// rollouts with.
-fn sampling_config(config: &CheckedConfig, rollouts: usize) -> Result<CheckedConfig> {
+pub(crate) fn sampling_config(config: &CheckedConfig, rollouts: usize) -> Result<CheckedConfig> {
     let mut c = (**config).clone();
     c.rl.group_size = rollouts;
     c.rl.hora = None;

@@ -58,11 +58,28 @@ pub fn rollout(
     step: usize,
     history: Option<&PromptStatsStore>,
 ) -> Result<RolloutBatch> {
+    let draw = |n: usize, seed: u64| task.sample(n, seed);
+    rollout_from(policy, vocab, &draw, config, step, history)
+}
+
+/// [`rollout`] with the problems of each generation batch from `draw(n, seed)` instead of the task (HEAL's mixed
+/// target / general sets).
+///
+/// # Errors
+/// As [`rollout`].
+pub fn rollout_from(
+    policy: &Policy,
+    vocab: &Vocab,
+    draw: &dyn Fn(usize, u64) -> Result<Vec<Problem>>,
+    config: &CheckedConfig,
+    step: usize,
+    history: Option<&PromptStatsStore>,
+) -> Result<RolloutBatch> {
     let rl = &config.rl;
     let seed = config.run.seed;
     let roll = |attempt: u64| -> Result<Vec<Group>> {
         let indices = [step as u64, attempt];
-        let problems = task.sample(rl.prompts_per_step, derive_seed(seed, SeedStream::RlPrompts, &indices))?;
+        let problems = draw(rl.prompts_per_step, derive_seed(seed, SeedStream::RlPrompts, &indices))?;
         let sampling = derive_seed(seed, SeedStream::RolloutSampling, &indices);
         sample_groups(policy, vocab, &problems, config, sampling, history)
     };

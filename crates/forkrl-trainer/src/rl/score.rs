@@ -20,10 +20,15 @@ use forkrl_entropy::OnlineRockDetector;
 use crate::{
     Result,
     batch::{RolloutBatch, Scores},
+    config::HealSetup,
     config::{Balance, CheckedConfig},
     host_f32,
     model::{Vocab, ids_tensor, policy::Policy, token_stats_host},
-    rl::{distill, sort, vps},
+    rl::{
+        distill,
+        heal::{self, HealData},
+        sort, vps,
+    },
 };
 
 /// What scoring reads besides the rollout policy and the batch: the frozen policies (autodiff-free) and the state
@@ -36,6 +41,8 @@ pub struct ScoreContext<'a> {
     pub teacher: Option<&'a Policy>,
     /// The online rock-token detector (distillation with a bypass and no fixed rock set).
     pub rock_detector: Option<&'a mut OnlineRockDetector>,
+    /// HEAL's setup and problem sets (when `rl.heal` is on): the EDA reward joins the reward.
+    pub heal: Option<(&'a HealSetup, &'a HealData)>,
     /// The current β of KL in the reward.
     pub kl_coef: f64,
 }
@@ -68,7 +75,15 @@ pub fn score(
         }
         (false, _) => None,
     };
-    let (shaped, reward_kl) = shaped_rewards(batch, config, &old_log_prob, ref_log_prob.as_deref(), kl_coef)?;
+    let (mut shaped, reward_kl) = shaped_rewards(batch, config, &old_log_prob, ref_log_prob.as_deref(), kl_coef)?;
+    let heal = match ctx.heal {
+        Some((setup, data)) => {
+            let (eda, general) = heal::eda(batch, &old_entropy, data, setup)?;
+            shaped.iter_mut().zip(&eda).for_each(|(r, e)| *r += e);
+            Some((eda, general))
+        }
+        None => None,
+    };
     let adv = group_advantages(&shaped, batch.group_sizes(), &rl.advantage)?;
     let hidden = if rl.token_weighting.needs_hidden_states() {
         let states = policy.hidden_states(ids_tensor(batch.ids(), &policy.device()).narrow(1, 0, w))?;
@@ -129,6 +144,7 @@ pub fn score(
         train_mask,
         distill,
         sort,
+        heal,
     });
     Ok(())
 }

@@ -50,6 +50,9 @@ pub struct TrainState {
     /// The online rock-token detector's window (distillation with a bypass and no fixed rock set); `None` otherwise.
     #[serde(default)]
     pub rock_detector: Option<forkrl_entropy::OnlineRockDetector>,
+    /// HEAL's target and general sets (`rl.heal`); `None` otherwise.
+    #[serde(default)]
+    pub heal: Option<crate::rl::heal::HealData>,
 }
 
 /// State file inside a checkpoint directory.
@@ -334,6 +337,7 @@ mod tests {
             prompt_stats: None,
             balance_buffer: None,
             rock_detector: None,
+            heal: None,
         };
         fs::write(path.join(STATE_FILE), serde_json::to_string(&state).expect("json")).expect("write");
         path

@@ -37,6 +37,7 @@ use crate::{
     rl::{
         balance::{self, RowBuffer},
         distill, dump,
+        heal::HealData,
         metrics::{Event, MetricsRow, Observer, TrainSummary, rl_step_row},
         reasonmaxxer::{self, ReasonMaxxerData},
         rollout,
@@ -70,6 +71,8 @@ pub struct Trainer {
     rock_detector: Option<OnlineRockDetector>,
     /// ReasonMaxxer's offline set (`rl.reasonmaxxer`), built from the base (`reference`) at the first step.
     reasonmaxxer: Option<ReasonMaxxerData>,
+    /// HEAL's target and general sets (`rl.heal`), built at the first RL step; kept in checkpoints.
+    heal: Option<HealData>,
     /// β of KL in the reward (adapted after each batch by verl's controller when `kl_ctrl.type = "adaptive"`).
     kl_coef: f64,
     /// HORA's per-prompt history and the last RL step recorded into it.
@@ -164,6 +167,7 @@ impl Trainer {
             teacher,
             rock_detector,
             reasonmaxxer: None,
+            heal: None,
             kl_coef: config.rl.kl_in_reward.map_or(0.0, |k| k.kl_ctrl.kl_coef),
             prompt_stats: match config.rl.hora.map(|h| h.source) {
                 Some(PosteriorSource::History { decay }) => Some((PromptStatsStore::new(decay)?, 0)),
@@ -257,6 +261,7 @@ impl Trainer {
         if let (Some(detector), Some(saved)) = (t.rock_detector.as_mut(), state.rock_detector) {
             *detector = saved;
         }
+        t.heal = state.heal;
         if (t.config.needs_reference() || t.config.rl.reasonmaxxer.is_some()) && state.step > 0 {
             t.reference = Some(checkpoint::load_policy(&checkpoints.join("reference"), &t.device)?.0.valid());
         }
@@ -374,7 +379,30 @@ impl Trainer {
     /// As [`rollout::rollout`].
     pub fn rollout(&self) -> Result<RolloutBatch> {
         let history = self.prompt_stats.as_ref().map(|(store, _)| store);
-        rollout::rollout(self.policy(), &self.vocab, &self.task, &self.config, self.rl_steps_done + 1, history)
+        let step = self.rl_steps_done + 1;
+        match (&self.config.rl.heal, &self.heal) {
+            (None, _) => rollout::rollout(self.policy(), &self.vocab, &self.task, &self.config, step, history),
+            (Some(setup), Some(data)) => {
+                let draw = |n: usize, seed: u64| Ok(data.draw(n, setup.general_share, seed));
+                rollout::rollout_from(self.policy(), &self.vocab, &draw, &self.config, step, history)
+            }
+            (Some(_), None) => Err(TrainerError::Stage {
+                stage: "rollout",
+                reason: "HEAL's problem sets are not built yet: call Trainer::prepare_rl (rl_step does) first".into(),
+            }),
+        }
+    }
+
+    /// Builds what the RL phase draws from before its first step: HEAL's target and general sets (with the policy as
+    /// it stands). Nothing to do otherwise, or when they exist (a resumed run keeps its own).
+    ///
+    /// # Errors
+    /// As [`HealData::build`].
+    pub fn prepare_rl(&mut self) -> Result<()> {
+        if let (Some(setup), None) = (&self.config.rl.heal, &self.heal) {
+            self.heal = Some(HealData::build(self.policy(), &self.vocab, &self.task, &self.config, setup)?);
+        }
+        Ok(())
     }
 
     /// Adds advantages, `log π_old`, `log π_ref`, entropies, token advantages and the loss rows to `batch`. The
@@ -395,6 +423,7 @@ impl Trainer {
             reference: self.reference.as_ref(),
             teacher: self.teacher.as_ref(),
             rock_detector: self.rock_detector.as_mut(),
+            heal: self.config.rl.heal.as_ref().zip(self.heal.as_ref()),
             kl_coef: self.kl_coef,
         };
         score::score(&snapshot, &self.vocab, &self.config, batch, ctx)?;
@@ -482,6 +511,7 @@ impl Trainer {
             return self.reasonmaxxer_step(&setup);
         }
         let start = Instant::now();
+        self.prepare_rl()?;
         let mut batch = self.rollout()?;
         self.score(&mut batch)?;
         let stats = if self.buffer.is_some() {
@@ -699,6 +729,7 @@ impl Trainer {
             prompt_stats: self.prompt_stats.as_ref().map(|(store, _)| store.clone()),
             balance_buffer: self.buffer.clone(),
             rock_detector: self.rock_detector.clone(),
+            heal: self.heal.clone(),
         };
         save_checkpoint(dir, self.config.checkpoint.keep, self.policy(), &self.policy_config, &self.optim, &state)
     }
