@@ -91,7 +91,7 @@ pub use reasonmaxxer::{
 pub use shear::{ShearConfig, SinkhornConfig, shear_spans, shear_weights, sinkhorn_w1};
 pub use sort::{SortConfig, SortWeighting, sort_needs_repair, sort_repair_loss_host, sort_weights};
 pub use token_weighting::{RolloutView, TokenWeighting};
-pub use ugttt::{BonusTarget, UgTttConfig, nuclear_norm, ugttt_token_advantages};
+pub use ugttt::{BonusTarget, UgTttConfig, nuclear_norm, nuclear_norm_grad, ugttt_token_advantages};
 pub use vps::{VpsConfig, vps_advantages, vps_segments};
 #[cfg(feature = "burn")]
 pub use {

@@ -106,12 +106,52 @@ pub fn nuclear_norm(matrix: &[f32], rows: usize, cols: usize) -> Result<f64> {
             g[j * rows + i] = d;
         }
     }
-    jacobi_eigenvalues(&mut g, rows);
+    jacobi_eigen(&mut g, rows);
     Ok((0..rows).map(|i| g[i * rows + i].max(0.0).sqrt()).sum())
 }
 
-/// Diagonalises the symmetric `n × n` matrix `a` in place (its diagonal ends up holding the eigenvalues).
-fn jacobi_eigenvalues(a: &mut [f64], n: usize) {
+/// `(‖X‖_*, ∂‖X‖_*/∂X)` of a `rows × cols` matrix: the gradient is `U Vᵀ = (X Xᵀ)^{-1/2} X` (from the Gram matrix's
+/// eigenvectors); directions whose singular value is below `1e-6 · σ_max` are left out (a subgradient where `X` is
+/// rank-deficient). What the diversity regulariser `−λ ‖X‖_*` differentiates through.
+///
+/// # Errors
+/// As [`nuclear_norm`].
+pub fn nuclear_norm_grad(matrix: &[f32], rows: usize, cols: usize) -> Result<(f64, Vec<f32>)> {
+    let norm = nuclear_norm(matrix, rows, cols)?;
+    let row = |i: usize| &matrix[i * cols..(i + 1) * cols];
+    let mut g = vec![0.0f64; rows * rows];
+    for i in 0..rows {
+        for j in 0..rows {
+            g[i * rows + j] = row(i).iter().zip(row(j)).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+        }
+    }
+    let vectors = jacobi_eigen(&mut g, rows);
+    let lambda: Vec<f64> = (0..rows).map(|i| g[i * rows + i].max(0.0)).collect();
+    let floor = lambda.iter().copied().fold(0.0f64, f64::max) * 1e-12;
+    // S^{-1/2} = Σ_k λ_k^{-1/2} q_k q_kᵀ over the directions above the floor.
+    let mut inv_sqrt = vec![0.0f64; rows * rows];
+    for k in (0..rows).filter(|&k| lambda[k] > floor && lambda[k] > 0.0) {
+        let s = 1.0 / lambda[k].sqrt();
+        for i in 0..rows {
+            for j in 0..rows {
+                inv_sqrt[i * rows + j] += s * vectors[i * rows + k] * vectors[j * rows + k];
+            }
+        }
+    }
+    let mut grad = vec![0.0f32; rows * cols];
+    for i in 0..rows {
+        for c in 0..cols {
+            grad[i * cols + c] =
+                (0..rows).map(|j| inv_sqrt[i * rows + j] * f64::from(matrix[j * cols + c])).sum::<f64>() as f32;
+        }
+    }
+    Ok((norm, grad))
+}
+
+/// Diagonalises the symmetric `n × n` matrix `a` in place (its diagonal ends up holding the eigenvalues) and returns
+/// the eigenvectors as the columns of an `n × n` row-major matrix.
+fn jacobi_eigen(a: &mut [f64], n: usize) -> Vec<f64> {
+    let mut v: Vec<f64> = (0..n * n).map(|i| f64::from(u8::from(i / n.max(1) == i % n.max(1)))).collect();
     for _sweep in 0..100 {
         let off: f64 = (0..n)
             .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
@@ -119,7 +159,7 @@ fn jacobi_eigenvalues(a: &mut [f64], n: usize) {
             .sum();
         let scale: f64 = (0..n).map(|i| a[i * n + i].powi(2)).sum::<f64>().max(f64::MIN_POSITIVE);
         if off <= 1e-30 * scale {
-            return;
+            return v;
         }
         for p in 0..n {
             for q in p + 1..n {
@@ -142,9 +182,15 @@ fn jacobi_eigenvalues(a: &mut [f64], n: usize) {
                     a[p * n + k] = c * apk - s * aqk;
                     a[q * n + k] = s * apk + c * aqk;
                 }
+                for k in 0..n {
+                    let (vkp, vkq) = (v[k * n + p], v[k * n + q]);
+                    v[k * n + p] = c * vkp - s * vkq;
+                    v[k * n + q] = s * vkp + c * vkq;
+                }
             }
         }
     }
+    v
 }
 
 #[cfg(test)]
@@ -173,6 +219,17 @@ mod tests {
         let m = [1.0f32, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 3.0, 0.0];
         assert!((nuclear_norm(&m, 3, 4).expect("valid") - 6.0).abs() < 1e-9);
         assert_eq!(nuclear_norm(&[], 0, 3).expect("valid"), 0.0);
+        // The gradient against central differences.
+        let x = [0.3f32, -1.2, 0.7, 2.0, 0.1, 0.5, -0.4, 1.1, -0.9, 0.2, 0.8, -0.6];
+        let (n, g) = nuclear_norm_grad(&x, 3, 4).expect("valid");
+        assert!((n - nuclear_norm(&x, 3, 4).expect("valid")).abs() < 1e-12);
+        for i in 0..12 {
+            let (mut up, mut down) = (x, x);
+            up[i] += 1e-3;
+            down[i] -= 1e-3;
+            let fd = (nuclear_norm(&up, 3, 4).expect("valid") - nuclear_norm(&down, 3, 4).expect("valid")) / 2e-3;
+            assert!((fd - f64::from(g[i])).abs() < 1e-3, "entry {i}: {fd} vs {}", g[i]);
+        }
         assert!(nuclear_norm(&[1.0], 2, 2).is_err());
     }
 }

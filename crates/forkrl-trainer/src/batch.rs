@@ -56,6 +56,8 @@ pub struct Scores {
     pub sort: Option<crate::rl::sort::SortScores>,
     /// HEAL's `(r_EDA, general)` per row (when `rl.heal` is on).
     pub heal: Option<(Vec<f32>, Vec<bool>)>,
+    /// `[B, W]`: UG-TTT's per-token epistemic uncertainty `MI_t` (when `rl.ugttt` is on).
+    pub epistemic: Option<Vec<f32>>,
 }
 
 /// One RL step's rollouts, as they flow from `rollout` through `score` to `update`.

@@ -9,7 +9,7 @@ use std::{ops::Deref, path::PathBuf};
 use forkrl_advantage::{
     ActorLossConfig, AdvantageConfig, AggMode, BalanceConfig, BalancedBuffer, DistillationConfig, ForkingDenominator,
     HealConfig, KlEstimator, KlLossConfig, KlPenalty, PolicyLoss, PpoClipConfig, ReasonMaxxerConfig, SortConfig,
-    TokenWeighting,
+    TokenWeighting, UgTttConfig,
 };
 use forkrl_entropy::{SelectionRule, TokenSelection};
 use forkrl_rollout::{Decoding, DynamicSamplingConfig, HoraConfig, MixedCuts, OverlongConfig, PosteriorSource};
@@ -237,6 +237,11 @@ pub struct RlConfig {
     /// HEAL (`[rl.heal]`, `crate::rl::heal`): few-shot RL on the main task (the target domain) mixed with general-domain
     /// problems selected by uncertainty × entropy diversity, and the entropy-dynamics-alignment reward. `None` = off.
     pub heal: Option<HealSetup>,
+    /// UG-TTT (`[rl.ugttt]`, `crate::rl::ugttt`): an ensemble of low-rank head adapters whose disagreement (the
+    /// per-token mutual information) is an exploration bonus in the advantages or the reward, with a nuclear-norm
+    /// regulariser that keeps them distinct (`forkrl_advantage::UgTttConfig`: `members` 4, `rank` 4, `beta` 0.1,
+    /// `lambda` 1e-3, `bonus` = `advantage` | `reward`). `None` = off.
+    pub ugttt: Option<UgTttConfig>,
 }
 
 /// `[rl.heal]`: HEAL's data recipe and reward.
@@ -452,6 +457,7 @@ impl Default for RlConfig {
             sort: None,
             reasonmaxxer: None,
             heal: None,
+            ugttt: None,
         }
     }
 }
@@ -981,6 +987,19 @@ impl TrainConfig {
                     "rl.heal",
                     "set",
                     "HEAL draws its own prompts: unset rl.dynamic_sampling and rl.reasonmaxxer",
+                ));
+            }
+        }
+        if let Some(u) = &rl.ugttt {
+            u.validate().map_err(TrainerError::in_section("rl.ugttt"))?;
+            let sets_token_advantages =
+                rl.vps.is_some() || rl.token_weighting != TokenWeighting::None || rl.distillation.is_some();
+            if u.bonus == forkrl_advantage::BonusTarget::Advantage && sets_token_advantages {
+                return Err(TrainerError::invalid(
+                    "rl.ugttt.bonus",
+                    "advantage",
+                    "another option sets the token advantages (rl.vps, rl.token_weighting or rl.distillation): use \
+                     bonus = \"reward\"",
                 ));
             }
         }

@@ -321,3 +321,61 @@ fn heal_mixes_selected_general_problems_and_adds_the_eda_reward() {
     assert!(config("[rl.heal]\ngeneral_share = 1.5\n").check().is_err());
     assert!(config("[rl.heal]\ngeneral_keep = 10\ngeneral_pool = 5\n").check().is_err());
 }
+
+#[test]
+fn ugttt_adds_the_ensembles_disagreement_and_its_regulariser_spreads_the_adapters() {
+    let mut t = trainer("[rl.ugttt]\nbeta = 0.5\n");
+    let mut batch = fixed_batch(&t);
+    t.score(&mut batch).expect("scores");
+    let s = batch.scores.as_ref().expect("scored");
+    let mi = s.epistemic.clone().expect("MI");
+    let w = batch.width();
+    for (i, &m) in batch.response_mask().iter().enumerate() {
+        assert!(mi[i] >= 0.0 && f64::from(mi[i]) <= 4f64.ln() + 1e-6);
+        let expected = if m { s.advantages[i / w] + 0.5 * mi[i] } else { 0.0 };
+        assert!((s.token_advantages[i] - expected).abs() < 1e-6, "position {i}");
+    }
+    assert!(mi.iter().any(|&x| x > 1e-4), "randomly initialised members disagree");
+
+    // The bonus in the reward instead: r + β Σ_t MI_t.
+    let mut t = trainer("[rl.ugttt]\nbeta = 0.5\nbonus = \"reward\"\n");
+    let mut batch = fixed_batch(&t);
+    t.score(&mut batch).expect("scores");
+    let s = batch.scores.as_ref().expect("scored");
+    for r in 0..batch.len() {
+        let bonus: f32 = batch.response_positions(r).map(|i| mi[i]).sum();
+        assert!((s.rewards[r] - batch.rewards[r] - 0.5 * bonus).abs() < 1e-5, "row {r}");
+    }
+
+    // The diversity regulariser: with λ the adapters' nuclear norm grows faster than without.
+    let norm_after = |lambda: f64| {
+        let mut t = trainer(&format!("[rl]\nlr = 1e-2\n[rl.ugttt]\nlambda = {lambda}\n"));
+        let mut last = 0.0;
+        for _ in 0..3 {
+            let mut b = fixed_batch(&t);
+            t.score(&mut b).expect("scores");
+            last = t.update(&b).expect("updates").adapter_nuclear_norm;
+        }
+        last
+    };
+    let (without, with) = (norm_after(0.0), norm_after(1.0));
+    assert!(with > without, "{with} vs {without}");
+    assert!(config("[rl.ugttt]\n[rl.token_weighting]\nkind = \"opefo\"\n").check().is_err());
+    assert!(config("[rl.ugttt]\nbonus = \"reward\"\n[rl.token_weighting]\nkind = \"opefo\"\n").check().is_ok());
+}
+
+#[test]
+fn ugttt_adapters_survive_a_checkpoint() {
+    let mut t = trainer("[rl]\nlr = 1e-2\n[rl.ugttt]\n");
+    let mut b = fixed_batch(&t);
+    t.score(&mut b).expect("scores");
+    t.update(&b).expect("updates");
+    let dir = scratch("ugttt-resume");
+    t.save(&dir).expect("saves");
+    let mut resumed = Trainer::resume(&dir, &Backend::Cpu.device().expect("cpu")).expect("resumes");
+    let (mut x, mut y) = (fixed_batch(&t), fixed_batch(&t));
+    t.score(&mut x).expect("scores");
+    resumed.score(&mut y).expect("scores");
+    let mi = |b: &RolloutBatch| b.scores.as_ref().and_then(|s| s.epistemic.clone()).expect("MI");
+    assert_eq!(mi(&x), mi(&y), "the updated adapters were saved and loaded");
+}

@@ -132,6 +132,7 @@ pub fn batch_of(rows: Vec<BufferedRow>, step: usize, pad: u32) -> Result<Rollout
         distill: None,
         sort: None,
         heal: None,
+        epistemic: None,
     };
     batch.rewards = rows.iter().map(|r| r.reward).collect();
     batch.scores = Some(scores);

@@ -263,6 +263,12 @@ pub fn rl_step_row(
             .with("heal/target_score", mean(&|r| !general[r], &reward))
             .with("heal/general_score", mean(&|r| general[r], &reward));
     }
+    if let Some(mi) = &scores.epistemic {
+        let mask = batch.response_mask();
+        let n = mask.iter().filter(|&&m| m).count().max(1) as f64;
+        let sum: f64 = mi.iter().zip(mask).filter(|(_, m)| **m).map(|(&x, _)| f64::from(x)).sum();
+        row = row.with("ugttt/mi", sum / n).with("ugttt/nuclear_norm", stats.adapter_nuclear_norm);
+    }
     if let Some(s) = &scores.sort {
         let (mean_w, gain, frac_gain) = s.stats;
         row = row

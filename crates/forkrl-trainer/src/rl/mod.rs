@@ -13,6 +13,7 @@
 //! - [`distill`]: on-policy distillation from a frozen teacher, with the rock-token bypass;
 //! - [`sort`]: SORT's plan-guided repair of all-wrong groups;
 //! - [`heal`]: HEAL's target / general problem sets and its entropy-dynamics-alignment reward;
+//! - [`ugttt`]: UG-TTT's head-adapter ensemble, its epistemic bonus and diversity regulariser;
 //! - [`reasonmaxxer`]: ReasonMaxxer's offline stage (base rollouts, entropy gate, contrastive loss + KL anchor) in
 //!   place of RL;
 //! - [`metrics`]: [`metrics::Observer`] and its events, the metrics rows (verl names), the run summary;
@@ -29,5 +30,6 @@ pub mod score;
 pub mod sort;
 pub mod state;
 pub mod trainer;
+pub mod ugttt;
 pub mod update;
 pub mod vps;

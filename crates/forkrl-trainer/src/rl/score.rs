@@ -14,7 +14,9 @@
 //!    rock-token bypass weights and the distillation token advantages (in place of token weighting); full-bypass
 //!    positions leave the loss rows. With SORT ([`crate::rl::sort`]): the repair prompts' reference rows and weights.
 
-use forkrl_advantage::{RolloutView, balance_per_query, group_advantages, kl::kl_value};
+use forkrl_advantage::{
+    BonusTarget, RolloutView, balance_per_query, group_advantages, kl::kl_value, ugttt_token_advantages,
+};
 use forkrl_entropy::OnlineRockDetector;
 
 use crate::{
@@ -27,7 +29,9 @@ use crate::{
     rl::{
         distill,
         heal::{self, HealData},
-        sort, vps,
+        sort,
+        ugttt::{self, Adapters},
+        vps,
     },
 };
 
@@ -43,6 +47,8 @@ pub struct ScoreContext<'a> {
     pub rock_detector: Option<&'a mut OnlineRockDetector>,
     /// HEAL's setup and problem sets (when `rl.heal` is on): the EDA reward joins the reward.
     pub heal: Option<(&'a HealSetup, &'a HealData)>,
+    /// UG-TTT's adapters (when `rl.ugttt` is on).
+    pub adapters: Option<&'a Adapters>,
     /// The current β of KL in the reward.
     pub kl_coef: f64,
 }
@@ -84,6 +90,24 @@ pub fn score(
         }
         None => None,
     };
+    let epistemic = match (&rl.ugttt, ctx.adapters) {
+        (Some(u), Some(a)) => {
+            let mi = ugttt::mutual_information(policy, a, batch, config.temperature(), micro)?;
+            if u.bonus == BonusTarget::Reward {
+                for (row, r) in shaped.iter_mut().enumerate() {
+                    *r += u.beta * batch.response_positions(row).map(|i| mi[i]).sum::<f32>();
+                }
+            }
+            Some(mi)
+        }
+        (Some(_), None) => {
+            return Err(crate::TrainerError::Stage {
+                stage: "score",
+                reason: "rl.ugttt is on but no adapters were given".into(),
+            });
+        }
+        (None, _) => None,
+    };
     let adv = group_advantages(&shaped, batch.group_sizes(), &rl.advantage)?;
     let hidden = if rl.token_weighting.needs_hidden_states() {
         let states = policy.hidden_states(ids_tensor(batch.ids(), &policy.device()).narrow(1, 0, w))?;
@@ -119,7 +143,12 @@ pub fn score(
         (None, Some(setup), Some(d)) => {
             (distill::token_advantages(batch, setup, d, &old_log_prob, &adv.advantages)?, None)
         }
-        _ => (rl.token_weighting.token_advantages(&view)?, None),
+        _ => match (&rl.ugttt, &epistemic) {
+            (Some(u), Some(mi)) if u.bonus == BonusTarget::Advantage => {
+                (ugttt_token_advantages(&adv.advantages, mi, batch.response_mask(), u.beta)?, None)
+            }
+            _ => (rl.token_weighting.token_advantages(&view)?, None),
+        },
     };
     let mut train_mask = train_mask(batch, &adv.advantages, config)?;
     if let Some(d) = &distill {
@@ -145,6 +174,7 @@ pub fn score(
         distill,
         sort,
         heal,
+        epistemic,
     });
     Ok(())
 }

@@ -55,6 +55,11 @@ pub struct TrainState {
     pub heal: Option<crate::rl::heal::HealData>,
 }
 
+/// UG-TTT's adapters inside a checkpoint directory.
+pub const ADAPTERS_FILE: &str = "adapters.bpk";
+/// Their optimizer's state.
+pub const ADAPTERS_OPTIMIZER_FILE: &str = "adapters_optimizer.bpk";
+
 /// State file inside a checkpoint directory.
 pub const STATE_FILE: &str = "state.json";
 /// Optimizer file inside a checkpoint directory.
@@ -142,16 +147,17 @@ impl OptimizerState for burn::optim::ModuleOptimizer {
 pub(crate) fn save_checkpoint(
     dir: &Path,
     keep: usize,
-    policy: &Policy,
-    policy_config: &PolicyConfig,
+    (policy, policy_config): (&Policy, &PolicyConfig),
     optim: &impl OptimizerState,
     state: &TrainState,
+    extra: &dyn Fn(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
     let name = format!("step-{:06}", state.step);
     let target = dir.join(&name);
     checkpoint::write_dir_atomic(&target, |tmp| {
         checkpoint::write_policy_files(policy, policy_config, tmp)?;
         optim.save_to(&tmp.join(OPTIMIZER_FILE))?;
+        extra(tmp)?;
         let state_path = tmp.join(STATE_FILE);
         let json = serde_json::to_string_pretty(state)
             .map_err(|e| TrainerError::Checkpoint { path: state_path.clone(), reason: e.to_string() })?;

@@ -43,9 +43,10 @@ use crate::{
         rollout,
         score::{self, ScoreContext},
         state::{
-            OPTIMIZER_FILE, OptimizerState, TrainState, latest_checkpoint, read_state, remove_stale_temporaries,
-            resumable, save_checkpoint,
+            ADAPTERS_FILE, ADAPTERS_OPTIMIZER_FILE, OPTIMIZER_FILE, OptimizerState, TrainState, latest_checkpoint,
+            read_state, remove_stale_temporaries, resumable, save_checkpoint,
         },
+        ugttt::{self, Adapters},
         update::{StatsMean, UpdateStats, Updater},
     },
     sft::{sft_batch, sft_loss_over, sft_rows},
@@ -73,6 +74,8 @@ pub struct Trainer {
     reasonmaxxer: Option<ReasonMaxxerData>,
     /// HEAL's target and general sets (`rl.heal`), built at the first RL step; kept in checkpoints.
     heal: Option<HealData>,
+    /// UG-TTT's head adapters and their optimizer (`rl.ugttt`); kept in checkpoints.
+    adapters: Option<(Adapters, ModuleOptimizer)>,
     /// β of KL in the reward (adapted after each batch by verl's controller when `kl_ctrl.type = "adaptive"`).
     kl_coef: f64,
     /// HORA's per-prompt history and the last RL step recorded into it.
@@ -146,6 +149,10 @@ impl Trainer {
             Some(r) if r.tokens.is_empty() => Some(OnlineRockDetector::new(r.window, r.detection.clone())?),
             _ => None,
         };
+        let adapters = config.rl.ugttt.as_ref().map(|u| {
+            let [vocab, dim] = built.policy.head_weight().dims();
+            (Adapters::new(u, vocab, dim, config.run.seed, &device), rl_adamw(&config))
+        });
         let test = task.test_set(config.eval.size);
         if test.is_empty() {
             return Err(TrainerError::invalid(
@@ -168,6 +175,7 @@ impl Trainer {
             rock_detector,
             reasonmaxxer: None,
             heal: None,
+            adapters,
             kl_coef: config.rl.kl_in_reward.map_or(0.0, |k| k.kl_ctrl.kl_coef),
             prompt_stats: match config.rl.hora.map(|h| h.source) {
                 Some(PosteriorSource::History { decay }) => Some((PromptStatsStore::new(decay)?, 0)),
@@ -262,6 +270,13 @@ impl Trainer {
             *detector = saved;
         }
         t.heal = state.heal;
+        if let Some((adapters, optim)) = t.adapters.take() {
+            let path = from.join(ADAPTERS_FILE);
+            let adapters = adapters
+                .try_load_file(&path)
+                .map_err(|e| TrainerError::Checkpoint { path, reason: format!("{e:?}") })?;
+            t.adapters = Some((adapters, optim.load_from(&from.join(ADAPTERS_OPTIMIZER_FILE))?));
+        }
         if (t.config.needs_reference() || t.config.rl.reasonmaxxer.is_some()) && state.step > 0 {
             t.reference = Some(checkpoint::load_policy(&checkpoints.join("reference"), &t.device)?.0.valid());
         }
@@ -424,6 +439,7 @@ impl Trainer {
             teacher: self.teacher.as_ref(),
             rock_detector: self.rock_detector.as_mut(),
             heal: self.config.rl.heal.as_ref().zip(self.heal.as_ref()),
+            adapters: self.adapters.as_ref().map(|(a, _)| a),
             kl_coef: self.kl_coef,
         };
         score::score(&snapshot, &self.vocab, &self.config, batch, ctx)?;
@@ -475,8 +491,20 @@ impl Trainer {
                 }
             }
         }
+        let mut stats = mean.finish();
+        if let (Some(u), Some((adapters, mut optim))) = (&self.config.rl.ugttt, self.adapters.take()) {
+            let scores = batch.scored("update")?;
+            let inputs = (scores.token_advantages.as_slice(), scores.train_mask.as_slice());
+            let knobs = (self.config.temperature(), u.lambda);
+            let (loss, norm) = ugttt::adapter_loss(self.policy(), &adapters, batch, inputs, knobs, &self.device)?;
+            finite_scalar("UG-TTT adapter loss", &loss)?;
+            let grads = GradientsParams::from_grads(loss.backward(), &adapters);
+            let adapters = optim.step(lr, adapters, grads);
+            self.adapters = Some((adapters, optim));
+            stats.adapter_nuclear_norm = norm;
+        }
         self.rl_steps_done = batch.step;
-        Ok(mean.finish())
+        Ok(stats)
     }
 
     /// With `rl.balance = "buffered"`: pushes a scored batch into the buffer and returns the balanced update batch when
@@ -731,7 +759,19 @@ impl Trainer {
             rock_detector: self.rock_detector.clone(),
             heal: self.heal.clone(),
         };
-        save_checkpoint(dir, self.config.checkpoint.keep, self.policy(), &self.policy_config, &self.optim, &state)
+        let extra = |tmp: &Path| -> Result<()> {
+            if let Some((adapters, optim)) = &self.adapters {
+                let path = tmp.join(ADAPTERS_FILE);
+                adapters
+                    .clone()
+                    .save_file(&path)
+                    .map_err(|e| TrainerError::Checkpoint { path, reason: format!("{e:?}") })?;
+                optim.save_to(&tmp.join(ADAPTERS_OPTIMIZER_FILE))?;
+            }
+            Ok(())
+        };
+        let policy = (self.policy(), &self.policy_config);
+        save_checkpoint(dir, self.config.checkpoint.keep, policy, &self.optim, &state, &extra)
     }
 
     /// Runs what is left of the run (SFT unless done or resumed, then RL to `rl.steps`), reporting to `observer` and

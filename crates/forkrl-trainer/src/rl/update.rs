@@ -67,6 +67,8 @@ pub struct UpdateStats {
     /// `sort/repair_loss`: SORT's repair term, `β · mean_q L_repair` (NaN when off; 0 for a mini-batch without a
     /// repair prompt).
     pub repair_loss: f64,
+    /// `ugttt/nuclear_norm`: `‖[vec ΔW_m]‖_*` of UG-TTT's adapters before their update (NaN when off).
+    pub adapter_nuclear_norm: f64,
 }
 
 impl UpdateStats {
@@ -88,6 +90,7 @@ impl UpdateStats {
             minibatches: 0,
             distill_loss: nan,
             repair_loss: nan,
+            adapter_nuclear_norm: nan,
         }
     }
 }
@@ -155,6 +158,7 @@ impl StatsMean {
                 minibatches: 0,
                 distill_loss: f64::NAN,
                 repair_loss: f64::NAN,
+                adapter_nuclear_norm: f64::NAN,
             },
         }
     }
