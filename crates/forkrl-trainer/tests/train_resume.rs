@@ -292,3 +292,66 @@ fn cpu_backend_stateful_options_resume_bit_identically() {
     let _ = std::fs::remove_dir_all(a);
     let _ = std::fs::remove_dir_all(b);
 }
+
+/// A straight run and a run stopped after step 2 and resumed give the same parameters and metrics.
+fn assert_resumes_bit_identically(config: TrainConfig, tag: &str) {
+    let device = Backend::Cpu.device().expect("cpu");
+    let checked = config.check().expect("valid");
+    let a = scratch(&format!("{tag}-a"));
+    let mut metrics_a = JsonlWriter::new(Vec::new(), "a/metrics.jsonl");
+    Trainer::new(checked.clone(), &device).expect("builds").with_checkpoints(&a).run(&mut metrics_a, None).expect("a");
+    let b = scratch(&format!("{tag}-b"));
+    let mut metrics_b = JsonlWriter::new(Vec::new(), "b/metrics.jsonl");
+    let mut first = Trainer::new(checked.clone(), &device).expect("builds").with_checkpoints(&b);
+    first.run(&mut metrics_b, Some(2)).expect("b, first half");
+    let mut resumed = Trainer::resume_with(checked, &b, &device).expect("resumes");
+    resumed.run(&mut metrics_b, None).expect("b, resumed");
+    let (pa, pb) = (
+        params(&latest_checkpoint(&a).expect("latest").expect("final")),
+        params(&latest_checkpoint(&b).expect("latest").expect("final")),
+    );
+    assert!(
+        pa == pb,
+        "{tag}: parameters differ in {} of {}",
+        pa.iter().zip(&pb).filter(|(x, y)| x != y).count(),
+        pa.len()
+    );
+    assert_eq!(comparable(&metrics_a.into_inner()), comparable(&metrics_b.into_inner()), "{tag}");
+    let _ = std::fs::remove_dir_all(a);
+    let _ = std::fs::remove_dir_all(b);
+}
+
+#[test]
+fn cpu_backend_literature_options_resume_bit_identically() {
+    // The state of issue 18's methods: HEAL's problem sets, the online rock detector's window, UG-TTT's adapters and
+    // their optimizer (SORT and distillation's teacher are stateless); then ReasonMaxxer's base and offline set.
+    let teacher_dir = scratch("literature-teacher").join("teacher");
+    let device = Backend::Cpu.device().expect("cpu");
+    let mut teacher_config = small();
+    teacher_config.run.seed = 5;
+    let teacher = Trainer::new(teacher_config.check().expect("valid"), &device).expect("builds");
+    forkrl_trainer::model::checkpoint::save_policy(teacher.policy(), teacher.policy_config(), &teacher_dir)
+        .expect("saves");
+    let text = format!(
+        "[rl.distillation]\nteacher = {:?}\n[rl.distillation.loss.rock]\nwindow = 2\n\
+         [rl.distillation.loss.rock.detection]\ntop_k = 2\ndrop_most_frequent = 0\n\
+         [rl.sort]\n[rl.ugttt]\nbonus = \"reward\"\n\
+         [rl.heal]\ngeneral = {{ kind = \"sum\" }}\ntarget_problems = 8\ngeneral_pool = 8\ngeneral_keep = 4\n\
+         selection_rollouts = 2\n[rl.heal.eda]\nmin_len = 2\n",
+        teacher_dir.display().to_string()
+    );
+    let mut config: TrainConfig = toml::from_str(&text).expect("valid");
+    let base = small();
+    (config.sft, config.eval, config.checkpoint) = (base.sft, base.eval, base.checkpoint);
+    (config.rl.steps, config.rl.prompts_per_step, config.rl.group_size) = (4, 4, 4);
+    assert_resumes_bit_identically(config, "literature");
+
+    let mut config: TrainConfig = toml::from_str(
+        "[rl.reasonmaxxer]\nproblems = 64\nrollouts_per_problem = 8\nkeep_problems = 8\nbatch_size = 4\n",
+    )
+    .expect("valid");
+    (config.sft, config.eval, config.checkpoint) = (base.sft, base.eval, base.checkpoint);
+    config.sft.steps = 300;
+    config.rl.steps = 4;
+    assert_resumes_bit_identically(config, "reasonmaxxer");
+}
