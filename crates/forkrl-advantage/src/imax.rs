@@ -45,12 +45,10 @@ impl ImaxConfig {
     /// # Errors
     /// [`Error::InvalidParameter`] naming the parameter.
     pub fn validate(&self) -> Result<()> {
-        if self.num_prefixes == 0 || self.prefix_len == 0 {
-            return Err(Error::invalid_parameter(
-                "num_prefixes/prefix_len",
-                format!("{}/{}", self.num_prefixes, self.prefix_len),
-                "must be ≥ 1",
-            ));
+        for (name, v) in [("num_prefixes", self.num_prefixes), ("prefix_len", self.prefix_len)] {
+            if v == 0 {
+                return Err(Error::invalid_parameter(name, v, "must be ≥ 1"));
+            }
         }
         if !(self.lambda.is_finite() && self.lambda >= 0.0) {
             return Err(Error::invalid_parameter("lambda", self.lambda, "must be finite and ≥ 0"));

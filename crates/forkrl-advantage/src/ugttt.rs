@@ -57,8 +57,10 @@ impl UgTttConfig {
     /// # Errors
     /// [`Error::InvalidParameter`] naming the parameter.
     pub fn validate(&self) -> Result<()> {
-        if self.members == 0 || self.rank == 0 {
-            return Err(Error::invalid_parameter("members/rank", format!("{}/{}", self.members, self.rank), "≥ 1"));
+        for (name, v) in [("members", self.members), ("rank", self.rank)] {
+            if v == 0 {
+                return Err(Error::invalid_parameter(name, v, "must be ≥ 1"));
+            }
         }
         for (name, v) in [("beta", self.beta), ("lambda", self.lambda)] {
             if !(v.is_finite() && v >= 0.0) {

@@ -963,6 +963,7 @@ impl TrainConfig {
             }
         }
         if let Some(s) = &rl.sort {
+            s.weighting.validate().map_err(TrainerError::in_section("rl.sort.weighting"))?;
             s.validate().map_err(TrainerError::in_section("rl.sort"))?;
             if rl.balance == Balance::Buffered {
                 return Err(TrainerError::invalid(

@@ -379,3 +379,20 @@ fn ugttt_adapters_survive_a_checkpoint() {
     let mi = |b: &RolloutBatch| b.scores.as_ref().and_then(|s| s.epistemic.clone()).expect("MI");
     assert_eq!(mi(&x), mi(&y), "the updated adapters were saved and loaded");
 }
+
+#[test]
+fn bad_literature_knobs_name_their_key() {
+    let key = |toml: &str| match config(toml).check() {
+        Err(TrainerError::InvalidConfig { key, .. }) => key,
+        other => panic!("{toml}: {other:?}"),
+    };
+    assert_eq!(key("[rl.sort]\nweighting = { kind = \"geometric\", lambda = 2.0 }\n"), "rl.sort.weighting.lambda");
+    assert_eq!(key("[rl.sort]\nbeta = -1.0\n"), "rl.sort.beta");
+    assert_eq!(key("[rl.ugttt]\nmembers = 0\n"), "rl.ugttt.members");
+    assert_eq!(key("[rl.reasonmaxxer.loss]\ngated_fraction = 0.0\n"), "rl.reasonmaxxer.loss.gated_fraction");
+    assert_eq!(key("[rl.heal.eda]\ntop_fraction = 2.0\n"), "rl.heal.eda.top_fraction");
+    assert_eq!(
+        key("[rl.distillation]\nteacher = \"/x\"\n[rl.distillation.loss]\nkl_discount = 2.0\n"),
+        "rl.distillation.loss.kl_discount"
+    );
+}
