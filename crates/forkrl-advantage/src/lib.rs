@@ -85,8 +85,8 @@ pub use opefo::opefo_advantages;
 pub use policy_loss::{AggregatedLoss, PolicyLoss};
 pub use ppo_clip::PpoClipConfig;
 pub use reasonmaxxer::{
-    DecisionObjective, DecisionRows, GateVariant, ReasonMaxxerCoefficients, ReasonMaxxerConfig, decision_gate,
-    gate_threshold, reasonmaxxer_advantages, reasonmaxxer_coefficients, reasonmaxxer_loss_host,
+    DecisionObjective, DecisionRows, GateVariant, ReasonMaxxerCoefficients, ReasonMaxxerConfig, apply_neg_prob_floor,
+    decision_gate, gate_threshold, reasonmaxxer_advantages, reasonmaxxer_coefficients, reasonmaxxer_loss_host,
 };
 pub use shear::{ShearConfig, SinkhornConfig, shear_spans, shear_weights, sinkhorn_w1};
 pub use sort::{SortConfig, SortWeighting, sort_needs_repair, sort_repair_loss_host, sort_weights};

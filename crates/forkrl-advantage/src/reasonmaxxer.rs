@@ -76,6 +76,9 @@ pub struct ReasonMaxxerConfig {
     pub decision_objective: DecisionObjective,
     /// `gated` or `fullseq`.
     pub variant: GateVariant,
+    /// `neg_prob_floor`: negative decision tokens whose current probability is already at or below it leave the loss
+    /// (the unbounded negative term stops pushing them); 0 = off, the released default.
+    pub neg_prob_floor: f32,
 }
 
 impl Default for ReasonMaxxerConfig {
@@ -92,6 +95,7 @@ impl Default for ReasonMaxxerConfig {
             kl_on_generated_only: false,
             decision_objective: DecisionObjective::AdvCe,
             variant: GateVariant::Gated,
+            neg_prob_floor: 0.0,
         }
     }
 }
@@ -122,6 +126,9 @@ impl ReasonMaxxerConfig {
         finite_pos("adv_eps", self.adv_eps)?;
         if !(self.kl_weight.is_finite() && self.kl_weight >= 0.0) {
             return Err(Error::invalid_parameter("kl_weight", self.kl_weight, "must be finite and ≥ 0"));
+        }
+        if !(0.0..1.0).contains(&self.neg_prob_floor) {
+            return Err(Error::invalid_parameter("neg_prob_floor", self.neg_prob_floor, "must lie in [0, 1)"));
         }
         if !(self.beta_neg.is_finite() && self.beta_neg >= 0.0) {
             return Err(Error::invalid_parameter("beta_neg", self.beta_neg, "must be finite and ≥ 0"));
@@ -297,6 +304,27 @@ pub fn reasonmaxxer_coefficients(
     Ok(ReasonMaxxerCoefficients { ce, kl, effective, effective_fraction })
 }
 
+/// The released `neg_prob_floor`: zeroes the CE coefficients of negative decision tokens (coefficient < 0) whose
+/// current probability `exp(log_prob)` is at or below `floor` (`floor = 0` changes nothing). The other coefficients,
+/// and the denominators they were divided by, stay as they are. Returns how many were dropped.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] for mismatched lengths.
+pub fn apply_neg_prob_floor(ce: &mut [f32], log_prob: &[f32], floor: f32) -> Result<usize> {
+    check_len("apply_neg_prob_floor: log_prob vs ce", log_prob.len(), ce.len())?;
+    let mut dropped = 0;
+    if floor > 0.0 {
+        let ln_floor = floor.ln();
+        for (c, &lp) in ce.iter_mut().zip(log_prob) {
+            if *c < 0.0 && lp <= ln_floor {
+                *c = 0.0;
+                dropped += 1;
+            }
+        }
+    }
+    Ok(dropped)
+}
+
 /// The f64 reference of ReasonMaxxer's loss, computed the way the module doc writes it (per sequence, then the mean):
 /// `ce` and `kl` are `[B, W]` per-position values.
 ///
@@ -445,6 +473,17 @@ mod tests {
         let rows = DecisionRows { decision: &none, valid: &none, generated: &none, advantages: &[1.0], width: 2 };
         let c = reasonmaxxer_coefficients(&rows, &Default::default()).expect("valid");
         assert_eq!((c.ce, c.kl, c.effective_fraction), (vec![0.0; 2], vec![0.0; 2], 0.0));
+    }
+
+    #[test]
+    fn the_negative_floor_drops_only_improbable_negative_tokens() {
+        let mut ce = [0.5f32, -0.5, -0.5, 0.0];
+        let lp = [(0.01f32).ln(), (0.01f32).ln(), (0.5f32).ln(), (0.01f32).ln()];
+        assert_eq!(apply_neg_prob_floor(&mut ce.clone(), &lp, 0.0).expect("valid"), 0);
+        assert_eq!(apply_neg_prob_floor(&mut ce, &lp, 0.05).expect("valid"), 1);
+        assert_eq!(ce, [0.5, 0.0, -0.5, 0.0], "positive and probable negative tokens stay");
+        assert!(apply_neg_prob_floor(&mut ce, &lp[..2], 0.05).is_err());
+        assert!(ReasonMaxxerConfig { neg_prob_floor: 1.0, ..Default::default() }.validate().is_err());
     }
 
     #[test]

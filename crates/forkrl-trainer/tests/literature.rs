@@ -396,3 +396,21 @@ fn bad_literature_knobs_name_their_key() {
         "rl.distillation.loss.kl_discount"
     );
 }
+
+#[test]
+fn reasonmaxxers_negative_floor_removes_the_push_on_improbable_negative_tokens() {
+    let first_decision_loss = |floor: f64| {
+        let t = trainer(&format!(
+            "[rl.reasonmaxxer]\nbatch_size = 8\n[rl.reasonmaxxer.loss]\ngated_fraction = 0.5\nneg_prob_floor = {floor}\n"
+        ));
+        let setup = t.config().rl.reasonmaxxer.clone().expect("set");
+        let mut batch = fixed_batch(&t);
+        batch.problems = None;
+        let data = ReasonMaxxerData::from_batch(t.policy(), batch, t.config(), &setup).expect("offline set");
+        let mut t = t.with_reasonmaxxer_data(data);
+        t.rl_step().expect("step").get("reasonmaxxer/decision_loss").expect("logged")
+    };
+    let (off, on) = (first_decision_loss(0.0), first_decision_loss(0.99));
+    // An untrained policy gives every token probability < 0.99: the floor drops every negative term (Â · CE < 0).
+    assert!(on > 0.0 && on > off, "with the floor {on}, without {off}");
+}

@@ -18,7 +18,8 @@
 
 use burn::tensor::{Device, Int, Tensor, TensorData, activation::log_softmax};
 use forkrl_advantage::{
-    DecisionRows, decision_gate, gate_threshold, reasonmaxxer_advantages, reasonmaxxer_coefficients,
+    DecisionRows, apply_neg_prob_floor, decision_gate, gate_threshold, reasonmaxxer_advantages,
+    reasonmaxxer_coefficients,
 };
 use forkrl_core::{SeedStream, derive_seed};
 use rand::{SeedableRng, seq::SliceRandom};
@@ -258,7 +259,7 @@ pub fn step_loss(
     let advantages: Vec<f32> = rows.iter().map(|&r| data.advantages[r]).collect();
     let view =
         DecisionRows { decision: &decision, valid: &valid, generated: &generated, advantages: &advantages, width: w };
-    let c = reasonmaxxer_coefficients(&view, &setup.loss)?;
+    let mut c = reasonmaxxer_coefficients(&view, &setup.loss)?;
     let seqs: Vec<Vec<u32>> = rows.iter().map(|&r| data.batch.ids()[r].clone()).collect();
     let ids = ids_tensor(&seqs, device);
     let targets: Tensor<3, Int> = ids.clone().narrow(1, 1, w).reshape([n, w, 1]);
@@ -268,12 +269,14 @@ pub fn step_loss(
     let lb = Tensor::<3>::from_data(TensorData::new(lb_host.clone(), [n, w, v]), device);
     let token_lp = lp.clone().gather(2, targets).reshape([n, w]);
     let kl = lb.clone().exp().mul(lb.sub(lp)).sum_dim(2).reshape([n, w]);
+    let token_lp_host = host_f32(token_lp.clone().detach())?;
+    apply_neg_prob_floor(&mut c.ce, &token_lp_host, setup.loss.neg_prob_floor)?;
     let tensor = |x: Vec<f32>| Tensor::<2>::from_data(TensorData::new(x, [n, w]), device);
     let dec = token_lp.clone().neg().mul(tensor(c.ce.clone())).sum();
     let anchor = kl.clone().mul(tensor(c.kl.clone())).sum();
     let loss = dec.clone().add(anchor);
     // Diagnostics on the host.
-    let (token_lp, kl) = (host_f32(token_lp.detach())?, host_f32(kl.detach())?);
+    let (token_lp, kl) = (token_lp_host, host_f32(kl.detach())?);
     let (mut plus, mut minus, mut anchor_sum) = ((0.0f64, 0usize), (0.0f64, 0usize), (0.0f64, 0usize));
     for t in 0..n * w {
         if c.effective[t] {
