@@ -95,6 +95,13 @@ pub fn ugttt_token_advantages(advantages: &[f32], mi: &[f32], mask: &[bool], bet
 /// # Errors
 /// [`Error::ShapeMismatch`] when the length is not `rows × cols`; [`Error::InvalidParameter`] for a non-finite entry.
 pub fn nuclear_norm(matrix: &[f32], rows: usize, cols: usize) -> Result<f64> {
+    let (lambda, _) = gram_eigen(matrix, rows, cols)?;
+    Ok(lambda.iter().map(|l| l.sqrt()).sum())
+}
+
+/// The eigenvalues (clamped at 0) and eigenvectors (columns, row-major `rows × rows`) of the Gram matrix `X Xᵀ`,
+/// after checking `X`.
+fn gram_eigen(matrix: &[f32], rows: usize, cols: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     check_len("nuclear_norm: matrix", matrix.len(), rows * cols)?;
     if let Some(x) = matrix.iter().find(|x| !x.is_finite()) {
         return Err(Error::invalid_parameter("matrix", x, "must be finite"));
@@ -108,8 +115,8 @@ pub fn nuclear_norm(matrix: &[f32], rows: usize, cols: usize) -> Result<f64> {
             g[j * rows + i] = d;
         }
     }
-    jacobi_eigen(&mut g, rows);
-    Ok((0..rows).map(|i| g[i * rows + i].max(0.0).sqrt()).sum())
+    let vectors = jacobi_eigen(&mut g, rows);
+    Ok(((0..rows).map(|i| g[i * rows + i].max(0.0)).collect(), vectors))
 }
 
 /// `(‖X‖_*, ∂‖X‖_*/∂X)` of a `rows × cols` matrix: the gradient is `U Vᵀ = (X Xᵀ)^{-1/2} X` (from the Gram matrix's
@@ -119,16 +126,8 @@ pub fn nuclear_norm(matrix: &[f32], rows: usize, cols: usize) -> Result<f64> {
 /// # Errors
 /// As [`nuclear_norm`].
 pub fn nuclear_norm_grad(matrix: &[f32], rows: usize, cols: usize) -> Result<(f64, Vec<f32>)> {
-    let norm = nuclear_norm(matrix, rows, cols)?;
-    let row = |i: usize| &matrix[i * cols..(i + 1) * cols];
-    let mut g = vec![0.0f64; rows * rows];
-    for i in 0..rows {
-        for j in 0..rows {
-            g[i * rows + j] = row(i).iter().zip(row(j)).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
-        }
-    }
-    let vectors = jacobi_eigen(&mut g, rows);
-    let lambda: Vec<f64> = (0..rows).map(|i| g[i * rows + i].max(0.0)).collect();
+    let (lambda, vectors) = gram_eigen(matrix, rows, cols)?;
+    let norm = lambda.iter().map(|l| l.sqrt()).sum();
     let floor = lambda.iter().copied().fold(0.0f64, f64::max) * 1e-12;
     // S^{-1/2} = Σ_k λ_k^{-1/2} q_k q_kᵀ over the directions above the floor.
     let mut inv_sqrt = vec![0.0f64; rows * rows];

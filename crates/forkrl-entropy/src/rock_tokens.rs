@@ -79,16 +79,22 @@ fn check(token_ids: &[u32], values: &[f32], mask: &[bool], what: &'static str) -
     check_finite_masked(what, values, mask)
 }
 
+/// [`check`] for reverse-KL values, which must also be ≥ 0 on the loss tokens.
+fn check_kl(token_ids: &[u32], kl: &[f32], mask: &[bool]) -> Result<()> {
+    check(token_ids, kl, mask, "reverse KL")?;
+    match kl.iter().zip(mask).position(|(&v, &m)| m && v < 0.0) {
+        Some(i) => Err(Error::invalid_parameter("reverse KL", kl[i], format!("position {i}: a KL divergence is ≥ 0"))),
+        None => Ok(()),
+    }
+}
+
 /// Ranks vocabulary ids by total reverse-KL mass and picks the rock tokens and controls.
 ///
 /// # Errors
 /// [`Error::ShapeMismatch`] when the arrays differ in length; [`Error::NonFinite`] for a non-finite KL on a loss token;
 /// [`Error::InvalidParameter`] for a negative KL (a KL divergence is ≥ 0).
 pub fn detect_rock_tokens(token_ids: &[u32], kl: &[f32], mask: &[bool], config: &RockConfig) -> Result<RockReport> {
-    check(token_ids, kl, mask, "reverse KL")?;
-    if let Some(i) = kl.iter().zip(mask).position(|(&v, &m)| m && v < 0.0) {
-        return Err(Error::invalid_parameter("reverse KL", kl[i], format!("position {i}: a KL divergence is ≥ 0")));
-    }
+    check_kl(token_ids, kl, mask)?;
     let mut acc: HashMap<u32, (u64, f64, f64)> = HashMap::new();
     for ((&id, &v), &m) in token_ids.iter().zip(kl).zip(mask) {
         if m {
@@ -233,10 +239,7 @@ impl OnlineRockDetector {
     /// # Errors
     /// As [`detect_rock_tokens`] for shapes, non-finite and negative KL.
     pub fn push(&mut self, token_ids: &[u32], kl: &[f32], mask: &[bool]) -> Result<()> {
-        check(token_ids, kl, mask, "reverse KL")?;
-        if let Some(i) = kl.iter().zip(mask).position(|(&v, &m)| m && v < 0.0) {
-            return Err(Error::invalid_parameter("reverse KL", kl[i], format!("position {i}: a KL divergence is ≥ 0")));
-        }
+        check_kl(token_ids, kl, mask)?;
         let step = token_ids.iter().zip(kl).zip(mask).filter(|(_, m)| **m).map(|((&id, &v), _)| (id, v)).collect();
         self.steps.push_back(step);
         while self.steps.len() > self.window {

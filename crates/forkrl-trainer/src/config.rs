@@ -936,31 +936,7 @@ impl TrainConfig {
     fn check_literature(&self) -> Result<()> {
         let rl = &self.rl;
         if let Some(d) = &rl.distillation {
-            d.loss.validate().map_err(TrainerError::in_section("rl.distillation.loss"))?;
-            let t = &d.teacher;
-            let holds = t.join(crate::model::checkpoint::CONFIG_FILE).is_file() || t.join("config.json").is_file();
-            if !holds {
-                return Err(TrainerError::invalid(
-                    "rl.distillation.teacher",
-                    t.display(),
-                    "is not a forkrl checkpoint (policy_config.json) or a Hugging Face model directory (config.json)",
-                ));
-            }
-            if rl.vps.is_some() || rl.token_weighting != TokenWeighting::None {
-                return Err(TrainerError::invalid(
-                    "rl.distillation",
-                    "set",
-                    "distillation sets the token advantages itself: unset rl.vps and leave rl.token_weighting at none",
-                ));
-            }
-            if rl.balance != Balance::None {
-                return Err(TrainerError::invalid(
-                    "rl.balance",
-                    format!("{:?}", rl.balance),
-                    "reward balancing selects rows by advantage sign, which the per-token distillation signal does \
-                     not have",
-                ));
-            }
+            d.check(rl)?;
         }
         if let Some(s) = &rl.sort {
             s.weighting.validate().map_err(TrainerError::in_section("rl.sort.weighting"))?;
@@ -974,22 +950,7 @@ impl TrainConfig {
             }
         }
         if let Some(h) = &rl.heal {
-            h.eda.validate().map_err(TrainerError::in_section("rl.heal.eda"))?;
-            h.general.validate()?;
-            at_least("rl.heal.target_problems", h.target_problems, 1)?;
-            at_least("rl.heal.general_keep", h.general_keep, 1)?;
-            at_least("rl.heal.general_pool", h.general_pool, h.general_keep)?;
-            at_least("rl.heal.selection_rollouts", h.selection_rollouts, 2)?;
-            if !(0.0..=1.0).contains(&h.general_share) {
-                return Err(TrainerError::invalid("rl.heal.general_share", h.general_share, "must lie in [0, 1]"));
-            }
-            if rl.dynamic_sampling.is_some() || rl.reasonmaxxer.is_some() {
-                return Err(TrainerError::invalid(
-                    "rl.heal",
-                    "set",
-                    "HEAL draws its own prompts: unset rl.dynamic_sampling and rl.reasonmaxxer",
-                ));
-            }
+            h.check(rl)?;
         }
         if let Some(u) = &rl.ugttt {
             u.validate().map_err(TrainerError::in_section("rl.ugttt"))?;
@@ -1005,27 +966,91 @@ impl TrainConfig {
             }
         }
         if let Some(r) = &rl.reasonmaxxer {
-            r.loss.validate().map_err(TrainerError::in_section("rl.reasonmaxxer.loss"))?;
-            at_least("rl.reasonmaxxer.problems", r.problems, 1)?;
-            at_least("rl.reasonmaxxer.rollouts_per_problem", r.rollouts_per_problem, 2)?;
-            at_least("rl.reasonmaxxer.batch_size", r.batch_size, 1)?;
-            if let Some(k) = r.keep_problems {
-                at_least("rl.reasonmaxxer.keep_problems", k, 1)?;
-            }
-            if !(r.trim_fraction > 0.0 && r.trim_fraction <= 1.0) {
-                return Err(TrainerError::invalid(
-                    "rl.reasonmaxxer.trim_fraction",
-                    r.trim_fraction,
-                    "must lie in (0, 1]",
-                ));
-            }
-            if rl.distillation.is_some() || rl.sort.is_some() {
-                return Err(TrainerError::invalid(
-                    "rl.reasonmaxxer",
-                    "set",
-                    "ReasonMaxxer replaces the RL phase: unset rl.distillation and rl.sort",
-                ));
-            }
+            r.check(rl)?;
+        }
+        Ok(())
+    }
+}
+
+impl DistillationSetup {
+    /// `rl.distillation`'s checks: the loss, the teacher directory (it exists and holds a checkpoint; its vocabulary
+    /// is checked when it loads), and the options it excludes.
+    fn check(&self, rl: &RlConfig) -> Result<()> {
+        self.loss.validate().map_err(TrainerError::in_section("rl.distillation.loss"))?;
+        let t = &self.teacher;
+        let holds = t.join(crate::model::checkpoint::CONFIG_FILE).is_file() || t.join("config.json").is_file();
+        if !holds {
+            return Err(TrainerError::invalid(
+                "rl.distillation.teacher",
+                t.display(),
+                "is not a forkrl checkpoint (policy_config.json) or a Hugging Face model directory (config.json)",
+            ));
+        }
+        if rl.vps.is_some() || rl.token_weighting != TokenWeighting::None {
+            return Err(TrainerError::invalid(
+                "rl.distillation",
+                "set",
+                "distillation sets the token advantages itself: unset rl.vps and leave rl.token_weighting at none",
+            ));
+        }
+        if rl.balance != Balance::None {
+            return Err(TrainerError::invalid(
+                "rl.balance",
+                format!("{:?}", rl.balance),
+                "reward balancing selects rows by advantage sign, which the per-token distillation signal does \
+                 not have",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl HealSetup {
+    /// `rl.heal`'s checks.
+    fn check(&self, rl: &RlConfig) -> Result<()> {
+        self.eda.validate().map_err(TrainerError::in_section("rl.heal.eda"))?;
+        self.general.validate()?;
+        at_least("rl.heal.target_problems", self.target_problems, 1)?;
+        at_least("rl.heal.general_keep", self.general_keep, 1)?;
+        at_least("rl.heal.general_pool", self.general_pool, self.general_keep)?;
+        at_least("rl.heal.selection_rollouts", self.selection_rollouts, 2)?;
+        if !(0.0..=1.0).contains(&self.general_share) {
+            return Err(TrainerError::invalid("rl.heal.general_share", self.general_share, "must lie in [0, 1]"));
+        }
+        if rl.dynamic_sampling.is_some() || rl.reasonmaxxer.is_some() {
+            return Err(TrainerError::invalid(
+                "rl.heal",
+                "set",
+                "HEAL draws its own prompts: unset rl.dynamic_sampling and rl.reasonmaxxer",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ReasonMaxxerSetup {
+    /// `rl.reasonmaxxer`'s checks.
+    fn check(&self, rl: &RlConfig) -> Result<()> {
+        self.loss.validate().map_err(TrainerError::in_section("rl.reasonmaxxer.loss"))?;
+        at_least("rl.reasonmaxxer.problems", self.problems, 1)?;
+        at_least("rl.reasonmaxxer.rollouts_per_problem", self.rollouts_per_problem, 2)?;
+        at_least("rl.reasonmaxxer.batch_size", self.batch_size, 1)?;
+        if let Some(k) = self.keep_problems {
+            at_least("rl.reasonmaxxer.keep_problems", k, 1)?;
+        }
+        if !(self.trim_fraction > 0.0 && self.trim_fraction <= 1.0) {
+            return Err(TrainerError::invalid(
+                "rl.reasonmaxxer.trim_fraction",
+                self.trim_fraction,
+                "must lie in (0, 1]",
+            ));
+        }
+        if rl.distillation.is_some() || rl.sort.is_some() {
+            return Err(TrainerError::invalid(
+                "rl.reasonmaxxer",
+                "set",
+                "ReasonMaxxer replaces the RL phase: unset rl.distillation and rl.sort",
+            ));
         }
         Ok(())
     }

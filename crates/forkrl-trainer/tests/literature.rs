@@ -2,13 +2,15 @@
 //! policy (CPU backend): on-policy distillation (both estimators, the rock-token bypass and its alignment, online rock
 //! detection, the teacher checks), SORT's repair update, and ReasonMaxxer's offline stage.
 
+mod common;
+
 use std::path::PathBuf;
 
 use forkrl_core::Backend;
 use forkrl_entropy::{RockAlignment, RockConfig, detect_rock_tokens, rock_aligned_ids};
 use forkrl_trainer::{
     TrainConfig, Trainer, TrainerError,
-    batch::{Rollout, RolloutBatch},
+    batch::RolloutBatch,
     model::{checkpoint, token_stats_host},
     rl::reasonmaxxer::ReasonMaxxerData,
     tasks::{Gold, Problem},
@@ -45,7 +47,6 @@ fn teacher_dir(tag: &str, seed: u64) -> PathBuf {
 
 /// Two prompts × four responses, rewards `[1, 0, 0, 1 | 0, 0, 0, 0]`, with the problems (and worked solutions) attached.
 fn fixed_batch(t: &Trainer) -> RolloutBatch {
-    let v = t.vocab();
     let rows = [
         ("12+34-5=", "46|41", 1.0),
         ("12+34-5=", "46|40", 0.0),
@@ -56,19 +57,18 @@ fn fixed_batch(t: &Trainer) -> RolloutBatch {
         ("7+8+9=", "16|25", 0.0),
         ("7+8+9=", "15|24|9", 0.0),
     ];
-    let rollouts = rows
-        .iter()
-        .map(|(p, r, reward)| {
-            let mut response = v.encode(r).expect("encodes");
-            response.push(v.eos[0]);
-            Rollout { prompt: v.encode(p).expect("encodes"), response, truncated: false, reward: *reward }
-        })
-        .collect();
-    let mut batch = RolloutBatch::new(1, rollouts, vec![4, 4], v.pad).expect("valid batch");
+    let mut batch = common::batch_of(t, &rows, vec![4, 4]);
     batch.problems = Some(vec![
         Problem { prompt: "12+34-5=".into(), solution: Some("46|41".into()), gold: Gold::LastInteger(41) },
         Problem { prompt: "7+8+9=".into(), solution: Some("7+8=15|15+9=24".into()), gold: Gold::LastInteger(24) },
     ]);
+    batch
+}
+
+/// The fixed batch, scored by `t`.
+fn scored(t: &mut Trainer) -> RolloutBatch {
+    let mut batch = fixed_batch(t);
+    t.score(&mut batch).expect("scores");
     batch
 }
 
@@ -88,8 +88,7 @@ fn sampled_token_distillation_trains_on_minus_k1_and_full_vocabulary_lowers_the_
 
     // Sampled token: A_t = −(log π_old − log q) on every response token, the forking mask off (all tokens).
     let mut t = trainer(&format!("{base}[rl.distillation.loss]\nestimator = \"sampled_token\"\n"));
-    let mut batch = fixed_batch(&t);
-    t.score(&mut batch).expect("scores");
+    let batch = scored(&mut t);
     let s = batch.scores.as_ref().expect("scored");
     let d = s.distill.as_ref().expect("distill");
     for (i, &m) in batch.response_mask().iter().enumerate() {
@@ -138,8 +137,7 @@ fn the_rock_bypass_silences_the_predicted_or_the_next_position_and_online_detect
     };
     for (alignment, offset) in [("predicted", 1usize), ("context", 0)] {
         let mut t = trainer(&setup(&format!("tokens = [{sep}]\nalignment = \"{alignment}\"\n")));
-        let mut batch = fixed_batch(&t);
-        t.score(&mut batch).expect("scores");
+        let batch = scored(&mut t);
         let s = batch.scores.as_ref().expect("scored");
         let d = s.distill.as_ref().expect("distill");
         let w = batch.width();
@@ -154,8 +152,7 @@ fn the_rock_bypass_silences_the_predicted_or_the_next_position_and_online_detect
     // Every id a rock: nothing trains, the parameters stay.
     let all: Vec<String> = (0..30).map(|i| i.to_string()).collect();
     let mut t = trainer(&setup(&format!("tokens = [{}]\n", all.join(", "))));
-    let mut batch = fixed_batch(&t);
-    t.score(&mut batch).expect("scores");
+    let batch = scored(&mut t);
     let before = token_stats_host(t.policy(), batch.ids(), batch.width(), 1.0, 8).expect("stats").1;
     t.update(&batch).expect("updates");
     assert_eq!(token_stats_host(t.policy(), batch.ids(), batch.width(), 1.0, 8).expect("stats").1, before);
@@ -164,8 +161,7 @@ fn the_rock_bypass_silences_the_predicted_or_the_next_position_and_online_detect
     let detection =
         "window = 1\n[rl.distillation.loss.rock.detection]\nmin_freq = 1\ndrop_most_frequent = 0\ntop_k = 2\n";
     let mut t = trainer(&setup(detection));
-    let mut batch = fixed_batch(&t);
-    t.score(&mut batch).expect("scores");
+    let batch = scored(&mut t);
     let d = batch.scores.as_ref().and_then(|s| s.distill.clone()).expect("distill");
     let ids = rock_aligned_ids(batch.ids(), batch.width(), RockAlignment::Predicted).expect("aligned");
     let config = RockConfig { min_freq: 1, drop_most_frequent: 0, top_k: 2, control_k: 100 };
@@ -202,8 +198,7 @@ fn sort_repairs_only_all_wrong_groups_and_raises_the_reference_likelihood() {
     let mut gains = Vec::new();
     for toml in ["[rl]\nlr = 3e-3\n", "[rl]\nlr = 3e-3\n[rl.sort]\nweighting = { kind = \"uniform\" }\n"] {
         let mut t = trainer(toml);
-        let mut batch = fixed_batch(&t);
-        t.score(&mut batch).expect("scores");
+        let batch = scored(&mut t);
         let before = reference_lp(&t);
         let stats = t.update(&batch).expect("updates");
         gains.push(reference_lp(&t) - before);
@@ -220,8 +215,7 @@ fn sort_repairs_only_all_wrong_groups_and_raises_the_reference_likelihood() {
 
     // Geometric weights lie in (0, 1]; a batch without problems repairs nothing.
     let mut t = trainer("[rl.sort]\n");
-    let mut batch = fixed_batch(&t);
-    t.score(&mut batch).expect("scores");
+    let batch = scored(&mut t);
     let s = batch.scores.as_ref().and_then(|s| s.sort.clone()).expect("sort");
     let repair = s.repair.as_ref().expect("rows");
     assert!(repair.response_values(&s.weights, 0).iter().all(|&w| w > 0.0 && w <= 1.0));
@@ -325,8 +319,7 @@ fn heal_mixes_selected_general_problems_and_adds_the_eda_reward() {
 #[test]
 fn ugttt_adds_the_ensembles_disagreement_and_its_regulariser_spreads_the_adapters() {
     let mut t = trainer("[rl.ugttt]\nbeta = 0.5\n");
-    let mut batch = fixed_batch(&t);
-    t.score(&mut batch).expect("scores");
+    let batch = scored(&mut t);
     let s = batch.scores.as_ref().expect("scored");
     let mi = s.epistemic.clone().expect("MI");
     let w = batch.width();
@@ -339,8 +332,7 @@ fn ugttt_adds_the_ensembles_disagreement_and_its_regulariser_spreads_the_adapter
 
     // The bonus in the reward instead: r + β Σ_t MI_t.
     let mut t = trainer("[rl.ugttt]\nbeta = 0.5\nbonus = \"reward\"\n");
-    let mut batch = fixed_batch(&t);
-    t.score(&mut batch).expect("scores");
+    let batch = scored(&mut t);
     let s = batch.scores.as_ref().expect("scored");
     for r in 0..batch.len() {
         let bonus: f32 = batch.response_positions(r).map(|i| mi[i]).sum();

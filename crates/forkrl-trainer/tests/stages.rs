@@ -3,6 +3,8 @@
 //! reference policy), `update` (micro-batches with gradient accumulation give the whole mini-batch's update; HTPO's
 //! token groups; stage order), and `rollout` (HORA and Mixed-CUTS allocation).
 
+mod common;
+
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::Tensor;
 use forkrl_advantage::{AggMode, ForkingDenominator, RolloutView, aggregate_host_with_counts, forking_loss_mask};
@@ -24,7 +26,6 @@ fn trainer(toml: &str) -> Trainer {
 
 /// Two prompts × four responses of the arithmetic task's alphabet, rewards `[1, 0, 0, 1 | 0, 0, 0, 1]`.
 fn fixed_batch(t: &Trainer) -> RolloutBatch {
-    let v = t.vocab();
     let rows = [
         ("12+34-5=", "41|41", 1.0),
         ("12+34-5=", "46|40", 0.0),
@@ -35,15 +36,7 @@ fn fixed_batch(t: &Trainer) -> RolloutBatch {
         ("7+8+9=", "16|25", 0.0),
         ("7+8+9=", "15|24|9", 1.0),
     ];
-    let rollouts = rows
-        .iter()
-        .map(|(p, r, reward)| {
-            let mut response = v.encode(r).expect("encodes");
-            response.push(v.eos[0]);
-            Rollout { prompt: v.encode(p).expect("encodes"), response, truncated: false, reward: *reward }
-        })
-        .collect();
-    RolloutBatch::new(1, rollouts, vec![4, 4], v.pad).expect("valid batch")
+    common::batch_of(t, &rows, vec![4, 4])
 }
 
 fn params<M: Module>(m: &M) -> Vec<f32> {

@@ -155,8 +155,14 @@ pub fn score(
                 }
                 _ => r.tokens.clone(),
             };
-            let aligned = rock_aligned_ids(batch.ids(), w, r.alignment)?;
-            (rock_bypass_weights(&aligned, mask, &rocks, r.freeze_weight)?, rocks)
+            let weights = match r.alignment {
+                RockAlignment::Predicted => rock_bypass_weights(&targets, mask, &rocks, r.freeze_weight)?,
+                RockAlignment::Context => {
+                    let context = rock_aligned_ids(batch.ids(), w, RockAlignment::Context)?;
+                    rock_bypass_weights(&context, mask, &rocks, r.freeze_weight)?
+                }
+            };
+            (weights, rocks)
         }
     };
     Ok(DistillScores { teacher_log_prob, reverse_kl, weights, rocks })

@@ -29,7 +29,7 @@ use crate::{
     batch::RolloutBatch,
     config::{CheckedConfig, HealSetup},
     model::{Vocab, policy::Policy, token_stats_host},
-    rl::{reasonmaxxer::sampling_config, rollout::sample_groups},
+    rl::rollout::sample_each,
     tasks::{Problem, Task},
 };
 
@@ -60,17 +60,22 @@ impl HealData {
         let target = task.sample(setup.target_problems, derive_seed(seed, SeedStream::Heal, &[0]))?;
         let general_task = Task::new(&setup.general)?;
         let pool = general_task.sample(setup.general_pool, derive_seed(seed, SeedStream::Heal, &[1]))?;
-        let sampling = sampling_config(config, setup.selection_rollouts)?;
-        let groups = sample_groups(policy, vocab, &pool, &sampling, derive_seed(seed, SeedStream::Heal, &[2]), None)?;
+        let draw = derive_seed(seed, SeedStream::Heal, &[2]);
+        let groups = sample_each(policy, vocab, &pool, config, setup.selection_rollouts, draw)?;
+        // One scoring pass over every candidate's rollouts, `log_prob_micro_batch_size` rows at a time.
+        let sizes: Vec<usize> = groups.iter().map(|g| g.rollouts.len()).collect();
+        let rollouts = groups.iter().flat_map(|g| g.rollouts.iter().cloned()).collect();
+        let all = RolloutBatch::new(0, rollouts, sizes, vocab.pad)?;
         let micro = config.log_prob_micro_batch_size().unwrap_or(64);
+        let (entropy, _) = token_stats_host(policy, all.ids(), all.width(), config.temperature(), micro)?;
         let mut scored = Vec::with_capacity(groups.len());
+        let mut row = 0;
         for g in &groups {
             let n = g.rollouts.len();
             let acc = g.rollouts.iter().filter(|r| r.reward > 0.0).count() as f64 / n as f64;
-            let batch = RolloutBatch::new(0, g.rollouts.clone(), vec![n], vocab.pad)?;
-            let (entropy, _) = token_stats_host(policy, batch.ids(), batch.width(), config.temperature(), micro)?;
             let trajectories: Vec<Vec<f32>> =
-                (0..n).map(|r| batch.response_values(&entropy, r)).filter(|t| !t.is_empty()).collect();
+                (row..row + n).map(|r| all.response_values(&entropy, r)).filter(|t| !t.is_empty()).collect();
+            row += n;
             let views: Vec<&[f32]> = trajectories.iter().map(Vec::as_slice).collect();
             let score = if views.is_empty() { 0.0 } else { heal_selection_score(acc, &views, setup.eda.top_fraction)? };
             scored.push((g.problem.clone(), score));

@@ -241,6 +241,20 @@ pub fn rl_step_row(
     if let Some((beta, kl)) = scores.reward_kl {
         row = row.with("actor/reward_kl_penalty", kl).with("actor/reward_kl_penalty_coeff", beta);
     }
+    row = method_metrics(row, batch, scores, stats);
+    // The paper's entropy analyses per step: percentiles of the rollout policy's token entropy and the shares below
+    // 1e-2 and 0.672 (its 50.6 % and 80th percentile).
+    for &(q, v) in &entropy.percentiles {
+        row = row.with(format!("rollout/entropy/p{q:.0}"), v);
+    }
+    for &(t, frac) in &entropy.frac_below {
+        row = row.with(format!("rollout/entropy/frac_below_{t}"), frac);
+    }
+    Ok((row, entropy))
+}
+
+/// The metrics of issue 18's methods that are on: `distill/*`, `heal/*`, `ugttt/*`, `sort/*`.
+fn method_metrics(mut row: MetricsRow, batch: &RolloutBatch, scores: &Scores, stats: &UpdateStats) -> MetricsRow {
     if let Some(d) = &scores.distill {
         let (kl, k1, bypassed, rock_share) = d.metrics(batch.response_mask(), &scores.old_log_prob);
         row = row
@@ -279,15 +293,7 @@ pub fn rl_step_row(
             .with("sort/frac_gain", frac_gain)
             .with("sort/repair_loss", stats.repair_loss);
     }
-    // The paper's entropy analyses per step: percentiles of the rollout policy's token entropy and the shares below
-    // 1e-2 and 0.672 (its 50.6 % and 80th percentile).
-    for &(q, v) in &entropy.percentiles {
-        row = row.with(format!("rollout/entropy/p{q:.0}"), v);
-    }
-    for &(t, frac) in &entropy.frac_below {
-        row = row.with(format!("rollout/entropy/frac_below_{t}"), frac);
-    }
-    Ok((row, entropy))
+    row
 }
 
 /// What a run measured.

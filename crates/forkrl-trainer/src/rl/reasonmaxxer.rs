@@ -31,7 +31,7 @@ use crate::{
     config::{CheckedConfig, ReasonMaxxerSetup},
     host_f32,
     model::{Vocab, ids_tensor, policy::Policy, token_stats_host},
-    rl::rollout::{Group, sample_groups},
+    rl::rollout::{Group, sample_each},
     tasks::Task,
 };
 
@@ -56,17 +56,6 @@ pub struct ReasonMaxxerData {
     pub mean_reward: f64,
     /// The curriculum order (signal clarity, descending) when it is on.
     curriculum: Option<Vec<usize>>,
-}
-
-/// `rl` with the base rollouts' group size and no allocation scheme: what [`sample_groups`] draws ReasonMaxxer's
-/// rollouts with.
-pub(crate) fn sampling_config(config: &CheckedConfig, rollouts: usize) -> Result<CheckedConfig> {
-    let mut c = (**config).clone();
-    c.rl.group_size = rollouts;
-    c.rl.hora = None;
-    c.rl.mixed_cuts = None;
-    c.rl.reasonmaxxer = None;
-    c.check()
 }
 
 /// The kept groups: both outcomes present, the `keep` closest to pass rate ½ (ties: shorter mean response, then
@@ -129,9 +118,8 @@ impl ReasonMaxxerData {
     ) -> Result<Self> {
         let seed = config.run.seed;
         let problems = task.sample(setup.problems, derive_seed(seed, SeedStream::ReasonMaxxer, &[0]))?;
-        let sampling = sampling_config(config, setup.rollouts_per_problem)?;
-        let groups =
-            sample_groups(base, vocab, &problems, &sampling, derive_seed(seed, SeedStream::ReasonMaxxer, &[1]), None)?;
+        let draw = derive_seed(seed, SeedStream::ReasonMaxxer, &[1]);
+        let groups = sample_each(base, vocab, &problems, config, setup.rollouts_per_problem, draw)?;
         let kept = trim(select(groups, setup.keep_problems), setup.trim_fraction);
         let kept_problems = kept.len();
         if kept.is_empty() {
@@ -212,19 +200,27 @@ impl ReasonMaxxerData {
     /// (each epoch shuffled by the run seed, or the curriculum order).
     pub fn rows(&self, step: usize, batch_size: usize, seed: u64) -> Vec<usize> {
         let n = self.batch.len();
+        let order = |epoch: usize| -> Vec<usize> {
+            match &self.curriculum {
+                Some(order) => order.clone(),
+                None => {
+                    let mut order: Vec<usize> = (0..n).collect();
+                    let s = derive_seed(seed, SeedStream::ReasonMaxxer, &[2, epoch as u64]);
+                    order.shuffle(&mut ChaCha8Rng::seed_from_u64(s));
+                    order
+                }
+            }
+        };
+        // A step spans at most two epochs' orders when batch_size ≤ n; each is drawn once.
+        let mut current: Option<(usize, Vec<usize>)> = None;
         (0..batch_size)
             .map(|j| {
                 let p = (step - 1) * batch_size + j;
                 let (epoch, at) = (p / n, p % n);
-                match &self.curriculum {
-                    Some(order) => order[at],
-                    None => {
-                        let mut order: Vec<usize> = (0..n).collect();
-                        let s = derive_seed(seed, SeedStream::ReasonMaxxer, &[2, epoch as u64]);
-                        order.shuffle(&mut ChaCha8Rng::seed_from_u64(s));
-                        order[at]
-                    }
+                if current.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                    current = Some((epoch, order(epoch)));
                 }
+                current.as_ref().map_or(at, |(_, o)| o[at])
             })
             .collect()
     }

@@ -127,15 +127,7 @@ pub fn sample_groups(
         Some(m) => m.operators(rl.decoding),
         None => vec![rl.decoding; rl.group_size],
     };
-    let mut sampler = RowSampler {
-        snapshot: policy.valid(),
-        vocab,
-        problems,
-        prompts: &prompts,
-        config: vocab.sampler_config(rl.max_response_len, seed),
-        next_id: 0,
-        per_prompt: vec![Vec::new(); problems.len()],
-    };
+    let mut sampler = RowSampler::new(policy, vocab, problems, &prompts, config, seed);
     let counts: Vec<usize> = match &rl.hora {
         None => vec![rl.group_size; problems.len()],
         Some(h) => hora_counts(&mut sampler, h, &ops, rl.group_size, history)?,
@@ -147,13 +139,28 @@ pub fn sample_groups(
         .map(|(i, j)| (i, ops[j % ops.len()]))
         .collect();
     sampler.run(&rest)?;
-    Ok(sampler
-        .per_prompt
-        .into_iter()
-        .zip(problems)
-        .filter(|(rows, _)| !rows.is_empty())
-        .map(|(rollouts, problem)| Group { rollouts, problem: problem.clone() })
-        .collect())
+    Ok(sampler.into_groups())
+}
+
+/// `n` rollouts of every problem at the rollout decoding, without an allocation scheme (HORA, Mixed-CUTS): the
+/// offline draws of ReasonMaxxer's base rollouts and HEAL's selection rollouts.
+///
+/// # Errors
+/// Tokenizer and sampler errors.
+pub fn sample_each(
+    policy: &Policy,
+    vocab: &Vocab,
+    problems: &[Problem],
+    config: &CheckedConfig,
+    n: usize,
+    seed: u64,
+) -> Result<Vec<Group>> {
+    let prompts: Vec<Vec<u32>> = problems.iter().map(|p| vocab.encode(&p.prompt)).collect::<Result<_>>()?;
+    let mut sampler = RowSampler::new(policy, vocab, problems, &prompts, config, seed);
+    let requests: Vec<(usize, Decoding)> =
+        (0..problems.len()).flat_map(|i| std::iter::repeat_n((i, config.rl.decoding), n)).collect();
+    sampler.run(&requests)?;
+    Ok(sampler.into_groups())
 }
 
 /// Samples requested rows and files them under their prompt.
@@ -167,7 +174,36 @@ struct RowSampler<'a> {
     per_prompt: Vec<Vec<Rollout>>,
 }
 
-impl RowSampler<'_> {
+impl<'a> RowSampler<'a> {
+    fn new(
+        policy: &Policy,
+        vocab: &'a Vocab,
+        problems: &'a [Problem],
+        prompts: &'a [Vec<u32>],
+        config: &CheckedConfig,
+        seed: u64,
+    ) -> Self {
+        Self {
+            snapshot: policy.valid(),
+            vocab,
+            problems,
+            prompts,
+            config: vocab.sampler_config(config.rl.max_response_len, seed),
+            next_id: 0,
+            per_prompt: vec![Vec::new(); problems.len()],
+        }
+    }
+
+    /// The sampled groups, in problem order; a problem with no rollout is left out.
+    fn into_groups(self) -> Vec<Group> {
+        self.per_prompt
+            .into_iter()
+            .zip(self.problems)
+            .filter(|(rows, _)| !rows.is_empty())
+            .map(|(rollouts, problem)| Group { rollouts, problem: problem.clone() })
+            .collect()
+    }
+
     /// One sampler call for `(prompt index, decoding)` requests.
     fn run(&mut self, requests: &[(usize, Decoding)]) -> Result<()> {
         let rows: Vec<SampleRow<'_>> = requests

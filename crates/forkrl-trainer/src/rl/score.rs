@@ -65,91 +65,31 @@ pub fn score(
     batch: &mut RolloutBatch,
     ctx: ScoreContext<'_>,
 ) -> Result<()> {
-    let (reference, kl_coef) = (ctx.reference, ctx.kl_coef);
     let rl = &config.rl;
     let (w, temperature) = (batch.width(), config.temperature());
     let micro = config.log_prob_micro_batch_size().unwrap_or(batch.len());
     let no_grad = |p: &Policy| token_stats_host(p, batch.ids(), w, temperature, micro);
     let (old_entropy, old_log_prob) = no_grad(policy)?;
-    let ref_log_prob = match (config.needs_reference(), reference) {
+    let ref_log_prob = match (config.needs_reference(), ctx.reference) {
         (true, Some(r)) => Some(no_grad(r)?.1),
-        (true, None) => {
-            return Err(crate::TrainerError::Stage {
-                stage: "score",
-                reason: "the KL loss or KL in the reward is on but no reference policy was given".into(),
-            });
-        }
+        (true, None) => return Err(missing("the KL loss or KL in the reward", "reference policy")),
         (false, _) => None,
     };
-    let (mut shaped, reward_kl) = shaped_rewards(batch, config, &old_log_prob, ref_log_prob.as_deref(), kl_coef)?;
-    let heal = match ctx.heal {
-        Some((setup, data)) => {
-            let (eda, general) = heal::eda(batch, &old_entropy, data, setup)?;
-            shaped.iter_mut().zip(&eda).for_each(|(r, e)| *r += e);
-            Some((eda, general))
-        }
-        None => None,
-    };
-    let epistemic = match (&rl.ugttt, ctx.adapters) {
-        (Some(u), Some(a)) => {
-            let mi = ugttt::mutual_information(policy, a, batch, config.temperature(), micro)?;
-            if u.bonus == BonusTarget::Reward {
-                for (row, r) in shaped.iter_mut().enumerate() {
-                    *r += u.beta * batch.response_positions(row).map(|i| mi[i]).sum::<f32>();
-                }
-            }
-            Some(mi)
-        }
-        (Some(_), None) => {
-            return Err(crate::TrainerError::Stage {
-                stage: "score",
-                reason: "rl.ugttt is on but no adapters were given".into(),
-            });
-        }
-        (None, _) => None,
-    };
+    let (mut shaped, reward_kl) = shaped_rewards(batch, config, &old_log_prob, ref_log_prob.as_deref(), ctx.kl_coef)?;
+    let (heal, epistemic) = reward_bonuses(policy, config, batch, &ctx, &old_entropy, &mut shaped)?;
     let adv = group_advantages(&shaped, batch.group_sizes(), &rl.advantage)?;
-    let hidden = if rl.token_weighting.needs_hidden_states() {
-        let states = policy.hidden_states(ids_tensor(batch.ids(), &policy.device()).narrow(1, 0, w))?;
-        let dim = states.dims()[2];
-        Some((host_f32(states)?, dim))
-    } else {
-        None
-    };
-    let view = RolloutView {
-        width: w,
-        response_mask: batch.response_mask(),
-        group_sizes: batch.group_sizes(),
-        advantages: &adv.advantages,
-        entropy: Some(&old_entropy),
-        log_prob: Some(&old_log_prob),
-        hidden: hidden.as_ref().map(|(h, dim)| (h.as_slice(), *dim)),
-    };
     let distill = match (&rl.distillation, ctx.teacher) {
         (Some(setup), Some(teacher)) => Some(distill::score(policy, teacher, batch, config, setup, ctx.rock_detector)?),
-        (Some(_), None) => {
-            return Err(crate::TrainerError::Stage {
-                stage: "score",
-                reason: "rl.distillation is on but no teacher was given".into(),
-            });
-        }
+        (Some(_), None) => return Err(missing("rl.distillation", "teacher")),
         (None, _) => None,
     };
-    let (token_advantages, vps_probes) = match (&rl.vps, &rl.distillation, &distill) {
-        (Some(v), _, _) => {
-            let probes = vps::probe(policy, vocab, config, v, batch, &old_entropy)?;
-            (vps::token_advantages(batch, &adv.advantages, &probes, v.vps.alpha)?, Some(probes))
-        }
-        (None, Some(setup), Some(d)) => {
-            (distill::token_advantages(batch, setup, d, &old_log_prob, &adv.advantages)?, None)
-        }
-        _ => match (&rl.ugttt, &epistemic) {
-            (Some(u), Some(mi)) if u.bonus == BonusTarget::Advantage => {
-                (ugttt_token_advantages(&adv.advantages, mi, batch.response_mask(), u.beta)?, None)
-            }
-            _ => (rl.token_weighting.token_advantages(&view)?, None),
-        },
+    let per_token = PerToken {
+        entropy: &old_entropy,
+        log_prob: &old_log_prob,
+        distill: distill.as_ref(),
+        epistemic: epistemic.as_deref(),
     };
+    let (token_advantages, vps_probes) = token_advantages(policy, vocab, config, batch, &adv.advantages, &per_token)?;
     let mut train_mask = train_mask(batch, &adv.advantages, config)?;
     if let Some(d) = &distill {
         for (m, w) in train_mask.iter_mut().zip(&d.weights) {
@@ -177,6 +117,100 @@ pub fn score(
         epistemic,
     });
     Ok(())
+}
+
+/// The error of an option whose frozen policy or state the context lacks.
+fn missing(option: &str, what: &str) -> crate::TrainerError {
+    crate::TrainerError::Stage { stage: "score", reason: format!("{option} is on but no {what} was given") }
+}
+
+/// HEAL's `(r_EDA, general)` and UG-TTT's `MI_t`, with the parts that go into the reward added to `shaped`.
+type Bonuses = (Option<(Vec<f32>, Vec<bool>)>, Option<Vec<f32>>);
+
+/// The reward bonuses computed before the advantages: HEAL's EDA reward and UG-TTT's `β Σ_t MI_t` (`bonus =
+/// "reward"`; with `"advantage"` the MI is returned for the token advantages only).
+fn reward_bonuses(
+    policy: &Policy,
+    config: &CheckedConfig,
+    batch: &RolloutBatch,
+    ctx: &ScoreContext<'_>,
+    old_entropy: &[f32],
+    shaped: &mut [f32],
+) -> Result<Bonuses> {
+    let heal = match ctx.heal {
+        Some((setup, data)) => {
+            let (eda, general) = heal::eda(batch, old_entropy, data, setup)?;
+            shaped.iter_mut().zip(&eda).for_each(|(r, e)| *r += e);
+            Some((eda, general))
+        }
+        None => None,
+    };
+    let epistemic = match (&config.rl.ugttt, ctx.adapters) {
+        (Some(u), Some(a)) => {
+            let micro = config.log_prob_micro_batch_size().unwrap_or(batch.len());
+            let mi = ugttt::mutual_information(policy, a, batch, config.temperature(), micro)?;
+            if u.bonus == BonusTarget::Reward {
+                for (row, r) in shaped.iter_mut().enumerate() {
+                    *r += u.beta * batch.response_positions(row).map(|i| mi[i]).sum::<f32>();
+                }
+            }
+            Some(mi)
+        }
+        (Some(_), None) => return Err(missing("rl.ugttt", "adapters")),
+        (None, _) => None,
+    };
+    Ok((heal, epistemic))
+}
+
+/// The rollout policy's per-token values the token advantages may read.
+struct PerToken<'a> {
+    entropy: &'a [f32],
+    log_prob: &'a [f32],
+    distill: Option<&'a distill::DistillScores>,
+    epistemic: Option<&'a [f32]>,
+}
+
+/// The token advantages: GRPO-VPS's, distillation's, UG-TTT's advantage bonus, or the configured token weighting (one
+/// of them; the configuration check keeps them exclusive).
+fn token_advantages(
+    policy: &Policy,
+    vocab: &Vocab,
+    config: &CheckedConfig,
+    batch: &RolloutBatch,
+    advantages: &[f32],
+    t: &PerToken<'_>,
+) -> Result<(Vec<f32>, Option<vps::VpsProbes>)> {
+    let rl = &config.rl;
+    if let Some(v) = &rl.vps {
+        let probes = vps::probe(policy, vocab, config, v, batch, t.entropy)?;
+        return Ok((vps::token_advantages(batch, advantages, &probes, v.vps.alpha)?, Some(probes)));
+    }
+    if let (Some(setup), Some(d)) = (&rl.distillation, t.distill) {
+        return Ok((distill::token_advantages(batch, setup, d, t.log_prob, advantages)?, None));
+    }
+    if let (Some(u), Some(mi)) = (&rl.ugttt, t.epistemic)
+        && u.bonus == BonusTarget::Advantage
+    {
+        return Ok((ugttt_token_advantages(advantages, mi, batch.response_mask(), u.beta)?, None));
+    }
+    let w = batch.width();
+    let hidden = if rl.token_weighting.needs_hidden_states() {
+        let states = policy.hidden_states(ids_tensor(batch.ids(), &policy.device()).narrow(1, 0, w))?;
+        let dim = states.dims()[2];
+        Some((host_f32(states)?, dim))
+    } else {
+        None
+    };
+    let view = RolloutView {
+        width: w,
+        response_mask: batch.response_mask(),
+        group_sizes: batch.group_sizes(),
+        advantages,
+        entropy: Some(t.entropy),
+        log_prob: Some(t.log_prob),
+        hidden: hidden.as_ref().map(|(h, dim)| (h.as_slice(), *dim)),
+    };
+    Ok((rl.token_weighting.token_advantages(&view)?, None))
 }
 
 /// `(β, current_kl)` of KL in the reward.

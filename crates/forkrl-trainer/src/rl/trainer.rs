@@ -591,17 +591,17 @@ impl Trainer {
             }
             self.reference = Some(self.policy().valid());
         }
-        let base = self.reference.clone().ok_or_else(|| TrainerError::Stage {
+        let base = self.reference.as_ref().ok_or_else(|| TrainerError::Stage {
             stage: "reasonmaxxer",
             reason: "the base policy is missing".into(),
         })?;
         let data = match self.reasonmaxxer.take() {
             Some(d) => d,
-            None => ReasonMaxxerData::build(&base, &self.vocab, &self.task, &self.config, setup)?,
+            None => ReasonMaxxerData::build(base, &self.vocab, &self.task, &self.config, setup)?,
         };
         let step = self.rl_steps_done + 1;
         let rows = data.rows(step, setup.batch_size, self.config.run.seed);
-        let out = reasonmaxxer::step_loss(self.policy(), &base, &data, &rows, setup, &self.device)?;
+        let out = reasonmaxxer::step_loss(self.policy(), base, &data, &rows, setup, &self.device)?;
         let loss = finite_scalar("ReasonMaxxer loss", &out.loss)?;
         let (dec, anchor, plus, minus) = out.parts;
         let mut row = MetricsRow::new("rl", step)

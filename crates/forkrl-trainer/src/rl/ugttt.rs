@@ -99,18 +99,19 @@ impl Adapters {
     }
 }
 
-/// The policy's last hidden states `[n·W, d]` (no graph) of `rows`' first `W` tokens and its head, on `device`.
-fn hidden_and_head(policy: &Policy, rows: &[Vec<u32>], w: usize, device: &Device) -> Result<(Tensor<2>, Tensor<2>)> {
+/// The policy's last hidden states `[n·W, d]` of `rows`' first `W` tokens and its head, without a graph (on the
+/// policy's inner device).
+fn hidden_and_head(policy: &Policy, rows: &[Vec<u32>], w: usize) -> Result<(Tensor<2>, Tensor<2>)> {
     let valid = policy.valid();
     let h = valid.hidden_states(ids_tensor(rows, &valid.device()).narrow(1, 0, w))?;
     let [n, _, d] = h.dims();
-    let host = host_f32(h)?;
-    let head = valid.head_weight();
-    let [v, _] = head.dims();
-    Ok((
-        Tensor::from_data(TensorData::new(host, [n * w, d]), device),
-        Tensor::from_data(TensorData::new(host_f32(head)?, [v, d]), device),
-    ))
+    Ok((h.reshape([n * w, d]), valid.head_weight()))
+}
+
+/// `t` as a constant on `device` (the adapters' autodiff device).
+fn constant_on(t: Tensor<2>, device: &Device) -> Result<Tensor<2>> {
+    let dims = t.dims();
+    Ok(Tensor::from_data(TensorData::new(host_f32(t)?, dims), device))
 }
 
 /// `MI_t` `[B, W]` of every position of `batch` at `temperature`, `micro` rows at a time.
@@ -126,10 +127,9 @@ pub fn mutual_information(
 ) -> Result<Vec<f32>> {
     let (w, members) = (batch.width(), adapters.members.len());
     let valid = adapters.valid();
-    let device = valid.members.first().map(|m| m.a.val().device()).unwrap_or_else(|| policy.valid().device());
     let mut out = Vec::with_capacity(batch.len() * w);
     for rows in batch.ids().chunks(micro.max(1)) {
-        let (hidden, head) = hidden_and_head(policy, rows, w, &device)?;
+        let (hidden, head) = hidden_and_head(policy, rows, w)?;
         let mut logits = Vec::new();
         for m in 0..members {
             logits.extend(host_f32(valid.logits(m, hidden.clone(), head.clone()))?);
@@ -155,7 +155,8 @@ pub fn adapter_loss(
 ) -> Result<(Tensor<1>, f64)> {
     let (w, n) = (batch.width(), batch.len());
     let members = adapters.members.len();
-    let (hidden, head) = hidden_and_head(policy, batch.ids(), w, device)?;
+    let (hidden, head) = hidden_and_head(policy, batch.ids(), w)?;
+    let (hidden, head) = (constant_on(hidden, device)?, constant_on(head, device)?);
     let targets: Vec<i64> = batch.ids().iter().flat_map(|r| r[1..=w].iter().map(|&t| i64::from(t))).collect();
     let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [n * w, 1]), device);
     let tokens = mask.iter().filter(|&&m| m).count().max(1) as f32;

@@ -380,15 +380,20 @@ impl<'a> Updater<'a> {
             return Ok(None);
         }
         let w = self.batch.width();
-        let masked: Vec<f32> =
-            d.weights.iter().zip(&self.scores.train_mask).map(|(&x, &m)| if m { x } else { 0.0 }).collect();
-        let z = self.batch.gather_rows(&masked, &mb.idx).iter().sum::<f32>().max(1.0);
+        // The mini-batch's bypass weights on its loss tokens, `[mb, W]`.
+        let masked: Vec<f32> = self
+            .batch
+            .gather_rows(&d.weights, &mb.idx)
+            .into_iter()
+            .zip(self.batch.gather_rows(&self.scores.train_mask, &mb.idx))
+            .map(|(x, m)| if m { x } else { 0.0 })
+            .collect();
+        let z = masked.iter().sum::<f32>().max(1.0);
         let all: Vec<usize> = (0..mb.idx.len()).collect();
         let mut total = 0.0f64;
         for rows in all.chunks(mb.micro) {
-            let batch_rows: Vec<usize> = rows.iter().map(|&k| mb.idx[k]).collect();
             let shape = (w, self.config.temperature(), setup.loss.kl_penalty_coef, z);
-            let weights = self.batch.gather_rows(&masked, &batch_rows);
+            let weights = gather_rows(&masked, w, rows);
             let seqs = self.sequences(&mb.idx, rows);
             let loss = distill::full_vocabulary_loss(policy, teacher, &seqs, weights, shape, self.device)?;
             total += f64::from(crate::finite_scalar("distillation loss", &loss)?);
