@@ -312,6 +312,11 @@ fn heal_mixes_selected_general_problems_and_adds_the_eda_reward() {
     t0.score(&mut b0).expect("scores");
     let s0 = b0.scores.as_ref().expect("scored");
     assert_eq!(s0.rewards, b0.rewards);
+    // A set emptied (a hand-edited checkpoint) draws from the other; both empty is a typed error, not a panic.
+    let mut data = forkrl_trainer::rl::heal::HealData { general: Vec::new(), ..t.heal_data().expect("built").clone() };
+    assert!(data.draw(4, 0.5, 7).iter().all(|p| !p.prompt.contains(',')));
+    data.target.clear();
+    assert!(data.draw(4, 0.5, 7).is_empty());
     assert!(config("[rl.heal]\ngeneral_share = 1.5\n").check().is_err());
     assert!(config("[rl.heal]\ngeneral_keep = 10\ngeneral_pool = 5\n").check().is_err());
 }

@@ -95,10 +95,15 @@ impl HealData {
     }
 
     /// The problems of generation batch `seed`: `general_share` of `n` from the general set, the rest from the
-    /// target set.
+    /// target set (all from the other set when one is empty, as in a hand-edited checkpoint; none when both are).
     pub fn draw(&self, n: usize, general_share: f64, seed: u64) -> Vec<Problem> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let k = ((general_share * n as f64).round() as usize).min(n);
+        let k = match (self.general.is_empty(), self.target.is_empty()) {
+            (true, true) => return Vec::new(),
+            (true, false) => 0,
+            (false, true) => n,
+            (false, false) => ((general_share * n as f64).round() as usize).min(n),
+        };
         let mut out: Vec<Problem> =
             (0..k).map(|_| self.general[rng.random_range(0..self.general.len())].clone()).collect();
         out.extend((k..n).map(|_| self.target[rng.random_range(0..self.target.len())].clone()));

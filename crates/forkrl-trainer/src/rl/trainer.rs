@@ -323,6 +323,11 @@ impl Trainer {
         self.prompt_stats.as_ref().map(|(store, _)| store)
     }
 
+    /// HEAL's target and general sets, once built (`rl.heal`).
+    pub fn heal_data(&self) -> Option<&HealData> {
+        self.heal.as_ref()
+    }
+
     /// The held-out problems (`eval.size` of them at most).
     pub fn test_set(&self) -> &[Problem] {
         &self.test
@@ -398,7 +403,13 @@ impl Trainer {
         match (&self.config.rl.heal, &self.heal) {
             (None, _) => rollout::rollout(self.policy(), &self.vocab, &self.task, &self.config, step, history),
             (Some(setup), Some(data)) => {
-                let draw = |n: usize, seed: u64| Ok(data.draw(n, setup.general_share, seed));
+                let draw = |n: usize, seed: u64| match data.draw(n, setup.general_share, seed) {
+                    p if p.is_empty() => Err(TrainerError::Stage {
+                        stage: "rollout",
+                        reason: "HEAL's target and general sets are both empty (a damaged checkpoint?)".into(),
+                    }),
+                    p => Ok(p),
+                };
                 rollout::rollout_from(self.policy(), &self.vocab, &draw, &self.config, step, history)
             }
             (Some(_), None) => Err(TrainerError::Stage {
