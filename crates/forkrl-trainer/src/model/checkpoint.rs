@@ -128,8 +128,12 @@ pub fn load_policy(dir: &Path, device: &Device) -> Result<(Policy, PolicyConfig)
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "parameter file missing"),
         });
     }
-    let policy = config
-        .init(device)?
+    // The fresh policy's eager initialisation draws from the shared generator; the checkpoint then replaces it.
+    let fresh = {
+        let _guard = crate::model::generator_lock();
+        config.init(device)?
+    };
+    let policy = fresh
         .try_load_file(&policy_path)
         .map_err(|e| TrainerError::Checkpoint { path: policy_path.clone(), reason: format!("{e:?}") })?;
     Ok((policy, config))

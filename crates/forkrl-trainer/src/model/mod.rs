@@ -84,9 +84,14 @@ pub struct Model {
     pub vocab: Vocab,
 }
 
-/// Serialises seeded builds: burn's CPU backend draws every random tensor from one process-wide generator, so two
-/// builds in parallel threads would interleave their draws.
-static SEEDED_BUILD: Mutex<()> = Mutex::new(());
+/// Serialises the code that draws from burn's CPU generator: it is one process-wide generator, so a seeded build in
+/// one thread and any other draw in another (a policy initialised before a checkpoint overwrites it) would interleave.
+static GENERATOR: Mutex<()> = Mutex::new(());
+
+/// Holds [`GENERATOR`] for the caller's draws.
+pub(crate) fn generator_lock() -> std::sync::MutexGuard<'static, ()> {
+    GENERATOR.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// Builds the policy on `device` with the backend's generator seeded by `seed`, and initialises every parameter at
 /// once (burn initialises parameters lazily, on first use): the weights then depend on `seed` alone, not on what else
@@ -101,7 +106,7 @@ pub fn build_seeded(config: &ModelConfig, device: &Device, seed: u64) -> Result<
             let _ = param.val();
         }
     }
-    let _guard = SEEDED_BUILD.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _guard = generator_lock();
     device.seed(seed);
     let model = build(config, device)?;
     model.policy.visit(&mut Touch);
