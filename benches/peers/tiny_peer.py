@@ -6,7 +6,8 @@
   4 heads, MLP 192, 2 blocks, tied embeddings), random weights, `model.generate` of 64 rows x 128 new tokens from
   8-token prompts (sampling at T = 1, `min_new_tokens` so that every row generates 128);
 - `sampling_manual_kv_loop`: the same with a hand-written loop over `past_key_values` (no `generate` overhead);
-- `train_fwd_bwd`: forward + backward of the mean target log-prob over 64 x 135 tokens;
+- `train_fwd_bwd`: forward + backward of the mean target log-prob over 64 x 135 tokens; `train_fwd_bwd_compiled`: the
+  same with the model under `torch.compile` (inductor, compiled in the warm-up call);
 - `policy_loss_fwd_bwd` / `baseline_exp_sum_fwd_bwd`: the PPO-clip loss (clip 0.2 / 0.28, token-mean over a mask) on
   [512, 4096] log-probs, forward + backward, against `exp(logp - old).sum()` forward + backward;
 - `entropy_verl_fwd`: verl's `entropy_from_logits` + `logprobs_from_logits` on [512, 151936] f32 logits, forward.
@@ -83,6 +84,21 @@ def main():
         model.zero_grad(set_to_none=True)
 
     report("train_fwd_bwd", timed(train, 10))
+
+    # The same step with the model under torch.compile (inductor; the warm-up call compiles). Skipped with a message
+    # where inductor cannot build its CPU kernels.
+    compiled = torch.compile(model)
+
+    def train_compiled():
+        logits = compiled(input_ids=seqs[:, :-1]).logits
+        logp = torch.log_softmax(logits, -1).gather(-1, seqs[:, 1:].unsqueeze(-1)).squeeze(-1)
+        (-logp.mean()).backward()
+        model.zero_grad(set_to_none=True)
+
+    try:
+        report("train_fwd_bwd_compiled", timed(train_compiled, 10))
+    except Exception as e:  # noqa: BLE001 - any compiler failure means the row is skipped
+        print(json.dumps({"name": "train_fwd_bwd_compiled", "skipped": f"{type(e).__name__}: {e}"[:300]}), flush=True)
 
     b, t = 512, 4096
     logp = torch.randn(b, t, generator=g) * 0.1 - 1.0

@@ -351,12 +351,17 @@ fn bench_summary(target: &Path) {
     println!("| group | path | ms | tokens/s | ratio to baseline |");
     println!("|---|---|---|---|---|");
     let throughput: [(&str, f64, &str, &[&str]); 2] = [
-        ("policy_tiny_sampling_64x128", 64.0 * 128.0, "recompute_prefix", &["recompute_prefix", "kv_cache"]),
+        (
+            "policy_tiny_sampling_64x128",
+            64.0 * 128.0,
+            "recompute_prefix",
+            &["recompute_prefix", "kv_cache_composed_attention", "kv_cache"],
+        ),
         (
             "policy_tiny_train_64x136",
             64.0 * 135.0,
             "forward_backward",
-            &["forward_backward", "forward_backward_fused_head"],
+            &["forward_backward", "forward_backward_fused_head_composed_attention", "forward_backward_fused_head"],
         ),
     ];
     for (group, tokens, base, names) in throughput {
@@ -449,10 +454,11 @@ fn tiny_peers() -> Result<(), String> {
         line[at..].trim_end_matches('}').trim().parse().ok()
     };
     let target = target_dir();
-    let rows: [(&str, &str, &str); 7] = [
+    let rows: [(&str, &str, &str); 8] = [
         ("policy_tiny_sampling_64x128", "kv_cache", "sampling_kv_cache"),
         ("policy_tiny_sampling_64x128", "kv_cache", "sampling_manual_kv_loop"),
         ("policy_tiny_train_64x136", "forward_backward_fused_head", "train_fwd_bwd"),
+        ("policy_tiny_train_64x136", "forward_backward_fused_head", "train_fwd_bwd_compiled"),
         ("policy_tiny_train_64x136", "forward_backward", "train_fwd_bwd"),
         ("policy_loss_512x4096", "vanilla_token-mean_fwd_bwd", "policy_loss_fwd_bwd"),
         ("policy_loss_512x4096", "baseline_exp_sum_fwd_bwd", "baseline_exp_sum_fwd_bwd"),
@@ -467,6 +473,9 @@ fn tiny_peers() -> Result<(), String> {
         if let (Some(ns), Some(ms)) = (criterion_mean_ns(&target, group, name), peer_ms(peer)) {
             println!("| {group}/{name} | {peer} | {:.1} | {ms:.1} | {:.2} |", ns / 1e6, ms / (ns / 1e6));
         }
+    }
+    for line in text.lines().filter(|l| l.contains("\"skipped\"")) {
+        println!("\nPyTorch peer row skipped: {line}");
     }
     Ok(())
 }

@@ -133,7 +133,7 @@ impl GlobalDenominators {
 
     /// The factors `(token_factor, seq_factor)`: the token modes multiply the masked sum by the first, the sequence
     /// modes the sum of per-sequence values by the second. A zero count gives a zero factor (a zero loss, not NaN).
-    fn factors(&self, mode: AggMode) -> Result<(f64, f64)> {
+    pub(crate) fn factors(&self, mode: AggMode) -> Result<(f64, f64)> {
         self.validate(mode)?;
         let dp = self.dp_size as f64;
         let inv = |n: usize| if n == 0 { 0.0 } else { dp / n as f64 };

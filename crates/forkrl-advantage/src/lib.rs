@@ -44,6 +44,8 @@ pub mod opefo;
 #[cfg(feature = "burn")]
 pub mod policy_loss;
 pub mod ppo_clip;
+#[cfg(feature = "burn")]
+pub mod ppo_clip_op;
 pub mod reasonmaxxer;
 pub mod shear;
 pub mod sort;

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::aggregation::{AggMode, GlobalDenominators, aggregate_sequences, aggregate_with_counts};
 use crate::loss_types::{LossContext, PolicyInputs, PolicyMetrics, SequenceLoss, TokenLoss};
-use crate::{cispo, clip_cov, gmpo, gspo, holder, htpo, kl_cov, ppo_clip};
+use crate::{cispo, clip_cov, gmpo, gspo, holder, htpo, kl_cov, ppo_clip, ppo_clip_op};
 
 /// Which policy loss (verl `loss_mode` names in serde) and its parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,7 +105,13 @@ impl PolicyLoss {
             Ok(AggregatedLoss { loss: aggregate_sequences(s.loss, &s.nonempty, denominators)?, metrics: s.metrics })
         };
         match self {
-            PolicyLoss::Vanilla(c) => token(ppo_clip::ppo_clip_loss(inputs, c)?, mode),
+            PolicyLoss::Vanilla(c) => {
+                let counts = ctx.count_mask.unwrap_or(&inputs.mask);
+                match ppo_clip_op::ppo_clip_aggregated(inputs, c, mode, denominators, counts)? {
+                    Some(fused) => Ok(fused),
+                    None => token(ppo_clip::ppo_clip_loss(inputs, c)?, mode),
+                }
+            }
             PolicyLoss::Gspo(c) => token(gspo::gspo_loss(inputs, c)?, AggMode::SeqMeanTokenMean),
             PolicyLoss::Cispo(c) => token(cispo::cispo_loss(inputs, c)?, mode),
             PolicyLoss::ClipCov(c) => token(clip_cov::clip_cov_loss(inputs, c, ctx.seed)?, mode),

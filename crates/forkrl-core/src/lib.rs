@@ -14,6 +14,8 @@
 //!   runtime selection.
 
 #[cfg(feature = "burn")]
+pub mod attention;
+#[cfg(feature = "burn")]
 pub mod backend;
 pub mod batch;
 pub mod error;

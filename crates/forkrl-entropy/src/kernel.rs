@@ -540,52 +540,8 @@ fn block_sums<const FMA: bool, const AT_MAX: bool, const TAIL: bool>(
     sums
 }
 
-/// `a·b + c`: fused where the target has an FMA instruction, two roundings otherwise.
-#[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA { a.mul_add(b, c) } else { a * b + c }
-}
-
-/// The polynomial returns exactly 0 at and below this argument (`2^n` with `n = −127` is built as +0.0); `e^{−88}`
-/// ≈ 6e-39 is negligible next to the row's maximum term `e^0 = 1`.
-pub const EXP_MIN_ARG: f32 = -88.0;
-
-/// `e^x` for `x ∈ [EXP_MIN_ARG, 0]` (0 at `EXP_MIN_ARG`), branch-free so that loops over it vectorise; NaN stays
-/// NaN. This is the build without fused multiply-adds; the kernel's FMA paths evaluate the same steps fused.
-///
-/// Range reduction `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`, with round-to-nearest through the 1.5·2^23 trick (no
-/// `round` instruction needed on baseline x86-64) and a two-part `ln 2` (Cody–Waite); then
-/// `e^r ≈ 1 + r + r²·(c₂ + c₃r + c₄r² + c₅r³)`, coefficients from a Remez fit of the relative error on
-/// `[−ln 2/2, ln 2/2]` (1.05e-7 before rounding), and `2^n` built in the exponent bits. Relative error below 3e-7
-/// for results above `f32::MIN_POSITIVE` (tested).
-#[inline(always)]
-pub fn exp_nonpositive(x: f32) -> f32 {
-    exp_poly::<false>(x)
-}
-
-#[inline(always)]
-fn exp_poly<const FMA: bool>(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4; // few mantissa bits: n·LN2_HI is exact
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
-    const C2: f32 = 0.499_992_3;
-    const C3: f32 = 0.166_671_14;
-    const C4: f32 = 0.041_890_115;
-    const C5: f32 = 0.008_312_525;
-    let t = madd::<FMA>(x, LOG2E, MAGIC);
-    let n = t - MAGIC; // round(x · log2 e), an integer in [−127, 0]
-    let r = madd::<FMA>(n, -LN2_LO, madd::<FMA>(n, -LN2_HI, x));
-    // t's bits are bits(MAGIC) + n and bits(MAGIC) << 23 wraps to 0, so (bits(t) << 23) + (127 << 23) is the f32
-    // 2^n, and +0.0 for n = −127.
-    let pow2n = f32::from_bits((t.to_bits() << 23).wrapping_add(127 << 23));
-    let p = madd::<FMA>(C5, r, C4);
-    let p = madd::<FMA>(p, r, C3);
-    let p = madd::<FMA>(p, r, C2);
-    let p = madd::<FMA>(p, r, 1.0);
-    let p = madd::<FMA>(p, r, 1.0);
-    p * pow2n
-}
+pub use forkrl_core::numeric::{EXP_MIN_ARG, exp_nonpositive};
+use forkrl_core::numeric::{exp_poly, madd};
 
 /// Upstream gradients of a loss with respect to the per-row outputs of [`token_stats`], for
 /// [`token_stats_backward`].

@@ -6,6 +6,9 @@
 //! - a training forward + backward (token log-probs → mean → backward) over 64 sequences of 136 tokens, through full
 //!   logits (`forward_backward`) and through the fused LM head the trainer uses (`forward_backward_fused_head`).
 //!
+//! The `*_composed_attention` variants run the same work with attention composed from burn operations
+//! (`forkrl_core::attention::set_fused(false)`), the path before the fused attention operation, in the same run.
+//!
 //! `cargo xtask bench` runs it with the dev profile and prints tokens/s.
 
 use std::hint::black_box;
@@ -42,6 +45,11 @@ fn bench(c: &mut Criterion) {
     group.bench_function("kv_cache", |b| {
         b.iter(|| black_box(generate(&policy, &prompts, op, &sampler).expect("generates").num_tokens()))
     });
+    forkrl_core::attention::set_fused(false);
+    group.bench_function("kv_cache_composed_attention", |b| {
+        b.iter(|| black_box(generate(&policy, &prompts, op, &sampler).expect("generates").num_tokens()))
+    });
+    forkrl_core::attention::set_fused(true);
     let recompute = SamplerConfig { use_cache: false, ..sampler.clone() };
     group.bench_function("recompute_prefix", |b| {
         b.iter(|| black_box(generate(&policy, &prompts, op, &recompute).expect("generates").num_tokens()))
@@ -81,6 +89,15 @@ fn bench(c: &mut Criterion) {
             black_box(logprob.mean().neg().backward())
         })
     });
+    // The same step with attention composed from burn operations (the path before the fused attention operation).
+    forkrl_core::attention::set_fused(false);
+    group.bench_function("forward_backward_fused_head_composed_attention", |b| {
+        b.iter(|| {
+            let (_, logprob) = token_stats(&train_policy, &seqs, t - 1, 1.0).expect("fused head");
+            black_box(logprob.mean().neg().backward())
+        })
+    });
+    forkrl_core::attention::set_fused(true);
     group.finish();
 }
 

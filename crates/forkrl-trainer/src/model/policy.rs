@@ -25,6 +25,7 @@ use burn::{
 };
 
 use crate::TrainerError;
+use forkrl_core::attention;
 
 /// Shape and architecture switches of the policy. The defaults are the built-in tiny model.
 #[derive(Config, Debug, PartialEq)]
@@ -538,8 +539,9 @@ impl Block {
     /// One block over new tokens `x: [B, S, D]`; `past` is this block's cache slot and the number of positions already
     /// in it: the new keys/values are written there and attention covers every cached position.
     ///
-    /// Grouped-query attention runs without repeating the key/value heads: the `rep = H_q / H_kv` query heads of one
-    /// key/value head are stacked along the query axis (`[B, H_kv, rep·S, D_h]`, a reshape), so one batched matmul per
+    /// Grouped-query attention runs without repeating the key/value heads ([`attention::causal_attention`]: the fused
+    /// operation reads key/value head `h / rep` for query head `h`; the composed path stacks the `rep = H_q / H_kv`
+    /// query heads of one key/value head along the query axis, `[B, H_kv, rep·S, D_h]`, so one batched matmul per
     /// key/value head serves them all.
     fn forward(
         &self,
@@ -549,7 +551,6 @@ impl Block {
     ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (hq, hkv, dh) = (sh.n_heads, sh.n_kv_heads, sh.head_dim);
-        let rep = hq / hkv;
         let h = self.attn_norm.forward(x.clone());
         let heads = |l: &Linear, n: usize, norm: &Option<RmsNorm>| {
             let t = l.forward(h.clone()).reshape([b, s, n, dh]);
@@ -565,13 +566,8 @@ impl Block {
         if let Some((slot, len)) = past {
             (k, v) = append_kv(slot, len, k, v);
         }
-        let tk = k.dims()[2];
-        // Query head h = g·rep + r reads key/value head g: [B, H_q, S, D_h] → [B, H_kv, rep·S, D_h].
-        let q = q.reshape([b, hkv, rep * s, dh]);
-        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((dh as f32).sqrt()).reshape([b, hq, s, tk]);
-        let scores = scores.mask_fill(sh.ctx.mask.clone().expand([b, hq, s, tk]), f32::NEG_INFINITY);
-        let probs = activation::softmax(scores, 3).reshape([b, hkv, rep * s, tk]);
-        let attn = probs.matmul(v).reshape([b, hq, s, dh]).swap_dims(1, 2).reshape([b, s, hq * dh]);
+        // Query head h = g·rep + r reads key/value head g (fused on the CPU backend, composed elsewhere).
+        let attn = attention::causal_attention(q, k, v, &sh.ctx.mask).swap_dims(1, 2).reshape([b, s, hq * dh]);
         let x = x + self.o.forward(attn);
         let m = self.mlp_norm.forward(x.clone());
         x.clone() + self.down.forward(activation::silu(self.gate.forward(m.clone())) * self.up.forward(m))
