@@ -30,7 +30,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::{BoolTensor, FloatTensor};
-use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, Flex, backend_extension};
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::{Bool, DType, Tensor};
 use forkrl_core::{Error, Result};
 
@@ -64,24 +64,18 @@ pub const OUTPUTS: usize = 4;
 #[backend_extension(Flex, Autodiff)]
 pub trait PpoClipBackend: Backend {
     /// `[4]`: the aggregated loss, `pg_clipfrac`, `pg_clipfrac_lower`, `ppo_kl`.
-    #[allow(clippy::too_many_arguments)]
     fn ppo_clip_sum(
         log_prob: FloatTensor<Self>,
         old_log_prob: FloatTensor<Self>,
         advantages: FloatTensor<Self>,
         mask: BoolTensor<Self>,
         count_mask: BoolTensor<Self>,
-        ratio_low: f32,
-        ratio_high: f32,
-        dual_clip: f32,
-        factor: f32,
-        per_row_mean: bool,
+        params: ClipSumParams,
     ) -> FloatTensor<Self>;
 
     /// The gradient `[B, T]` w.r.t. `log_prob` of a loss whose gradient w.r.t. the `[4]` output of
     /// [`PpoClipBackend::ppo_clip_sum`] is `grad` (only its first value, the loss's, matters: the metrics are
     /// constants).
-    #[allow(clippy::too_many_arguments)]
     fn ppo_clip_sum_backward(
         log_prob: FloatTensor<Self>,
         old_log_prob: FloatTensor<Self>,
@@ -89,11 +83,7 @@ pub trait PpoClipBackend: Backend {
         mask: BoolTensor<Self>,
         count_mask: BoolTensor<Self>,
         grad: FloatTensor<Self>,
-        ratio_low: f32,
-        ratio_high: f32,
-        dual_clip: f32,
-        factor: f32,
-        per_row_mean: bool,
+        params: ClipSumParams,
     ) -> FloatTensor<Self>;
 }
 
@@ -104,14 +94,9 @@ impl PpoClipBackend for Flex {
         advantages: FloatTensor<Self>,
         mask: BoolTensor<Self>,
         count_mask: BoolTensor<Self>,
-        ratio_low: f32,
-        ratio_high: f32,
-        dual_clip: f32,
-        factor: f32,
-        per_row_mean: bool,
+        params: ClipSumParams,
     ) -> FloatTensor<Self> {
-        let p = ClipSumParams { ratio_low, ratio_high, dual_clip, factor, per_row_mean };
-        flex_host::sum(&log_prob, &old_log_prob, &advantages, &mask, &count_mask, &p)
+        flex_host::sum(&log_prob, &old_log_prob, &advantages, &mask, &count_mask, &params)
     }
 
     fn ppo_clip_sum_backward(
@@ -121,14 +106,9 @@ impl PpoClipBackend for Flex {
         mask: BoolTensor<Self>,
         count_mask: BoolTensor<Self>,
         grad: FloatTensor<Self>,
-        ratio_low: f32,
-        ratio_high: f32,
-        dual_clip: f32,
-        factor: f32,
-        per_row_mean: bool,
+        params: ClipSumParams,
     ) -> FloatTensor<Self> {
-        let p = ClipSumParams { ratio_low, ratio_high, dual_clip, factor, per_row_mean };
-        flex_host::backward(&log_prob, &old_log_prob, &advantages, &mask, &count_mask, &grad, &p)
+        flex_host::backward(&log_prob, &old_log_prob, &advantages, &mask, &count_mask, &grad, &params)
     }
 }
 
@@ -139,11 +119,7 @@ impl<B: Backend + PpoClipBackend, C: CheckpointStrategy> PpoClipBackend for Auto
         advantages: FloatTensor<Self>,
         mask: BoolTensor<Self>,
         count_mask: BoolTensor<Self>,
-        ratio_low: f32,
-        ratio_high: f32,
-        dual_clip: f32,
-        factor: f32,
-        per_row_mean: bool,
+        params: ClipSumParams,
     ) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct ClipSumBackward;
@@ -158,29 +134,16 @@ impl<B: Backend + PpoClipBackend, C: CheckpointStrategy> PpoClipBackend for Auto
                 let [parent] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
                 if let Some(node) = parent {
-                    let (lp, old, adv, mask, count, p) = ops.state;
-                    let d = B::ppo_clip_sum_backward(
-                        lp,
-                        old,
-                        adv,
-                        mask,
-                        count,
-                        grad,
-                        p.ratio_low,
-                        p.ratio_high,
-                        p.dual_clip,
-                        p.factor,
-                        p.per_row_mean,
-                    );
+                    let (lp, old, adv, mask, count, params) = ops.state;
+                    let d = B::ppo_clip_sum_backward(lp, old, adv, mask, count, grad, params);
                     grads.register::<B>(node.id, d);
                 }
             }
         }
 
-        let params = ClipSumParams { ratio_low, ratio_high, dual_clip, factor, per_row_mean };
         let (old, adv) = (old_log_prob.into_primitive(), advantages.into_primitive());
         let forward = |lp: FloatTensor<B>, old: FloatTensor<B>, adv: FloatTensor<B>, m, c| {
-            B::ppo_clip_sum(lp, old, adv, m, c, ratio_low, ratio_high, dual_clip, factor, per_row_mean)
+            B::ppo_clip_sum(lp, old, adv, m, c, params)
         };
         match ClipSumBackward.prepare::<C>([log_prob.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
@@ -199,11 +162,7 @@ impl<B: Backend + PpoClipBackend, C: CheckpointStrategy> PpoClipBackend for Auto
         mask: BoolTensor<Self>,
         count_mask: BoolTensor<Self>,
         grad: FloatTensor<Self>,
-        ratio_low: f32,
-        ratio_high: f32,
-        dual_clip: f32,
-        factor: f32,
-        per_row_mean: bool,
+        params: ClipSumParams,
     ) -> FloatTensor<Self> {
         // Second-order use is not supported: the backward pass runs on the inner backend, untracked.
         <Autodiff<B, C> as burn::backend::AutodiffBackend>::from_inner(B::ppo_clip_sum_backward(
@@ -213,28 +172,15 @@ impl<B: Backend + PpoClipBackend, C: CheckpointStrategy> PpoClipBackend for Auto
             mask,
             count_mask,
             grad.into_primitive(),
-            ratio_low,
-            ratio_high,
-            dual_clip,
-            factor,
-            per_row_mean,
+            params,
         ))
-    }
-}
-
-/// Whether the fused operation runs on tensors of `device` (the Flex backend, with or without autodiff).
-pub fn runs_on(device: &DispatchDevice) -> bool {
-    #[allow(unreachable_patterns)]
-    match device {
-        DispatchDevice::Autodiff(inner) => runs_on(&inner.clone().inner()),
-        DispatchDevice::Flex(_) => true,
-        _ => false,
     }
 }
 
 /// Whether [`fused_ppo_clip_sum`] takes these inputs: the Flex backend and f32 values.
 pub(crate) fn applies(log_prob: &Tensor<2>, old: &Tensor<2>, adv: &Tensor<2>) -> bool {
-    runs_on(log_prob.device().as_dispatch()) && [log_prob, old, adv].iter().all(|t| t.dtype() == DType::F32)
+    forkrl_core::backend::runs_on_flex(log_prob.device().as_dispatch())
+        && [log_prob, old, adv].iter().all(|t| t.dtype() == DType::F32)
 }
 
 /// The fused operation through burn's dispatch: `[4]` (loss, `pg_clipfrac`, `pg_clipfrac_lower`, `ppo_kl`),
@@ -254,21 +200,19 @@ pub(crate) fn fused_ppo_clip_sum(
         advantages.detach().into_dispatch(),
         mask.clone().into_dispatch(),
         count_mask.clone().into_dispatch(),
-        p.ratio_low,
-        p.ratio_high,
-        p.dual_clip,
-        p.factor,
-        p.per_row_mean,
+        *p,
     ))
 }
 
-/// The weight `w_i` of row `i`: the factor, divided by the row's token count under `seq-mean-token-mean`. Returns the
-/// factor and the divisor separately so that the gradient is `(g · factor) / n` as in the composed path.
+/// The divisor of row `i`'s weight `w_i = factor / n_i`: its token count in the count mask under
+/// `seq-mean-token-mean` (at least 1), else 1. Kept apart from the factor so that the gradient is `(g · factor) / n_i`
+/// as in the composed path.
 fn row_divisor(count: &[u8], p: &ClipSumParams) -> f32 {
     if p.per_row_mean { (count.iter().filter(|&&c| c != 0).count().max(1)) as f32 } else { 1.0 }
 }
 
-/// One token's `(loss, clipped, dual clip binds, ∂loss/∂log π / (−A))` for a loss token.
+/// One loss token's `(loss, clipped, dual clip binds, r where the gradient flows else 0, clamped log r)`:
+/// `∂loss/∂log π = −A · r` on the unclipped branch inside the clamp, 0 elsewhere.
 #[inline(always)]
 fn token(lp: f32, old: f32, a: f32, p: &ClipSumParams) -> (f32, bool, bool, f32, f32) {
     let raw = lp - old;

@@ -30,7 +30,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::{BoolTensor, FloatTensor};
-use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, DispatchDevice, Flex, backend_extension};
+use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::{Bool, DType, Tensor, activation};
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -164,16 +164,6 @@ pub fn set_fused(enabled: bool) -> bool {
     FUSED.swap(enabled, Ordering::SeqCst)
 }
 
-/// Whether the fused operation runs on tensors of `device` (the Flex backend, with or without autodiff).
-pub fn runs_on(device: &DispatchDevice) -> bool {
-    #[allow(unreachable_patterns)]
-    match device {
-        DispatchDevice::Autodiff(inner) => runs_on(&inner.clone().inner()),
-        DispatchDevice::Flex(_) => true,
-        _ => false,
-    }
-}
-
 /// Attention `[B, H_q, S, D]` of queries `[B, H_q, S, D]` over keys and values `[B, H_kv, T_k, D]` under a `[B, 1, S,
 /// T_k]` mask (true = masked), query head `h` reading key/value head `h / (H_q / H_kv)`: the fused operation on the
 /// CPU backend for f32 tensors, [`composed_attention`] elsewhere. Differentiable in `q`, `k` and `v`.
@@ -181,7 +171,7 @@ pub fn runs_on(device: &DispatchDevice) -> bool {
 /// Shapes are the caller's to check (the model builds them); `H_kv` must divide `H_q`.
 pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &Tensor<4, Bool>) -> Tensor<4> {
     let f32s = [&q, &k, &v].iter().all(|t| t.dtype() == DType::F32);
-    if f32s && FUSED.load(Ordering::Relaxed) && runs_on(q.device().as_dispatch()) {
+    if f32s && FUSED.load(Ordering::Relaxed) && crate::backend::runs_on_flex(q.device().as_dispatch()) {
         let (out, _lse) = <Dispatch as AttentionBackend>::gqa_attention(
             q.into_dispatch(),
             k.into_dispatch(),
@@ -352,16 +342,21 @@ pub fn attention_forward_host(x: &AttentionViews<'_>, out: &mut [f32], lse: &mut
     if ob == 0 {
         return Ok(());
     }
+    let inline = per >= b * hkv; // one worker: no thread to start
     std::thread::scope(|scope| {
         for (n, (out, lse)) in out.chunks_mut(per * ob).zip(lse.chunks_mut(per * lb)).enumerate() {
             let x = *x;
-            scope.spawn(move || {
+            let mut job = move || {
                 let worker = select_forward();
                 for (m, (out, lse)) in out.chunks_mut(ob).zip(lse.chunks_mut(lb)).enumerate() {
-                    let pair = n * per + m;
-                    worker(&x, pair / hkv, pair % hkv, rep, out, lse);
+                    worker(&x, Pair::of(n * per + m, hkv, rep), out, lse);
                 }
-            });
+            };
+            if inline {
+                job();
+            } else {
+                scope.spawn(job);
+            }
         }
     });
     Ok(())
@@ -403,26 +398,53 @@ pub fn attention_backward_host(
         return Ok((dq, dk, dv));
     }
     let per = pairs_per_thread(b * hkv, b * hq * s * tk * d);
+    let inline = per >= b * hkv;
     std::thread::scope(|scope| {
         let chunks = dq.chunks_mut(per * qb).zip(dk.chunks_mut(per * kb)).zip(dv.chunks_mut(per * kb));
         for (n, ((dq, dk), dv)) in chunks.enumerate() {
             let (x, g) = (*x, *g);
-            scope.spawn(move || {
+            let mut job = move || {
                 let worker = select_backward();
                 let blocks = dq.chunks_mut(qb).zip(dk.chunks_mut(kb)).zip(dv.chunks_mut(kb));
                 for (m, ((dq, dk), dv)) in blocks.enumerate() {
-                    let pair = n * per + m;
-                    worker(&x, &g, pair / hkv, pair % hkv, rep, dq, dk, dv);
+                    worker(&x, &g, Pair::of(n * per + m, hkv, rep), PairGrads { dq, dk, dv });
                 }
-            });
+            };
+            if inline {
+                job();
+            } else {
+                scope.spawn(job);
+            }
         }
     });
     Ok((dq, dk, dv))
 }
 
-type ForwardWorker = fn(&AttentionViews<'_>, usize, usize, usize, &mut [f32], &mut [f32]);
-type BackwardWorker =
-    fn(&AttentionViews<'_>, &AttentionGrad<'_>, usize, usize, usize, &mut [f32], &mut [f32], &mut [f32]);
+/// One (batch row `b`, key/value head `g`) pair, whose `rep` query heads are `g·rep..(g + 1)·rep`: the unit of work.
+#[derive(Debug, Clone, Copy)]
+struct Pair {
+    b: usize,
+    g: usize,
+    rep: usize,
+}
+
+impl Pair {
+    /// The `index`-th pair in (batch row, key/value head) order.
+    fn of(index: usize, hkv: usize, rep: usize) -> Self {
+        Self { b: index / hkv, g: index % hkv, rep }
+    }
+}
+
+/// The gradient blocks one pair writes: `dq` `[rep, S, D]` of its query heads, `dk` and `dv` `[T_k, D]`.
+#[derive(Debug)]
+struct PairGrads<'a> {
+    dq: &'a mut [f32],
+    dk: &'a mut [f32],
+    dv: &'a mut [f32],
+}
+
+type ForwardWorker = fn(&AttentionViews<'_>, Pair, &mut [f32], &mut [f32]);
+type BackwardWorker = fn(&AttentionViews<'_>, &AttentionGrad<'_>, Pair, PairGrads<'_>);
 
 fn select_forward() -> ForwardWorker {
     #[cfg(target_arch = "x86_64")]
@@ -443,52 +465,25 @@ fn select_backward() -> BackwardWorker {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod simd {
-    use super::{AttentionGrad, AttentionViews, backward_pair, forward_pair};
+    use super::{AttentionGrad, AttentionViews, Pair, PairGrads, backward_pair, forward_pair};
 
-    pub(super) fn forward_avx2(
-        x: &AttentionViews<'_>,
-        b: usize,
-        g: usize,
-        rep: usize,
-        out: &mut [f32],
-        lse: &mut [f32],
-    ) {
+    pub(super) fn forward_avx2(x: &AttentionViews<'_>, pair: Pair, out: &mut [f32], lse: &mut [f32]) {
         #[target_feature(enable = "avx2")]
-        fn inner(x: &AttentionViews<'_>, b: usize, g: usize, rep: usize, out: &mut [f32], lse: &mut [f32]) {
-            forward_pair(x, b, g, rep, out, lse);
+        fn inner(x: &AttentionViews<'_>, pair: Pair, out: &mut [f32], lse: &mut [f32]) {
+            forward_pair(x, pair, out, lse);
         }
         // SAFETY: `select_forward` returns this function only after `is_x86_feature_detected!("avx2")`; it is not
         // reachable any other way (private module).
-        unsafe { inner(x, b, g, rep, out, lse) }
+        unsafe { inner(x, pair, out, lse) }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn backward_avx2(
-        x: &AttentionViews<'_>,
-        gr: &AttentionGrad<'_>,
-        b: usize,
-        g: usize,
-        rep: usize,
-        dq: &mut [f32],
-        dk: &mut [f32],
-        dv: &mut [f32],
-    ) {
+    pub(super) fn backward_avx2(x: &AttentionViews<'_>, gr: &AttentionGrad<'_>, pair: Pair, grads: PairGrads<'_>) {
         #[target_feature(enable = "avx2")]
-        #[allow(clippy::too_many_arguments)]
-        fn inner(
-            x: &AttentionViews<'_>,
-            gr: &AttentionGrad<'_>,
-            b: usize,
-            g: usize,
-            rep: usize,
-            dq: &mut [f32],
-            dk: &mut [f32],
-            dv: &mut [f32],
-        ) {
-            backward_pair(x, gr, b, g, rep, dq, dk, dv);
+        fn inner(x: &AttentionViews<'_>, gr: &AttentionGrad<'_>, pair: Pair, grads: PairGrads<'_>) {
+            backward_pair(x, gr, pair, grads);
         }
         // SAFETY: as `forward_avx2`, behind `is_x86_feature_detected!("avx2")` in `select_backward`.
-        unsafe { inner(x, gr, b, g, rep, dq, dk, dv) }
+        unsafe { inner(x, gr, pair, grads) }
     }
 }
 
@@ -589,18 +584,16 @@ impl Scratch {
     }
 }
 
-/// The forward pass of batch row `b`, key/value head `g`: the `rep` query heads `g·rep..` into `out` `[rep, S, D]`
-/// and `lse` `[rep, S]`.
+/// The forward pass of one pair: its query heads into `out` `[rep, S, D]` and `lse` `[rep, S]`.
 #[inline(always)]
-fn forward_pair(x: &AttentionViews<'_>, b: usize, g: usize, rep: usize, out: &mut [f32], lse: &mut [f32]) {
+fn forward_pair(x: &AttentionViews<'_>, Pair { b, g, rep }: Pair, out: &mut [f32], lse: &mut [f32]) {
     let [_, _, s, d] = x.q.dims;
     let tk = x.k.dims[2];
     let sqrt_d = (d as f32).sqrt();
     // Few query rows per key/value head (decoding): the keys are read in place, one dot product per key; more rows
     // amortise a transposed copy of the keys, which the score loop then reads along the keys.
     let transposed = rep * s >= ROWS_FOR_TRANSPOSE;
-    let mut w = Scratch::new(if transposed { tk } else { 0 }, d, false);
-    w.s.resize(tk, 0.0);
+    let mut w = Scratch::new(tk, if transposed { d } else { 0 }, false);
     if transposed {
         transpose_head(&x.k, b, g, &mut w.kt);
     }
@@ -635,19 +628,13 @@ fn forward_pair(x: &AttentionViews<'_>, b: usize, g: usize, rep: usize, out: &mu
     }
 }
 
-/// The backward pass of batch row `b`, key/value head `g`: `dq` `[rep, S, D]` of its query heads and `dk`, `dv`
-/// `[T_k, D]` of the key/value head.
+/// The backward pass of one pair: `dq` of its query heads, `dk` and `dv` of its key/value head.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn backward_pair(
     x: &AttentionViews<'_>,
     gr: &AttentionGrad<'_>,
-    b: usize,
-    g: usize,
-    rep: usize,
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
+    Pair { b, g, rep }: Pair,
+    PairGrads { dq, dk, dv }: PairGrads<'_>,
 ) {
     let [_, hq, s, d] = x.q.dims;
     let tk = x.k.dims[2];

@@ -123,6 +123,18 @@ impl FromStr for Backend {
     }
 }
 
+/// Whether tensors of `device` live on the Flex (CPU) backend, with or without autodiff: where the host-kernel
+/// operations (`attention`, forkrl-advantage's fused PPO loss) run.
+pub fn runs_on_flex(device: &burn::backend::DispatchDevice) -> bool {
+    use burn::backend::DispatchDevice;
+    #[allow(unreachable_patterns)]
+    match device {
+        DispatchDevice::Autodiff(inner) => runs_on_flex(&inner.clone().inner()),
+        DispatchDevice::Flex(_) => true,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
