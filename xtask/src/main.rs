@@ -77,6 +77,9 @@ enum Task {
     /// with paired 95 % CIs.
     /// `cargo xtask experiment forking-tokens [--seeds N] [--quick] [--jobs N] [--set key=value]...`
     /// (the 80/20 arms: top-20 %, all tokens, bottom-80 %, random-20 %, rho 0.1 and 0.5; --quick: 2 seeds, 3 arms).
+    /// `cargo xtask experiment distillation [--seeds N] [--quick]`: a 128-wide teacher trained first (into
+    /// runs/experiments/distillation/teacher), then GRPO vs on-policy distillation of the 64-wide student from a weak
+    /// start (--quick: the teacher without GRPO, 100 student steps).
     /// Writes runs/experiments/<name>/{report.md, curves.svg/png, entropy.svg/png, runs.json, analysis.json}.
     Experiment {
         /// The experiment's name, then its options.

@@ -14,7 +14,10 @@
 //! ```
 //!
 //! `r_info ≤ log K` (equality when only the trajectory's own prefix explains it) and `K = 1 ⇒ r_info = 0`.
-//! Defaults (RECONSTRUCTION, none are published): `K = 4` prefixes of `L_p = 4` embeddings, λ = 0.1.
+//! Defaults (RECONSTRUCTION, none are published): `K = 4` prefixes of `L_p = 4` embeddings, λ = 0.1, one prefix per
+//! prompt, zero-initialised prefixes trained by their own AdamW at `prefix_lr = 1e-3` alongside the backbone. The relayed description
+//! says the backbone is frozen while the prefixes train: `freeze_backbone = true` is that reading (the default trains
+//! both, so that the policy evaluated without a prefix also learns).
 
 use forkrl_core::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -31,11 +34,41 @@ pub struct ImaxConfig {
     pub lambda: f32,
     /// Pay `r_info` only to trajectories with a positive verifier reward.
     pub gate_by_correctness: bool,
+    /// Distinct prefixes given to each drawn prompt; each `(prompt, prefix)` pair is its own group (`≤ K`).
+    pub prefixes_per_prompt: usize,
+    /// Learning rate of the prefixes' own AdamW (RECONSTRUCTION).
+    pub prefix_lr: f64,
+    /// Train only the prefixes (the backbone stays as it is).
+    pub freeze_backbone: bool,
+    /// How the prefixes start (RECONSTRUCTION).
+    pub prefix_init: PrefixInit,
+}
+
+/// The prefixes' initial embeddings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrefixInit {
+    /// Zeros: in a pre-norm decoder without biases a zero input row stays zero through every block (its keys and
+    /// values are zero), so the prefixes start close to a no-op and all `K` are equal (`r_info = 0` until they
+    /// differ).
+    #[default]
+    Zeros,
+    /// Copies of the embeddings of tokens drawn from the run's seed (prompt tuning's "sampled vocabulary").
+    Vocab,
 }
 
 impl Default for ImaxConfig {
     fn default() -> Self {
-        Self { num_prefixes: 4, prefix_len: 4, lambda: 0.1, gate_by_correctness: false }
+        Self {
+            num_prefixes: 4,
+            prefix_len: 4,
+            lambda: 0.1,
+            gate_by_correctness: false,
+            prefixes_per_prompt: 1,
+            prefix_lr: 1e-3,
+            freeze_backbone: false,
+            prefix_init: PrefixInit::Zeros,
+        }
     }
 }
 
@@ -52,6 +85,16 @@ impl ImaxConfig {
         }
         if !(self.lambda.is_finite() && self.lambda >= 0.0) {
             return Err(Error::invalid_parameter("lambda", self.lambda, "must be finite and ≥ 0"));
+        }
+        if self.prefixes_per_prompt == 0 || self.prefixes_per_prompt > self.num_prefixes {
+            return Err(Error::invalid_parameter(
+                "prefixes_per_prompt",
+                self.prefixes_per_prompt,
+                format!("must lie in [1, num_prefixes = {}]", self.num_prefixes),
+            ));
+        }
+        if !(self.prefix_lr.is_finite() && self.prefix_lr > 0.0) {
+            return Err(Error::invalid_parameter("prefix_lr", self.prefix_lr, "must be finite and > 0"));
         }
         Ok(())
     }
@@ -133,5 +176,9 @@ mod tests {
         assert!(imax_rewards(&[1.0], &[0.5, 0.5], &cfg).is_err());
         assert!(ImaxConfig { num_prefixes: 0, ..cfg }.validate().is_err());
         assert!(ImaxConfig { lambda: f32::NAN, ..cfg }.validate().is_err());
+        assert!(ImaxConfig { prefixes_per_prompt: 5, ..cfg }.validate().is_err());
+        assert!(ImaxConfig { prefixes_per_prompt: 0, ..cfg }.validate().is_err());
+        assert!(ImaxConfig { prefix_lr: 0.0, ..cfg }.validate().is_err());
+        assert!(ImaxConfig { prefixes_per_prompt: 4, ..cfg }.validate().is_ok());
     }
 }

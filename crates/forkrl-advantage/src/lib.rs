@@ -77,7 +77,7 @@ pub use gspo::GspoConfig;
 pub use heal::{HealConfig, eda_rewards, entropy_curve_kl, heal_selection_score, select_top_k};
 pub use holder::{HolderConfig, HolderVariant, PSchedule, ScheduleKind, holder_log_mean, holder_weights};
 pub use htpo::{HtpoConfig, HtpoLowerBranch, HtpoTokenGroups, htpo_token_groups};
-pub use imax::{ImaxConfig, imax_rewards, infomax_rewards};
+pub use imax::{ImaxConfig, PrefixInit, imax_rewards, infomax_rewards};
 pub use kl::{AdaptiveKlController, KlEstimator, KlLossConfig, KlPenalty};
 pub use kl_cov::KlCovConfig;
 #[cfg(feature = "burn")]
@@ -87,8 +87,9 @@ pub use opefo::opefo_advantages;
 pub use policy_loss::{AggregatedLoss, PolicyLoss};
 pub use ppo_clip::PpoClipConfig;
 pub use reasonmaxxer::{
-    DecisionObjective, DecisionRows, GateVariant, ReasonMaxxerCoefficients, ReasonMaxxerConfig, apply_neg_prob_floor,
-    decision_gate, gate_threshold, reasonmaxxer_advantages, reasonmaxxer_coefficients, reasonmaxxer_loss_host,
+    AdaptiveBetaNeg, DecisionObjective, DecisionRows, GateVariant, ReasonMaxxerCoefficients, ReasonMaxxerConfig,
+    apply_delta_hinge, apply_neg_prob_floor, decision_gate, delta_hinge_loss_host, gate_threshold,
+    reasonmaxxer_advantages, reasonmaxxer_coefficients, reasonmaxxer_loss_host,
 };
 pub use shear::{ShearConfig, SinkhornConfig, shear_spans, shear_weights, sinkhorn_w1};
 pub use sort::{SortConfig, SortWeighting, sort_needs_repair, sort_repair_loss_host, sort_weights};

@@ -18,7 +18,9 @@
 //! returns them (`L = Σ_t c_t·CE_t + Σ_t a_t·KL_t`) and a trainer multiplies its differentiable per-token values by
 //! them; [`reasonmaxxer_loss_host`] is the f64 reference. Options of the released code kept here: `beta_neg`,
 //! `correct_sft` (positive decision tokens only), `fullseq` (no gate: every generated token is a decision token, the
-//! "no gate" control), `kl_on_generated_only`, separate `tau_neg`.
+//! "no gate" control), `kl_on_generated_only`, separate `tau_neg`, and the step-time options that read the current
+//! policy: `neg_prob_floor` ([`apply_neg_prob_floor`]), `delta_hinge` ([`apply_delta_hinge`]) and `adaptive_betaneg`
+//! ([`AdaptiveBetaNeg`]).
 //!
 //! **RECONSTRUCTION** (the spec, `../shared/methods/sparse-selection-and-distillation.md` §1.4): a fixed τ = 1.4 does
 //! not transfer to a tiny model with a small vocabulary, so τ defaults to the `(1 − f)` quantile of the training set's
@@ -37,6 +39,10 @@ pub enum DecisionObjective {
     AdvCe,
     /// Positive decision tokens only (`correct_sft`, the paper's positive-only ablation).
     CorrectSft,
+    /// The released `delta_hinge`: `|A|·relu(m⁺ − Δ_t)` on positive and `β_neg·|A|·relu(Δ_t + m⁻)` on negative
+    /// decision tokens, `Δ_t = log p_θ(y_t) − log p_base(y_t)`: a token stops being pushed once it is `m⁺` nats above
+    /// (or `m⁻` below) the base ([`apply_delta_hinge`]; the margins are RECONSTRUCTION, not in the spec).
+    DeltaHinge,
 }
 
 /// Which tokens are decision tokens.
@@ -79,6 +85,15 @@ pub struct ReasonMaxxerConfig {
     /// `neg_prob_floor`: negative decision tokens whose current probability is already at or below it leave the loss
     /// (the unbounded negative term stops pushing them); 0 = off, the released default.
     pub neg_prob_floor: f32,
+    /// `m⁺` of `delta_hinge` (nats; RECONSTRUCTION default 1).
+    pub hinge_margin_pos: f32,
+    /// `m⁻` of `delta_hinge` (nats; RECONSTRUCTION default 1).
+    pub hinge_margin_neg: f32,
+    /// The released `adaptive_betaneg` ([`AdaptiveBetaNeg`]): `β_neg` shrinks while the positive decision tokens'
+    /// mean `Δ` falls. Off by default, as released.
+    pub adaptive_betaneg: bool,
+    /// EMA decay of the mean `Δ` that `adaptive_betaneg` follows (RECONSTRUCTION default 0.9; not in the spec).
+    pub adaptive_betaneg_ema: f32,
 }
 
 impl Default for ReasonMaxxerConfig {
@@ -96,6 +111,10 @@ impl Default for ReasonMaxxerConfig {
             decision_objective: DecisionObjective::AdvCe,
             variant: GateVariant::Gated,
             neg_prob_floor: 0.0,
+            hinge_margin_pos: 1.0,
+            hinge_margin_neg: 1.0,
+            adaptive_betaneg: false,
+            adaptive_betaneg_ema: 0.9,
         }
     }
 }
@@ -132,6 +151,18 @@ impl ReasonMaxxerConfig {
         }
         if !(self.beta_neg.is_finite() && self.beta_neg >= 0.0) {
             return Err(Error::invalid_parameter("beta_neg", self.beta_neg, "must be finite and ≥ 0"));
+        }
+        for (name, v) in [("hinge_margin_pos", self.hinge_margin_pos), ("hinge_margin_neg", self.hinge_margin_neg)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(Error::invalid_parameter(name, v, "must be finite and ≥ 0 (nats)"));
+            }
+        }
+        if !(0.0..1.0).contains(&self.adaptive_betaneg_ema) {
+            return Err(Error::invalid_parameter(
+                "adaptive_betaneg_ema",
+                self.adaptive_betaneg_ema,
+                "must lie in [0, 1)",
+            ));
         }
         Ok(())
     }
@@ -280,7 +311,7 @@ pub fn reasonmaxxer_coefficients(
         let a = f64::from(advantages[i]);
         let a_hat = match (a > 0.0, config.decision_objective) {
             (true, _) => a,
-            (false, DecisionObjective::AdvCe) => f64::from(config.beta_neg) * a,
+            (false, DecisionObjective::AdvCe | DecisionObjective::DeltaHinge) => f64::from(config.beta_neg) * a,
             (false, DecisionObjective::CorrectSft) => 0.0,
         };
         let row = i * width..(i + 1) * width;
@@ -323,6 +354,105 @@ pub fn apply_neg_prob_floor(ce: &mut [f32], log_prob: &[f32], floor: f32) -> Res
         }
     }
     Ok(dropped)
+}
+
+/// The released `delta_hinge` objective on the coefficients of [`reasonmaxxer_coefficients`] (computed with
+/// `adv_ce`'s `Â / |E_i| / B`): `|A|·relu(m⁺ − Δ)` is `|A|·CE + const` where `Δ < m⁺` and flat elsewhere (and
+/// `β_neg·|A|·relu(Δ + m⁻)` is `−β_neg·|A|·CE + const` where `Δ > −m⁻`), so its gradient is `adv_ce`'s on the tokens
+/// whose hinge is active and 0 on the others: this zeroes the coefficients of inactive tokens (positive `c` with
+/// `Δ ≥ m⁺`, negative `c` with `Δ ≤ −m⁻`), `Δ = log_prob − base_log_prob`. Returns how many were zeroed.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] for mismatched lengths; [`Error::InvalidParameter`] for a negative or non-finite margin.
+pub fn apply_delta_hinge(
+    ce: &mut [f32],
+    log_prob: &[f32],
+    base_log_prob: &[f32],
+    (margin_pos, margin_neg): (f32, f32),
+) -> Result<usize> {
+    check_len("apply_delta_hinge: log_prob vs ce", log_prob.len(), ce.len())?;
+    check_len("apply_delta_hinge: base_log_prob vs ce", base_log_prob.len(), ce.len())?;
+    for (name, m) in [("hinge_margin_pos", margin_pos), ("hinge_margin_neg", margin_neg)] {
+        if !(m.is_finite() && m >= 0.0) {
+            return Err(Error::invalid_parameter(name, m, "must be finite and ≥ 0 (nats)"));
+        }
+    }
+    let mut zeroed = 0;
+    for ((c, &lp), &lb) in ce.iter_mut().zip(log_prob).zip(base_log_prob) {
+        let delta = f64::from(lp) - f64::from(lb);
+        let inactive = (*c > 0.0 && delta >= f64::from(margin_pos)) || (*c < 0.0 && delta <= -f64::from(margin_neg));
+        if inactive {
+            *c = 0.0;
+            zeroed += 1;
+        }
+    }
+    Ok(zeroed)
+}
+
+/// The value of the `delta_hinge` decision loss (f64 reference): `Σ_t w_t·relu(m⁺ − Δ_t)` over tokens with `w_t > 0`
+/// plus `Σ_t |w_t|·relu(Δ_t + m⁻)` over tokens with `w_t < 0`, with `w` the `adv_ce` coefficients.
+pub fn delta_hinge_loss_host(ce: &[f32], log_prob: &[f32], base_log_prob: &[f32], margins: (f32, f32)) -> f64 {
+    ce.iter()
+        .zip(log_prob)
+        .zip(base_log_prob)
+        .map(|((&c, &lp), &lb)| {
+            let delta = f64::from(lp) - f64::from(lb);
+            let c = f64::from(c);
+            if c > 0.0 {
+                c * (f64::from(margins.0) - delta).max(0.0)
+            } else {
+                -c * (delta + f64::from(margins.1)).max(0.0)
+            }
+        })
+        .sum()
+}
+
+/// The released `adaptive_betaneg` controller: an EMA of the positive decision tokens' mean `Δ = log p_θ − log p_base`
+/// (`dlogp_plus`); when a step's EMA is below the previous one (the slope is negative, the negative term is dragging
+/// the positive tokens down) `β_neg ← max(0.05, 0.7·β_neg)`, otherwise `β_neg ← min(β_neg⁰, 1.05·β_neg)`, `β_neg⁰`
+/// the configured value. The EMA decay is RECONSTRUCTION (a parameter).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdaptiveBetaNeg {
+    /// The current `β_neg`.
+    pub beta_neg: f32,
+    /// The configured `β_neg⁰` (the ceiling of the restore).
+    pub ceiling: f32,
+    /// The EMA's decay.
+    pub decay: f32,
+    /// The EMA of `dlogp_plus` (`None` before the first step with positive decision tokens).
+    pub ema: Option<f64>,
+}
+
+impl AdaptiveBetaNeg {
+    /// The shrink factor.
+    pub const SHRINK: f32 = 0.7;
+    /// The restore factor.
+    pub const RESTORE: f32 = 1.05;
+    /// The floor of `β_neg`.
+    pub const FLOOR: f32 = 0.05;
+
+    /// The controller at `config`'s `β_neg` and decay.
+    pub fn new(config: &ReasonMaxxerConfig) -> Self {
+        Self { beta_neg: config.beta_neg, ceiling: config.beta_neg, decay: config.adaptive_betaneg_ema, ema: None }
+    }
+
+    /// Records one step's `dlogp_plus` (NaN = no positive decision token: nothing changes); returns the new `β_neg`.
+    pub fn update(&mut self, dlogp_plus: f64) -> f32 {
+        if !dlogp_plus.is_finite() {
+            return self.beta_neg;
+        }
+        let d = f64::from(self.decay);
+        let next = self.ema.map_or(dlogp_plus, |e| d * e + (1.0 - d) * dlogp_plus);
+        if let Some(prev) = self.ema {
+            self.beta_neg = if next < prev {
+                (self.beta_neg * Self::SHRINK).max(Self::FLOOR.min(self.ceiling))
+            } else {
+                (self.beta_neg * Self::RESTORE).min(self.ceiling)
+            };
+        }
+        self.ema = Some(next);
+        self.beta_neg
+    }
 }
 
 /// The f64 reference of ReasonMaxxer's loss, computed the way the module doc writes it (per sequence, then the mean):
@@ -473,6 +603,57 @@ mod tests {
         let rows = DecisionRows { decision: &none, valid: &none, generated: &none, advantages: &[1.0], width: 2 };
         let c = reasonmaxxer_coefficients(&rows, &Default::default()).expect("valid");
         assert_eq!((c.ce, c.kl, c.effective_fraction), (vec![0.0; 2], vec![0.0; 2], 0.0));
+    }
+
+    #[test]
+    fn the_delta_hinge_keeps_only_active_tokens_and_its_gradient_is_the_hinges() {
+        // Coefficients: two positive tokens, two negative; Δ = lp − lb = [0.5, 1.5, −0.5, −1.5]; margins 1.
+        let mut ce = vec![0.25, 0.25, -0.5, -0.5];
+        let (lp, lb) = (vec![-1.0f32, -0.5, -2.5, -3.5], vec![-1.5f32, -2.0, -2.0, -2.0]);
+        let zeroed = apply_delta_hinge(&mut ce, &lp, &lb, (1.0, 1.0)).expect("valid");
+        // Positive Δ 1.5 ≥ m⁺ and negative Δ −1.5 ≤ −m⁻ leave; the others keep adv_ce's coefficient.
+        assert_eq!((zeroed, ce.clone()), (2, vec![0.25, 0.0, -0.5, 0.0]));
+        // By hand: 0.25·relu(1 − 0.5) + 0.5·relu(−0.5 + 1) = 0.125 + 0.25.
+        let w = [0.25f32, 0.25, -0.5, -0.5];
+        assert!(close(delta_hinge_loss_host(&w, &lp, &lb, (1.0, 1.0)), 0.375));
+        // The surrogate −Σ c·lp has the hinge loss's gradient in lp (finite differences).
+        for t in 0..4 {
+            let h = 1e-3f32;
+            let mut up = lp.clone();
+            up[t] += h;
+            let fd = (delta_hinge_loss_host(&w, &up, &lb, (1.0, 1.0))
+                - delta_hinge_loss_host(&w, &lp, &lb, (1.0, 1.0)))
+                / f64::from(h);
+            assert!((fd + f64::from(ce[t])).abs() < 1e-3, "token {t}: {fd} vs {}", -ce[t]);
+        }
+        assert!(apply_delta_hinge(&mut ce, &lp, &lb[..3], (1.0, 1.0)).is_err());
+        assert!(apply_delta_hinge(&mut ce, &lp, &lb, (-1.0, 1.0)).is_err());
+    }
+
+    #[test]
+    fn adaptive_betaneg_shrinks_while_the_positive_delta_falls_and_restores_to_its_ceiling() {
+        let config = ReasonMaxxerConfig {
+            beta_neg: 1.0,
+            adaptive_betaneg: true,
+            adaptive_betaneg_ema: 0.5,
+            ..Default::default()
+        };
+        let mut c = AdaptiveBetaNeg::new(&config);
+        assert_eq!(c.update(1.0), 1.0, "the first step only starts the EMA");
+        assert_eq!(c.update(0.0), 0.7, "EMA 1 → 0.5: shrink");
+        assert!((c.update(0.0) - 0.49).abs() < 1e-6, "0.5 → 0.25: shrink again");
+        assert!((c.update(f64::NAN) - 0.49).abs() < 1e-6, "no positive token: unchanged");
+        assert!((c.update(2.0) - 0.5145).abs() < 1e-6, "0.25 → 1.125: restore ×1.05");
+        for _ in 0..40 {
+            c.update(0.0);
+        }
+        assert_eq!(c.beta_neg, AdaptiveBetaNeg::FLOOR, "floored");
+        for k in 0..200 {
+            c.update(f64::from(k));
+        }
+        assert_eq!(c.beta_neg, 1.0, "restored no further than the configured β_neg");
+        assert!(ReasonMaxxerConfig { adaptive_betaneg_ema: 1.0, ..config }.validate().is_err());
+        assert!(ReasonMaxxerConfig { hinge_margin_neg: f32::NAN, ..config }.validate().is_err());
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //! distillation, HEAL, IMAX, UG-TTT): bounds, reference = fast path, and the identities of their specs.
 
 use forkrl_advantage::{
-    DecisionRows, DistillEstimator, DistillationConfig, HealConfig, ReasonMaxxerConfig, SortWeighting, eda_rewards,
-    entropy_curve_kl, infomax_rewards, nuclear_norm, opd_token_advantages, reasonmaxxer_advantages,
-    reasonmaxxer_coefficients, reasonmaxxer_loss_host, reverse_kl_host, sort_repair_loss_host, sort_weights,
+    AdaptiveBetaNeg, DecisionRows, DistillEstimator, DistillationConfig, HealConfig, ReasonMaxxerConfig, SortWeighting,
+    apply_delta_hinge, delta_hinge_loss_host, eda_rewards, entropy_curve_kl, infomax_rewards, nuclear_norm,
+    opd_token_advantages, reasonmaxxer_advantages, reasonmaxxer_coefficients, reasonmaxxer_loss_host, reverse_kl_host,
+    sort_repair_loss_host, sort_weights,
 };
 use forkrl_entropy::epistemic_mutual_information;
 use proptest::prelude::*;
@@ -37,6 +38,51 @@ proptest! {
         for (x, ri) in a.iter().zip(&r) {
             prop_assert!(x.abs() <= clip + 1e-6);
             prop_assert!(f64::from(*x) * (f64::from(*ri) - mean) >= -1e-9, "sign follows r − mean");
+        }
+    }
+
+    #[test]
+    fn the_delta_hinge_only_zeroes_and_its_surrogate_has_the_hinges_slope(
+        coef in prop::collection::vec(-2.0f32..2.0, 1..16),
+        m in (0.0f32..2.0, 0.0f32..2.0),
+        seed in any::<u64>(),
+    ) {
+        let n = coef.len();
+        let lp: Vec<f32> = (0..n).map(|i| -((seed.wrapping_mul(i as u64 + 7) % 997) as f32) / 200.0).collect();
+        let lb: Vec<f32> = (0..n).map(|i| -((seed.wrapping_mul(i as u64 + 13) % 991) as f32) / 200.0).collect();
+        let mut c = coef.clone();
+        let zeroed = apply_delta_hinge(&mut c, &lp, &lb, m).expect("valid");
+        prop_assert_eq!(zeroed, c.iter().zip(&coef).filter(|(a, b)| **a == 0.0 && **b != 0.0).count());
+        for (a, b) in c.iter().zip(&coef) {
+            prop_assert!(*a == 0.0 || a == b, "a coefficient is kept or zeroed, never changed");
+        }
+        // Away from the kinks, the hinge loss's slope in log p is −c (the surrogate −Σ c·log p).
+        let h = 1e-3f32;
+        for t in 0..n {
+            let delta = lp[t] - lb[t];
+            if (delta - m.0).abs() < 0.01 || (delta + m.1).abs() < 0.01 {
+                continue;
+            }
+            let mut up = lp.clone();
+            up[t] += h;
+            let slope = (delta_hinge_loss_host(&coef, &up, &lb, m) - delta_hinge_loss_host(&coef, &lp, &lb, m)) / f64::from(h);
+            prop_assert!((slope + f64::from(c[t])).abs() < 1e-2, "token {}: {} vs {}", t, slope, -c[t]);
+        }
+    }
+
+    #[test]
+    fn adaptive_betaneg_stays_between_its_floor_and_the_configured_value(
+        beta in 0.0f32..3.0,
+        decay in 0.0f32..0.99,
+        deltas in prop::collection::vec(-5.0f64..5.0, 1..40),
+    ) {
+        let cfg = ReasonMaxxerConfig { beta_neg: beta, adaptive_betaneg: true, adaptive_betaneg_ema: decay, ..Default::default() };
+        let mut c = AdaptiveBetaNeg::new(&cfg);
+        for d in deltas {
+            let prev = c.beta_neg;
+            let b = c.update(d);
+            prop_assert!(b <= beta + 1e-6 && b >= AdaptiveBetaNeg::FLOOR.min(beta) - 1e-6, "{}", b);
+            prop_assert!(b == prev || (b - prev * 0.7).abs() < 1e-6 || b <= prev * 1.05 + 1e-6);
         }
     }
 

@@ -58,6 +58,8 @@ pub struct Scores {
     pub heal: Option<(Vec<f32>, Vec<bool>)>,
     /// `[B, W]`: UG-TTT's per-token epistemic uncertainty `MI_t` (when `rl.ugttt` is on).
     pub epistemic: Option<Vec<f32>>,
+    /// IMAX's `r_info` per row (when `rl.imax` is on; `λ r_info` is in `rewards`).
+    pub info: Option<Vec<f32>>,
 }
 
 /// One RL step's rollouts, as they flow from `rollout` through `score` to `update`.

@@ -8,8 +8,8 @@ use std::{ops::Deref, path::PathBuf};
 
 use forkrl_advantage::{
     ActorLossConfig, AdvantageConfig, AggMode, BalanceConfig, BalancedBuffer, DistillationConfig, ForkingDenominator,
-    HealConfig, KlEstimator, KlLossConfig, KlPenalty, PolicyLoss, PpoClipConfig, ReasonMaxxerConfig, SortConfig,
-    TokenWeighting, UgTttConfig,
+    HealConfig, ImaxConfig, KlEstimator, KlLossConfig, KlPenalty, PolicyLoss, PpoClipConfig, ReasonMaxxerConfig,
+    SortConfig, TokenWeighting, UgTttConfig,
 };
 use forkrl_entropy::{SelectionRule, TokenSelection};
 use forkrl_rollout::{Decoding, DynamicSamplingConfig, HoraConfig, MixedCuts, OverlongConfig, PosteriorSource};
@@ -242,6 +242,11 @@ pub struct RlConfig {
     /// regulariser that keeps them distinct (`forkrl_advantage::UgTttConfig`: `members` 4, `rank` 4, `beta` 0.1,
     /// `lambda` 1e-3, `bonus` = `advantage` | `reward`). `None` = off.
     pub ugttt: Option<UgTttConfig>,
+    /// IMAX (`[rl.imax]`, `crate::rl::imax`): a pool of trainable soft prefixes, one (or `prefixes_per_prompt`) per
+    /// drawn prompt, each `(prompt, prefix)` pair its own group, and the InfoMax reward `λ r_info`
+    /// (`forkrl_advantage::ImaxConfig`: `num_prefixes` 4, `prefix_len` 4, `lambda` 0.1, `prefix_lr` 1e-3,
+    /// `freeze_backbone` false; RECONSTRUCTION). `None` = off.
+    pub imax: Option<ImaxConfig>,
 }
 
 /// `[rl.heal]`: HEAL's data recipe and reward.
@@ -458,6 +463,7 @@ impl Default for RlConfig {
             reasonmaxxer: None,
             heal: None,
             ugttt: None,
+            imax: None,
         }
     }
 }
@@ -967,6 +973,18 @@ impl TrainConfig {
         }
         if let Some(r) = &rl.reasonmaxxer {
             r.check(rl)?;
+        }
+        if let Some(i) = &rl.imax {
+            i.validate().map_err(TrainerError::in_section("rl.imax"))?;
+            let other =
+                [("rl.distillation", rl.distillation.is_some()), ("rl.reasonmaxxer", rl.reasonmaxxer.is_some())];
+            if let Some((key, _)) = other.iter().find(|(_, on)| *on) {
+                return Err(TrainerError::invalid(
+                    "rl.imax",
+                    "set",
+                    format!("IMAX's soft prefixes are the student's own inputs: {key} cannot run with them"),
+                ));
+            }
         }
         Ok(())
     }

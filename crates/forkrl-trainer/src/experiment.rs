@@ -118,6 +118,71 @@ pub fn forking_tokens(base: TrainConfig, seeds: Option<usize>, quick: bool, out_
     }
 }
 
+/// The on-policy distillation demonstration's teacher (issue 18): the built-in task with a larger tiny model (128 wide,
+/// `d_ff` 384, SFT at lr 1e-3), SFT then GRPO as `cargo xtask train` runs them (quick: SFT only). Measured:
+/// 0.940 after SFT, 0.960 after 200 GRPO steps (docs/methods.md).
+pub fn distillation_teacher(quick: bool) -> TrainConfig {
+    let mut c = TrainConfig::default();
+    c.model.d_model = 128;
+    c.model.d_ff = 384;
+    c.sft.lr = 1e-3;
+    if quick {
+        c.rl.steps = 0;
+    }
+    c
+}
+
+/// The distillation demonstration's students: the default 64-wide model from a weak start (250 SFT steps), then 300
+/// RL steps (quick: 100) with held-out evaluation every 50.
+pub fn distillation_base(quick: bool) -> TrainConfig {
+    let mut c = TrainConfig::default();
+    c.sft.steps = 250;
+    c.rl.steps = if quick { 100 } else { 300 };
+    c.eval.every = 50;
+    c
+}
+
+/// The distillation demonstration over `base`: per seed, GRPO (the baseline) and full-vocabulary on-policy distillation
+/// from the checkpoint `teacher` at lr 3e-4, both from the seed's SFT checkpoint; `seeds` seeds (default 2).
+pub fn distillation(
+    base: TrainConfig,
+    teacher: &std::path::Path,
+    seeds: Option<usize>,
+    out_dir: PathBuf,
+) -> ExperimentConfig {
+    ExperimentConfig {
+        name: "distillation".into(),
+        base,
+        seeds: (0..seeds.unwrap_or(2) as u64).collect(),
+        arms: vec![
+            Arm::new("grpo", &[]),
+            Arm {
+                name: "distillation".into(),
+                sets: vec![
+                    ("rl.lr".into(), "3e-4".into()),
+                    ("rl.distillation.teacher".into(), format!("{:?}", teacher.display().to_string())),
+                ],
+            },
+        ],
+        baseline: "grpo".into(),
+        out_dir,
+        command: String::new(),
+        jobs: std::thread::available_parallelism().map_or(1, usize::from),
+    }
+}
+
+/// Trains the distillation teacher from `config` and saves it as a forkrl checkpoint in `dir` (atomically); returns
+/// its held-out greedy accuracy after SFT and at the end.
+///
+/// # Errors
+/// The configuration's, the run's and the write's errors.
+pub fn train_teacher(config: TrainConfig, device: &Device, dir: &std::path::Path) -> Result<(f64, f64)> {
+    let mut trainer = Trainer::new(config.check()?, device)?;
+    let summary = trainer.run(&mut crate::rl::metrics::NoObserver, None)?;
+    crate::model::checkpoint::save_policy(trainer.policy(), trainer.policy_config(), dir)?;
+    Ok((summary.sft_accuracy, summary.final_accuracy))
+}
+
 /// Where a run of the experiment stands, for a progress display.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Progress {

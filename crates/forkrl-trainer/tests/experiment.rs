@@ -118,3 +118,33 @@ fn bad_arms_are_refused_before_anything_runs() {
     assert!(matches!(err, TrainerError::InvalidConfig { .. }) && err.to_string().contains("task"), "{err}");
     assert!(!out.exists(), "nothing written");
 }
+
+#[test]
+fn cpu_backend_the_distillation_demonstration_trains_its_teacher_then_pairs_grpo_with_distillation() {
+    let device = Backend::Cpu.device().expect("cpu");
+    let out = std::env::temp_dir().join(format!("forkrl-experiment-distill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    // The shipped recipe: a wider teacher, a weak-start student, the GRPO baseline and the distillation arm.
+    let (teacher, student) = (experiment::distillation_teacher(false), experiment::distillation_base(false));
+    assert!(teacher.model.d_model > student.model.d_model && teacher.rl.steps > 0);
+    assert_eq!((student.sft.steps, student.rl.steps), (250, 300));
+    assert_eq!(experiment::distillation_teacher(true).rl.steps, 0);
+    // Shrunk to a few steps: the teacher is trained and saved, then both arms run from each seed's SFT checkpoint.
+    let mut small_teacher = experiment::distillation_teacher(true);
+    (small_teacher.sft.steps, small_teacher.eval.size, small_teacher.eval.pass_k_size) = (30, 16, 4);
+    let dir = out.join("teacher");
+    let (sft, last) = experiment::train_teacher(small_teacher, &device, &dir).expect("teacher");
+    assert!((0.0..=1.0).contains(&sft) && sft == last, "SFT only: {sft} {last}");
+    assert!(dir.join("policy_config.json").is_file());
+    let mut base = tiny();
+    base.task = TrainConfig::default().task; // the built-in arithmetic, the teacher's
+    base.rl.max_response_len = TrainConfig::default().rl.max_response_len;
+    let mut config = experiment::distillation(base, &dir, Some(1), out.clone());
+    config.jobs = 2;
+    let report = experiment::run(&config, &device, true, |_| {}).expect("runs");
+    let arms: Vec<&str> = report.runs.iter().map(|r| r.arm.as_str()).collect();
+    assert_eq!(arms, ["grpo", "distillation"]);
+    assert_eq!(report.runs[0].summary.sft_accuracy, report.runs[1].summary.sft_accuracy, "paired");
+    assert!(out.join("report.md").is_file() && dir.join("policy.bpk").is_file(), "the teacher stays beside the report");
+    let _ = std::fs::remove_dir_all(&out);
+}

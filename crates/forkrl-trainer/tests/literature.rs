@@ -1,6 +1,6 @@
 //! The methods of `docs/methods.md`'s literature table in the trainer, each on a fixed batch and an untrained tiny
 //! policy (CPU backend): on-policy distillation (both estimators, the rock-token bypass and its alignment, online rock
-//! detection, the teacher checks), SORT's repair update, and ReasonMaxxer's offline stage.
+//! detection, the teacher checks), SORT's repair update, ReasonMaxxer's offline stage, HEAL, UG-TTT and IMAX.
 
 mod common;
 
@@ -10,9 +10,9 @@ use forkrl_core::Backend;
 use forkrl_entropy::{RockAlignment, RockConfig, detect_rock_tokens, rock_aligned_ids};
 use forkrl_trainer::{
     TrainConfig, Trainer, TrainerError,
-    batch::RolloutBatch,
+    batch::{Rollout, RolloutBatch},
     model::{checkpoint, token_stats_host},
-    rl::reasonmaxxer::ReasonMaxxerData,
+    rl::{imax::PrefixIds, reasonmaxxer::ReasonMaxxerData},
     tasks::{Gold, Problem},
 };
 
@@ -388,26 +388,230 @@ fn bad_literature_knobs_name_their_key() {
     assert_eq!(key("[rl.ugttt]\nmembers = 0\n"), "rl.ugttt.members");
     assert_eq!(key("[rl.reasonmaxxer.loss]\ngated_fraction = 0.0\n"), "rl.reasonmaxxer.loss.gated_fraction");
     assert_eq!(key("[rl.heal.eda]\ntop_fraction = 2.0\n"), "rl.heal.eda.top_fraction");
+    assert_eq!(key("[rl.imax]\nnum_prefixes = 2\nprefixes_per_prompt = 3\n"), "rl.imax.prefixes_per_prompt");
+    assert_eq!(key("[rl.imax]\nprefix_lr = 0.0\n"), "rl.imax.prefix_lr");
+    assert_eq!(key("[rl.imax]\n[rl.reasonmaxxer]\n"), "rl.imax");
     assert_eq!(
         key("[rl.distillation]\nteacher = \"/x\"\n[rl.distillation.loss]\nkl_discount = 2.0\n"),
         "rl.distillation.loss.kl_discount"
     );
 }
 
+/// ReasonMaxxer on the fixed batch as its offline set, with `loss` as the `[rl.reasonmaxxer.loss]` lines.
+fn reasonmaxxer_on_fixed_batch(loss: &str, rl: &str) -> Trainer {
+    let t = trainer(&format!(
+        "[rl]\n{rl}[rl.reasonmaxxer]\nbatch_size = 8\n[rl.reasonmaxxer.loss]\ngated_fraction = 0.5\n{loss}"
+    ));
+    let setup = t.config().rl.reasonmaxxer.clone().expect("set");
+    let mut batch = fixed_batch(&t);
+    batch.problems = None;
+    let data = ReasonMaxxerData::from_batch(t.policy(), batch, t.config(), &setup).expect("offline set");
+    t.with_reasonmaxxer_data(data)
+}
+
 #[test]
 fn reasonmaxxers_negative_floor_removes_the_push_on_improbable_negative_tokens() {
     let first_decision_loss = |floor: f64| {
-        let t = trainer(&format!(
-            "[rl.reasonmaxxer]\nbatch_size = 8\n[rl.reasonmaxxer.loss]\ngated_fraction = 0.5\nneg_prob_floor = {floor}\n"
-        ));
-        let setup = t.config().rl.reasonmaxxer.clone().expect("set");
-        let mut batch = fixed_batch(&t);
-        batch.problems = None;
-        let data = ReasonMaxxerData::from_batch(t.policy(), batch, t.config(), &setup).expect("offline set");
-        let mut t = t.with_reasonmaxxer_data(data);
+        let mut t = reasonmaxxer_on_fixed_batch(&format!("neg_prob_floor = {floor}\n"), "");
         t.rl_step().expect("step").get("reasonmaxxer/decision_loss").expect("logged")
     };
     let (off, on) = (first_decision_loss(0.0), first_decision_loss(0.99));
     // An untrained policy gives every token probability < 0.99: the floor drops every negative term (Â · CE < 0).
     assert!(on > 0.0 && on > off, "with the floor {on}, without {off}");
+}
+
+#[test]
+fn reasonmaxxers_delta_hinge_pays_each_token_up_to_its_margin() {
+    // At the first step the policy is the base (Δ = 0 everywhere), so every decision token's hinge is
+    // |c|·m: the decision loss is linear in the margin and 0 at margin 0 (then no decision token is pushed).
+    let first = |m: f64| {
+        let loss = format!("decision_objective = \"delta_hinge\"\nhinge_margin_pos = {m}\nhinge_margin_neg = {m}\n");
+        let mut t = reasonmaxxer_on_fixed_batch(&loss, "");
+        t.rl_step().expect("step").get("reasonmaxxer/decision_loss").expect("logged")
+    };
+    let (zero, one, two) = (first(0.0), first(1.0), first(2.0));
+    assert!(one > 0.0, "{one}");
+    assert!((two - 2.0 * one).abs() < 1e-4 * one, "{two} vs 2 × {one}");
+    assert!(zero.abs() < 1e-4 * one, "{zero}");
+    // adv_ce's surrogate on the same step is not a hinge: its value is Σ c·CE, not Σ |c|·m.
+    let mut t = reasonmaxxer_on_fixed_batch("", "");
+    let adv_ce = t.rl_step().expect("step").get("reasonmaxxer/decision_loss").expect("logged");
+    assert!((adv_ce - one).abs() > 1e-3, "{adv_ce} vs {one}");
+}
+
+#[test]
+fn reasonmaxxers_adaptive_betaneg_follows_the_positive_tokens_delta() {
+    let mut t = reasonmaxxer_on_fixed_batch("adaptive_betaneg = true\nadaptive_betaneg_ema = 0.5\n", "lr = 1e-2\n");
+    let config = t.config().rl.reasonmaxxer.clone().expect("set").loss;
+    let mut replay = forkrl_advantage::AdaptiveBetaNeg::new(&config);
+    let mut seen = Vec::new();
+    for _ in 0..8 {
+        let row = t.rl_step().expect("step");
+        let beta = row.get("reasonmaxxer/beta_neg").expect("logged");
+        assert!((beta - f64::from(replay.beta_neg)).abs() < 1e-6, "the step used the controller's β_neg");
+        replay.update(row.get("reasonmaxxer/dlogp_plus").expect("logged"));
+        seen.push(beta);
+    }
+    assert_eq!(seen[0], 1.0, "it starts at the configured β_neg");
+    assert!(seen.iter().any(|&b| b < 1.0), "a falling Δ⁺ shrinks β_neg: {seen:?}");
+}
+
+/// The fixed batch with soft prefix 0 before the first prompt's rows and prefix 1 before the second's (the trainer's
+/// prefixes made by `prepare_rl`).
+fn prefixed_batch(t: &mut Trainer) -> (RolloutBatch, PrefixIds) {
+    t.prepare_rl().expect("makes the prefixes");
+    let ids = PrefixIds::new(t.policy(), t.config().rl.imax.as_ref().expect("imax on"));
+    let plain = fixed_batch(t);
+    let rollouts = plain
+        .rollouts()
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Rollout { prompt: ids.prefixed(&r.prompt, i / 4), ..r.clone() })
+        .collect();
+    let mut batch = RolloutBatch::new(1, rollouts, vec![4, 4], t.vocab().pad).expect("valid batch");
+    batch.problems = plain.problems;
+    (batch, ids)
+}
+
+#[test]
+fn imax_adds_the_infomax_reward_of_the_prefixes_likelihoods() {
+    let mut t = trainer("[rl.imax]\nnum_prefixes = 3\nprefix_len = 2\nlambda = 0.5\nprefix_init = \"vocab\"\n");
+    let (batch, ids) = prefixed_batch(&mut t);
+    assert_eq!(t.policy().input_ids(), t.policy().vocab_size() + 6, "K·L_p prefix rows");
+    let mut scored = batch.clone();
+    t.score(&mut scored).expect("scores");
+    let s = scored.scores.as_ref().expect("scored");
+    let info = s.info.as_ref().expect("info rewards");
+    // By hand: ℓ_j = mean response log-prob with prefix j in place, r_info = ℓ_k − logsumexp_j ℓ_j + ln K.
+    let w = batch.width();
+    let loglik: Vec<Vec<f64>> = (0..3)
+        .map(|j| {
+            let seqs: Vec<Vec<u32>> = batch.ids().iter().map(|seq| ids.prefixed(&seq[2..], j)).collect();
+            let lp = token_stats_host(t.policy(), &seqs, w, 1.0, 8).expect("stats").1;
+            (0..batch.len())
+                .map(|r| {
+                    let v = batch.response_values(&lp, r);
+                    v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len() as f64
+                })
+                .collect()
+        })
+        .collect();
+    for row in 0..batch.len() {
+        let k = row / 4;
+        let m = (0..3).map(|j| loglik[j][row]).fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + (0..3).map(|j| (loglik[j][row] - m).exp()).sum::<f64>().ln();
+        let expected = loglik[k][row] - lse + 3f64.ln();
+        assert!((f64::from(info[row]) - expected).abs() < 1e-4, "row {row}: {} vs {expected}", info[row]);
+        assert!(f64::from(info[row]) <= 3f64.ln() + 1e-6);
+        let shaped = f64::from(s.rewards[row] - batch.rewards[row]);
+        assert!((shaped - 0.5 * f64::from(info[row])).abs() < 1e-5, "row {row}: r + λ r_info");
+    }
+    assert!(info.iter().any(|&x| x.abs() > 1e-4), "different prefixes give different likelihoods");
+
+    // Zero prefixes (the default) are all equal: r_info = 0 until they differ.
+    let mut t = trainer("[rl.imax]\nnum_prefixes = 3\nprefix_len = 2\nlambda = 0.5\n");
+    let (batch, _) = prefixed_batch(&mut t);
+    let mut scored = batch.clone();
+    t.score(&mut scored).expect("scores");
+    let info = scored.scores.as_ref().and_then(|s| s.info.clone()).expect("info");
+    assert!(info.iter().all(|x| x.abs() < 1e-6), "{info:?}");
+
+    // The correctness gate pays r_info only to rewarded rows.
+    let mut t = trainer(
+        "[rl.imax]\nnum_prefixes = 3\nprefix_len = 2\nlambda = 0.5\ngate_by_correctness = true\nprefix_init = \"vocab\"\n",
+    );
+    let (batch, _) = prefixed_batch(&mut t);
+    let mut scored = batch.clone();
+    t.score(&mut scored).expect("scores");
+    let s = scored.scores.as_ref().expect("scored");
+    for row in 0..batch.len() {
+        let bonus = s.rewards[row] - batch.rewards[row];
+        assert!(batch.rewards[row] > 0.0 || bonus == 0.0, "row {row}");
+    }
+}
+
+#[test]
+fn imax_moves_the_prefixes_along_the_infomax_advantage_and_can_freeze_the_backbone() {
+    let frozen = "[rl.imax]\nnum_prefixes = 2\nprefix_len = 2\nlambda = 1.0\nprefix_lr = 0.01\nfreeze_backbone = true\nprefix_init = \"vocab\"\n";
+    let mut t = trainer(frozen);
+    let (batch, _) = prefixed_batch(&mut t);
+    let plain = fixed_batch(&t);
+    let backbone = |t: &Trainer| token_stats_host(t.policy(), plain.ids(), plain.width(), 1.0, 8).expect("stats").1;
+    let table = |t: &Trainer| {
+        let p = t.policy().prefixes().expect("carried");
+        p.table.val().into_data().try_to_vec::<f32>().expect("f32")
+    };
+    let (before_backbone, before_table) = (backbone(&t), table(&t));
+    let mut b = batch.clone();
+    t.score(&mut b).expect("scores");
+    let s = b.scores.as_ref().expect("scored");
+    // The second group's verifier rewards are all 0: only r_info gives it advantages, ordered as r_info.
+    let info = s.info.as_ref().expect("info");
+    let second: Vec<usize> = (4..8).collect();
+    assert!(second.iter().any(|&r| s.advantages[r].abs() > 1e-3), "{:?}", &s.advantages[4..]);
+    for &i in &second {
+        for &j in &second {
+            if info[i] > info[j] + 1e-6 {
+                assert!(s.advantages[i] > s.advantages[j], "rows {i}, {j}");
+            }
+        }
+    }
+    let (advantages, old) = (s.advantages.clone(), s.old_log_prob.clone());
+    let stats = t.update(&b).expect("updates");
+    assert!(stats.prefix_grad_norm.is_finite() && stats.prefix_grad_norm > 0.0);
+    assert_eq!(backbone(&t), before_backbone, "a frozen backbone does not move");
+    assert_ne!(table(&t), before_table, "the prefixes learn");
+    // The prefixes alone raise the surrogate Σ_i A_i Σ_t Δ log π(y_t | x, z_k) of the r_info-only group.
+    let new = token_stats_host(t.policy(), batch.ids(), batch.width(), 1.0, 8).expect("stats").1;
+    let surrogate: f64 = second
+        .iter()
+        .map(|&r| {
+            let delta: f64 = batch.response_positions(r).map(|i| f64::from(new[i] - old[i])).sum();
+            f64::from(advantages[r]) * delta
+        })
+        .sum();
+    assert!(surrogate > 0.0, "{surrogate}");
+
+    // λ = 0: the second group has no signal at all.
+    let mut t = trainer("[rl.imax]\nnum_prefixes = 2\nprefix_len = 2\nlambda = 0.0\n");
+    let (batch, _) = prefixed_batch(&mut t);
+    let mut b = batch.clone();
+    t.score(&mut b).expect("scores");
+    assert!(b.scores.as_ref().expect("scored").advantages[4..].iter().all(|&a| a == 0.0));
+
+    // Without the freeze the backbone learns too.
+    let mut t = trainer("[rl.imax]\nnum_prefixes = 2\nprefix_len = 2\n[rl]\nlr = 1e-3\n");
+    let (batch, _) = prefixed_batch(&mut t);
+    let before = backbone(&t);
+    let mut b = batch.clone();
+    t.score(&mut b).expect("scores");
+    t.update(&b).expect("updates");
+    assert_ne!(backbone(&t), before);
+}
+
+#[test]
+fn imax_rollouts_put_one_prefix_per_group_and_the_prefixes_survive_a_checkpoint() {
+    let mut t = trainer("[rl.imax]\nnum_prefixes = 4\nprefix_len = 2\nprefixes_per_prompt = 2\n");
+    t.prepare_rl().expect("prefixes");
+    let ids = PrefixIds::new(t.policy(), t.config().rl.imax.as_ref().expect("on"));
+    let batch = t.rollout().expect("rolls out");
+    let sizes = batch.group_sizes().to_vec();
+    assert_eq!(sizes.len(), 2 * 2, "prompts_per_step × prefixes_per_prompt groups");
+    let mut start = 0;
+    let mut per_group = Vec::new();
+    for &n in &sizes {
+        let rows = &batch.rollouts()[start..start + n];
+        let k = ids.prefix_of(&rows[0].prompt).expect("prefixed");
+        assert!(rows.iter().all(|r| r.prompt == rows[0].prompt), "a group is one (prompt, prefix) pair");
+        per_group.push(k);
+        start += n;
+    }
+    assert_ne!(per_group[0], per_group[1], "one prompt's two groups have distinct prefixes");
+
+    let dir = scratch("imax-ckpt");
+    let saved = t.save(&dir).expect("saves");
+    assert!(saved.join("prefixes.bpk").is_file() && saved.join("prefixes_optimizer.bpk").is_file());
+    let resumed = Trainer::resume(&dir, &Backend::Cpu.device().expect("cpu")).expect("resumes");
+    let table = |t: &Trainer| t.policy().prefixes().expect("carried").table.val().into_data().try_to_vec::<f32>();
+    assert_eq!(table(&resumed).expect("f32"), table(&t).expect("f32"));
 }

@@ -324,7 +324,8 @@ fn assert_resumes_bit_identically(config: TrainConfig, tag: &str) {
 #[test]
 fn cpu_backend_literature_options_resume_bit_identically() {
     // The state of issue 18's methods: HEAL's problem sets, the online rock detector's window, UG-TTT's adapters and
-    // their optimizer (SORT and distillation's teacher are stateless); then ReasonMaxxer's base and offline set.
+    // their optimizer (SORT and distillation's teacher are stateless); then ReasonMaxxer's base and offline set; then
+    // IMAX's prefixes.
     let teacher_dir = scratch("literature-teacher").join("teacher");
     let device = Backend::Cpu.device().expect("cpu");
     let mut teacher_config = small();
@@ -347,11 +348,19 @@ fn cpu_backend_literature_options_resume_bit_identically() {
     assert_resumes_bit_identically(config, "literature");
 
     let mut config: TrainConfig = toml::from_str(
-        "[rl.reasonmaxxer]\nproblems = 64\nrollouts_per_problem = 8\nkeep_problems = 8\nbatch_size = 4\n",
+        "[rl.reasonmaxxer]\nproblems = 64\nrollouts_per_problem = 8\nkeep_problems = 8\nbatch_size = 4\n\
+         [rl.reasonmaxxer.loss]\nadaptive_betaneg = true\ndecision_objective = \"delta_hinge\"\n",
     )
     .expect("valid");
     (config.sft, config.eval, config.checkpoint) = (base.sft, base.eval, base.checkpoint);
     config.sft.steps = 300;
     config.rl.steps = 4;
     assert_resumes_bit_identically(config, "reasonmaxxer");
+
+    // IMAX's soft prefixes and their optimizer, two prefixes per prompt, with a KL loss reading the current prefixes.
+    let mut config: TrainConfig =
+        toml::from_str("[rl.imax]\nprefixes_per_prompt = 2\nprefix_len = 2\n[rl.kl_loss]\n").expect("valid");
+    (config.sft, config.eval, config.checkpoint) = (base.sft, base.eval, base.checkpoint);
+    (config.rl.steps, config.rl.prompts_per_step, config.rl.group_size) = (4, 2, 4);
+    assert_resumes_bit_identically(config, "imax");
 }

@@ -7,8 +7,8 @@
 //!              [--model HF_DIR] [--data FILE.jsonl] [--resume | --overwrite] [--stop-after RL_STEP]
 //! forkrl-train eval --checkpoint DIR [--data FILE.jsonl]... [--k K] [--out REPORT.json] [--overwrite]
 //! forkrl-train export --checkpoint DIR --out HF_DIR [--overwrite]
-//! forkrl-train experiment forking-tokens [--seeds N] [--quick] [--jobs N] [--config FILE] [--set key=value]...
-//!     [--out DIR]
+//! forkrl-train experiment forking-tokens|distillation [--seeds N] [--quick] [--jobs N] [--config FILE]
+//!     [--set key=value]... [--out DIR]
 //! ```
 //!
 //! With no arguments it runs the built-in default: the tiny policy on two-step arithmetic, SFT then GRPO with the
@@ -69,12 +69,15 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct ExperimentArgs {
-    /// The experiment: `forking-tokens` (the 80/20 arms: top-20 %, all tokens, bottom-80 %, random-20 %, ρ 0.1 / 0.5).
+    /// The experiment: `forking-tokens` (the 80/20 arms: top-20 %, all tokens, bottom-80 %, random-20 %, ρ 0.1 / 0.5),
+    /// or `distillation` (a 128-wide teacher trained first, then GRPO vs on-policy distillation of the 64-wide student
+    /// from a weak start).
     name: String,
-    /// Seeds (default 3; 2 with --quick).
+    /// Seeds (forking-tokens: default 3, 2 with --quick; distillation: default 2).
     #[arg(long)]
     seeds: Option<usize>,
-    /// 2 seeds and 3 arms (top-20 %, all tokens, bottom-80 %).
+    /// forking-tokens: 2 seeds and 3 arms (top-20 %, all tokens, bottom-80 %); distillation: the teacher without its
+    /// GRPO steps and 100 student steps instead of 300.
     #[arg(long)]
     quick: bool,
     /// A TOML configuration every run starts from (default: the experiment's own, the free-order sum task; a file
@@ -338,9 +341,11 @@ fn export(args: &ExportArgs) -> Result<(), String> {
 }
 
 fn experiment(args: &ExperimentArgs, command: String) -> Result<(), String> {
-    if args.name != "forking-tokens" {
-        return Err(format!("experiment {:?}: unknown (known: forking-tokens)", args.name));
-    }
+    let distillation = match args.name.as_str() {
+        "forking-tokens" => false,
+        "distillation" => true,
+        other => return Err(format!("experiment {other:?}: unknown (known: forking-tokens, distillation)")),
+    };
     if args.seeds == Some(0) {
         return Err("--seeds 0: must be at least 1".into());
     }
@@ -349,6 +354,7 @@ fn experiment(args: &ExperimentArgs, command: String) -> Result<(), String> {
             let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
             toml::from_str::<TrainConfig>(&text).map_err(|e| format!("{}: {e}", path.display()))?
         }
+        None if distillation => experiment::distillation_base(args.quick),
         None => experiment::forking_tokens_base(),
     };
     base = base.with_sets(&key_values(&args.sets)?).map_err(|e| e.to_string())?;
@@ -356,14 +362,33 @@ fn experiment(args: &ExperimentArgs, command: String) -> Result<(), String> {
         return Err("--jobs 0: must be at least 1".into());
     }
     let out = args.out.clone().unwrap_or_else(|| base.run.out_dir.join("experiments").join(&args.name));
-    let mut config = experiment::forking_tokens(base, args.seeds, args.quick, out);
+    let backend: Backend = args.backend.parse().map_err(|e| format!("{e}"))?;
+    let device = backend.device().map_err(|e| format!("{e}"))?;
+    let mut overwrite = args.overwrite;
+    let mut config = if distillation {
+        // The teacher is trained first, into the experiment's folder: refuse an occupied folder before that.
+        let occupied = fs::read_dir(&out).is_ok_and(|mut entries| entries.next().is_some());
+        if occupied && !overwrite {
+            return Err(format!("{}: an experiment is there already; pass --overwrite to replace it", out.display()));
+        }
+        let teacher_config = experiment::distillation_teacher(args.quick);
+        let mut grpo = base.clone();
+        grpo.run.seed = 0;
+        teacher_config.clone().check().and_then(|_| grpo.check()).map_err(|e| e.to_string())?;
+        let teacher = out.join("teacher");
+        say!("training the teacher (128 wide) into {}", teacher.display());
+        let (sft, last) = experiment::train_teacher(teacher_config, &device, &teacher).map_err(|e| e.to_string())?;
+        say!("teacher: held-out greedy accuracy {sft:.3} after SFT, {last:.3} at the end");
+        overwrite = true; // the folder holds only the teacher just trained
+        experiment::distillation(base, &teacher, args.seeds, out)
+    } else {
+        experiment::forking_tokens(base, args.seeds, args.quick, out)
+    };
     config.command = command;
     if let Some(jobs) = args.jobs {
         config.jobs = jobs;
     }
-    let backend: Backend = args.backend.parse().map_err(|e| format!("{e}"))?;
-    let device = backend.device().map_err(|e| format!("{e}"))?;
-    let report = experiment::run(&config, &device, args.overwrite, |p| {
+    let report = experiment::run(&config, &device, overwrite, |p| {
         let eta = p.eta_seconds.map_or(String::new(), |e| format!(", eta {:.0} min", e / 60.0));
         say!("[{}/{} done] seed {} {} starts{eta}", p.done, p.total, p.seed, p.arm);
     })

@@ -97,9 +97,10 @@ pub fn write_policy_files(policy: &Policy, config: &PolicyConfig, dir: &Path) ->
         .map_err(|e| TrainerError::Checkpoint { path: config_path.clone(), reason: e.to_string() })?;
     std::fs::write(&config_path, json).map_err(io(&config_path))?;
     let policy_path = dir.join(POLICY_FILE);
-    policy
-        .clone()
-        .save_file(&policy_path)
+    // IMAX's soft prefixes are not part of the policy file (the trainer keeps them in `prefixes.bpk`).
+    let mut bare = policy.clone();
+    bare.take_prefixes();
+    bare.save_file(&policy_path)
         .map_err(|e| TrainerError::Checkpoint { path: policy_path.clone(), reason: format!("{e:?}") })
 }
 

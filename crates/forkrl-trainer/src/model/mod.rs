@@ -201,7 +201,13 @@ pub fn token_stats(policy: &Policy, seqs: &[Vec<u32>], w: usize, temperature: f3
     let ids = ids_tensor(seqs, &policy.device());
     let hidden = policy.hidden_states(ids.clone().narrow(1, 0, w))?;
     let chunk = chunk_rows_for(policy.vocab_size(), DEFAULT_CHUNK_BYTES);
-    Ok(head_entropy_and_logprobs(hidden, policy.head_weight(), ids.narrow(1, 1, w), temperature, chunk)?)
+    let mut targets = ids.narrow(1, 1, w);
+    if policy.prefixes().is_some() {
+        // Soft-prefix ids are inputs, never predicted: the prompt positions that "predict" one (never in a loss)
+        // read the last real token instead.
+        targets = targets.clamp_max(policy.vocab_size() as i64 - 1);
+    }
+    Ok(head_entropy_and_logprobs(hidden, policy.head_weight(), targets, temperature, chunk)?)
 }
 
 /// [`token_stats`] without a graph, read back to the host, `micro` rows per forward (verl's

@@ -16,6 +16,12 @@
 //! tokens is never attended by them). [`Policy::forward_left_padded`] and the KV-cache pair [`Policy::prefill`] /
 //! [`Policy::decode`] take the number of leading pad tokens per row, as in a left-padded `generate` of
 //! `transformers`: a row's first real token has position 0 and real tokens never attend to pad keys.
+//!
+//! Soft prefixes (IMAX, [`SoftPrefixes`]): a policy may carry a table of trainable input embeddings, addressed by
+//! *virtual* token ids `V, V + 1, …` past the vocabulary. Wherever such an id stands in the input, its embedding is the
+//! table's row instead of a token's, so a prompt that starts with prefix ids runs with the prefix's embeddings in every
+//! forward (training, scoring, prefill) without any other change to positions, padding or caching. Virtual ids are
+//! inputs only: the head still predicts the `V` real tokens.
 
 use burn::{
     config::Config,
@@ -262,6 +268,16 @@ pub struct Policy {
     head_dim: usize,
     cos: Tensor<2>,
     sin: Tensor<2>,
+    /// IMAX's soft-prefix table (not part of `policy.bpk` or an export; the trainer saves it beside them).
+    pub(crate) prefixes: Option<SoftPrefixes>,
+}
+
+/// A table of trainable input embeddings `[rows, D]` addressed by the virtual ids `V + row` ([`Policy::with_prefixes`]):
+/// IMAX's `K` soft prefixes of `L_p` embeddings each, prefix `k`'s `j`-th embedding at row `k·L_p + j`.
+#[derive(Module, Debug)]
+pub struct SoftPrefixes {
+    /// `[rows, D]`.
+    pub table: Param<Tensor<2>>,
 }
 
 /// Keys and values of the tokens seen so far, per block, and each row's number of leading pad tokens.
@@ -481,6 +497,7 @@ impl PolicyConfig {
             head_dim: dh,
             cos: Tensor::from_data(TensorData::new(cos, [self.max_len, half]), device),
             sin: Tensor::from_data(TensorData::new(sin, [self.max_len, half]), device),
+            prefixes: None,
         }
     }
 }
@@ -580,6 +597,51 @@ impl Policy {
         self.embed.dims()[0]
     }
 
+    /// This policy with the soft-prefix table `prefixes` (`None` removes it). Its rows must be `D` wide.
+    ///
+    /// # Errors
+    /// [`TrainerError::Shape`] for a table of another width or without rows.
+    pub fn with_prefixes(mut self, prefixes: Option<SoftPrefixes>) -> Result<Self, TrainerError> {
+        if let Some(p) = &prefixes {
+            let ([rows, d], width) = (p.table.dims(), self.embed.dims()[1]);
+            if d != width || rows == 0 {
+                return Err(TrainerError::Shape(format!("soft prefixes [{rows}, {d}] for a policy of width {width}")));
+            }
+        }
+        self.prefixes = prefixes;
+        Ok(self)
+    }
+
+    /// Number of input ids: the vocabulary plus the soft-prefix rows (virtual ids `V..`).
+    pub fn input_ids(&self) -> usize {
+        self.vocab_size() + self.prefixes.as_ref().map_or(0, |p| p.table.dims()[0])
+    }
+
+    /// The soft-prefix table, when the policy carries one.
+    pub fn prefixes(&self) -> Option<&SoftPrefixes> {
+        self.prefixes.as_ref()
+    }
+
+    /// Removes and returns the soft-prefix table.
+    pub fn take_prefixes(&mut self) -> Option<SoftPrefixes> {
+        self.prefixes.take()
+    }
+
+    /// The input embeddings `[n, D]` of flat ids `[n]`: token rows, or soft-prefix rows for virtual ids `≥ V`.
+    fn embed_ids(&self, ids: Tensor<1, Int>) -> Tensor<2> {
+        let embed = self.embed.val();
+        let Some(prefixes) = &self.prefixes else {
+            return embed.select(0, ids);
+        };
+        let [v, d] = embed.dims();
+        let rows = prefixes.table.dims()[0];
+        let n = ids.dims()[0];
+        let virtual_id = ids.clone().greater_equal_elem(v as i64);
+        let tokens = embed.select(0, ids.clone().clamp_max(v as i64 - 1));
+        let soft = prefixes.table.val().select(0, ids.sub_scalar(v as i64).clamp(0, rows as i64 - 1));
+        tokens.mask_where(virtual_id.reshape([n, 1]).expand([n, d]), soft)
+    }
+
     /// The LM head weight as `[V, D]`: the embedding when tied, else `lm_head`'s weight (stored `[D, V]` by burn's
     /// `Linear`, transposed here as a view).
     pub fn head_weight(&self) -> Tensor<2> {
@@ -655,9 +717,8 @@ impl Policy {
             n_kv_heads: self.n_kv_heads,
             head_dim: self.head_dim,
         };
-        let embed = self.embed.val();
-        let d = embed.dims()[1];
-        let mut x = embed.select(0, tokens.reshape([b * s])).reshape([b, s, d]);
+        let d = self.embed.dims()[1];
+        let mut x = self.embed_ids(tokens.reshape([b * s])).reshape([b, s, d]);
         for (i, block) in self.blocks.iter().enumerate() {
             let past = cache.as_deref_mut().map(|c| (&mut c.layers[i], c.len));
             x = block.forward(x, &sh, past);

@@ -121,14 +121,17 @@ pub fn generate(policy: &Policy, prompts: &[Vec<u32>], op: Decoding, config: &Sa
 
 /// Checks the rows and the configuration against the policy; returns the longest prompt.
 fn check_rows(policy: &Policy, rows: &[SampleRow<'_>], config: &SamplerConfig) -> Result<usize> {
-    let vocab = policy.vocab_size();
+    let (vocab, inputs) = (policy.vocab_size(), policy.input_ids());
     for (r, row) in rows.iter().enumerate() {
         row.op.validate()?;
         if row.prompt.is_empty() {
             return Err(TrainerError::Shape(format!("row {r}: empty prompt")));
         }
-        if let Some(&t) = row.prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(TrainerError::Shape(format!("row {r}: prompt id {t} outside the vocabulary of {vocab}")));
+        if let Some(&t) = row.prompt.iter().find(|&&t| t as usize >= inputs) {
+            return Err(TrainerError::Shape(format!(
+                "row {r}: prompt id {t} outside the vocabulary of {vocab} (and the {} soft-prefix ids)",
+                inputs - vocab
+            )));
         }
     }
     if config.pad as usize >= vocab {

@@ -133,6 +133,7 @@ pub fn batch_of(rows: Vec<BufferedRow>, step: usize, pad: u32) -> Result<Rollout
         sort: None,
         heal: None,
         epistemic: None,
+        info: None,
     };
     batch.rewards = rows.iter().map(|r| r.reward).collect();
     batch.scores = Some(scores);

@@ -253,7 +253,7 @@ pub fn rl_step_row(
     Ok((row, entropy))
 }
 
-/// The metrics of issue 18's methods that are on: `distill/*`, `heal/*`, `ugttt/*`, `sort/*`.
+/// The metrics of issue 18's methods that are on: `distill/*`, `heal/*`, `ugttt/*`, `imax/*`, `sort/*`.
 fn method_metrics(mut row: MetricsRow, batch: &RolloutBatch, scores: &Scores, stats: &UpdateStats) -> MetricsRow {
     if let Some(d) = &scores.distill {
         let (kl, k1, bypassed, rock_share) = d.metrics(batch.response_mask(), &scores.old_log_prob);
@@ -282,6 +282,12 @@ fn method_metrics(mut row: MetricsRow, batch: &RolloutBatch, scores: &Scores, st
         let n = mask.iter().filter(|&&m| m).count().max(1) as f64;
         let sum: f64 = mi.iter().zip(mask).filter(|(_, m)| **m).map(|(&x, _)| f64::from(x)).sum();
         row = row.with("ugttt/mi", sum / n).with("ugttt/nuclear_norm", stats.adapter_nuclear_norm);
+    }
+    if let Some(info) = &scores.info {
+        let n = info.len().max(1) as f64;
+        row = row
+            .with("imax/info_reward", info.iter().map(|&x| f64::from(x)).sum::<f64>() / n)
+            .with("imax/prefix_grad_norm", stats.prefix_grad_norm);
     }
     if let Some(s) = &scores.sort {
         let (mean_w, gain, frac_gain) = s.stats;

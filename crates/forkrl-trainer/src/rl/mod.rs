@@ -23,6 +23,7 @@ pub mod balance;
 pub mod distill;
 pub mod dump;
 pub mod heal;
+pub mod imax;
 pub mod metrics;
 pub mod reasonmaxxer;
 pub mod rollout;

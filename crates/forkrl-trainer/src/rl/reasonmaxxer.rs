@@ -18,8 +18,8 @@
 
 use burn::tensor::{Device, Int, Tensor, TensorData, activation::log_softmax};
 use forkrl_advantage::{
-    DecisionRows, apply_neg_prob_floor, decision_gate, gate_threshold, reasonmaxxer_advantages,
-    reasonmaxxer_coefficients,
+    DecisionObjective, DecisionRows, apply_delta_hinge, apply_neg_prob_floor, decision_gate, delta_hinge_loss_host,
+    gate_threshold, reasonmaxxer_advantages, reasonmaxxer_coefficients,
 };
 use forkrl_core::{SeedStream, derive_seed};
 use rand::{SeedableRng, seq::SliceRandom};
@@ -267,6 +267,13 @@ pub fn step_loss(
     let kl = lb.clone().exp().mul(lb.sub(lp)).sum_dim(2).reshape([n, w]);
     let token_lp_host = host_f32(token_lp.clone().detach())?;
     apply_neg_prob_floor(&mut c.ce, &token_lp_host, setup.loss.neg_prob_floor)?;
+    // `log p_base(y_t)` of every target (for Δ_t: the hinge and the diagnostics).
+    let base_lp: Vec<f32> = (0..n * w).map(|t| lb_host[t * v + seqs[t / w][t % w + 1] as usize]).collect();
+    let hinge = setup.loss.decision_objective == DecisionObjective::DeltaHinge;
+    let margins = (setup.loss.hinge_margin_pos, setup.loss.hinge_margin_neg);
+    if hinge {
+        apply_delta_hinge(&mut c.ce, &token_lp_host, &base_lp, margins)?;
+    }
     let tensor = |x: Vec<f32>| Tensor::<2>::from_data(TensorData::new(x, [n, w]), device);
     let dec = token_lp.clone().neg().mul(tensor(c.ce.clone())).sum();
     let anchor = kl.clone().mul(tensor(c.kl.clone())).sum();
@@ -276,8 +283,7 @@ pub fn step_loss(
     let (mut plus, mut minus, mut anchor_sum) = ((0.0f64, 0usize), (0.0f64, 0usize), (0.0f64, 0usize));
     for t in 0..n * w {
         if c.effective[t] {
-            let target = seqs[t / w][t % w + 1] as usize;
-            let delta = f64::from(token_lp[t]) - f64::from(lb_host[t * v + target]);
+            let delta = f64::from(token_lp[t]) - f64::from(base_lp[t]);
             let s = if advantages[t / w] > 0.0 { &mut plus } else { &mut minus };
             (s.0, s.1) = (s.0 + delta, s.1 + 1);
         } else if c.kl[t] > 0.0 {
@@ -285,6 +291,10 @@ pub fn step_loss(
         }
     }
     let mean = |(s, k): (f64, usize)| if k == 0 { f64::NAN } else { s / k as f64 };
-    let dec_value = f64::from(crate::finite_scalar("ReasonMaxxer decision loss", &dec)?);
+    let mut dec_value = f64::from(crate::finite_scalar("ReasonMaxxer decision loss", &dec)?);
+    if hinge {
+        // The hinge's own value (its surrogate `Σ c·CE` differs from it by a constant).
+        dec_value = delta_hinge_loss_host(&c.ce, &token_lp, &base_lp, margins);
+    }
     Ok(StepLoss { loss, parts: (dec_value, mean(anchor_sum), mean(plus), mean(minus)) })
 }

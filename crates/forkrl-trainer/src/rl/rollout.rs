@@ -26,6 +26,7 @@ use crate::{
         policy::Policy,
         sampler::{self, SampleRow, SamplerConfig},
     },
+    rl::imax::{self, PrefixIds},
     tasks::{Problem, Task},
 };
 
@@ -79,9 +80,21 @@ pub fn rollout_from(
     let seed = config.run.seed;
     let roll = |attempt: u64| -> Result<Vec<Group>> {
         let indices = [step as u64, attempt];
-        let problems = draw(rl.prompts_per_step, derive_seed(seed, SeedStream::RlPrompts, &indices))?;
+        let prompt_seed = derive_seed(seed, SeedStream::RlPrompts, &indices);
+        let mut problems = draw(rl.prompts_per_step, prompt_seed)?;
         let sampling = derive_seed(seed, SeedStream::RolloutSampling, &indices);
-        sample_groups(policy, vocab, &problems, config, sampling, history)
+        let prefixes = match &rl.imax {
+            Some(imax) => {
+                // IMAX: each prompt `prefixes_per_prompt` times, each copy with its own prefix and group.
+                let n = problems.len();
+                problems =
+                    problems.into_iter().flat_map(|p| std::iter::repeat_n(p, imax.prefixes_per_prompt)).collect();
+                Some((PrefixIds::new(policy, imax), imax::assign(n, imax, prompt_seed)))
+            }
+            None => None,
+        };
+        let prefixes = prefixes.as_ref().map(|(ids, assigned)| (ids, assigned.as_slice()));
+        sample_groups(policy, vocab, &problems, config, (sampling, prefixes), history)
     };
     let (groups, frac_zero_std) = match rl.dynamic_sampling {
         None => (roll(0)?, None),
@@ -109,7 +122,7 @@ pub fn rollout_from(
 }
 
 /// Samples and verifies the groups of one generation batch. Row ids run over the batch, so every rollout has its own
-/// stream of `seed`.
+/// stream of `seed`. With `prefixes` (IMAX), problem `i`'s prompt starts with soft prefix `assigned[i]`.
 ///
 /// # Errors
 /// Tokenizer, sampler and allocation errors.
@@ -118,11 +131,16 @@ pub fn sample_groups(
     vocab: &Vocab,
     problems: &[Problem],
     config: &CheckedConfig,
-    seed: u64,
+    (seed, prefixes): (u64, Option<(&PrefixIds, &[usize])>),
     history: Option<&PromptStatsStore>,
 ) -> Result<Vec<Group>> {
     let rl = &config.rl;
-    let prompts: Vec<Vec<u32>> = problems.iter().map(|p| vocab.encode(&p.prompt)).collect::<Result<_>>()?;
+    let mut prompts: Vec<Vec<u32>> = problems.iter().map(|p| vocab.encode(&p.prompt)).collect::<Result<_>>()?;
+    if let Some((ids, assigned)) = prefixes {
+        for (prompt, &k) in prompts.iter_mut().zip(assigned) {
+            *prompt = ids.prefixed(prompt, k);
+        }
+    }
     let ops = match &rl.mixed_cuts {
         Some(m) => m.operators(rl.decoding),
         None => vec![rl.decoding; rl.group_size],

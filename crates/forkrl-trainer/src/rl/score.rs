@@ -77,6 +77,10 @@ pub fn score(
     };
     let (mut shaped, reward_kl) = shaped_rewards(batch, config, &old_log_prob, ref_log_prob.as_deref(), ctx.kl_coef)?;
     let (heal, epistemic) = reward_bonuses(policy, config, batch, &ctx, &old_entropy, &mut shaped)?;
+    let info = match &rl.imax {
+        Some(imax) => Some(crate::rl::imax::info_rewards(policy, batch, imax, micro, &mut shaped)?),
+        None => None,
+    };
     let adv = group_advantages(&shaped, batch.group_sizes(), &rl.advantage)?;
     let distill = match (&rl.distillation, ctx.teacher) {
         (Some(setup), Some(teacher)) => Some(distill::score(policy, teacher, batch, config, setup, ctx.rock_detector)?),
@@ -115,6 +119,7 @@ pub fn score(
         sort,
         heal,
         epistemic,
+        info,
     });
     Ok(())
 }

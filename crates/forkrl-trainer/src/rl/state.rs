@@ -53,12 +53,19 @@ pub struct TrainState {
     /// HEAL's target and general sets (`rl.heal`); `None` otherwise.
     #[serde(default)]
     pub heal: Option<crate::rl::heal::HealData>,
+    /// ReasonMaxxer's `adaptive_betaneg` controller.
+    #[serde(default)]
+    pub adaptive_betaneg: Option<forkrl_advantage::AdaptiveBetaNeg>,
 }
 
 /// UG-TTT's adapters inside a checkpoint directory.
 pub const ADAPTERS_FILE: &str = "adapters.bpk";
 /// Their optimizer's state.
 pub const ADAPTERS_OPTIMIZER_FILE: &str = "adapters_optimizer.bpk";
+/// IMAX's soft prefixes inside a checkpoint directory (`rl.imax`).
+pub const PREFIXES_FILE: &str = "prefixes.bpk";
+/// IMAX's prefix optimizer inside a checkpoint directory.
+pub const PREFIXES_OPTIMIZER_FILE: &str = "prefixes_optimizer.bpk";
 
 /// State file inside a checkpoint directory.
 pub const STATE_FILE: &str = "state.json";
@@ -344,6 +351,7 @@ mod tests {
             balance_buffer: None,
             rock_detector: None,
             heal: None,
+            adaptive_betaneg: None,
         };
         fs::write(path.join(STATE_FILE), serde_json::to_string(&state).expect("json")).expect("write");
         path

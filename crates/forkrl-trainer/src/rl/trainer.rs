@@ -21,7 +21,7 @@ use burn::{
     tensor::Device,
 };
 
-use forkrl_advantage::AdaptiveKlController;
+use forkrl_advantage::{AdaptiveBetaNeg, AdaptiveKlController, ImaxConfig};
 use forkrl_entropy::OnlineRockDetector;
 use forkrl_rollout::{PosteriorSource, PromptStatsStore};
 
@@ -38,13 +38,15 @@ use crate::{
         balance::{self, RowBuffer},
         distill, dump,
         heal::HealData,
+        imax,
         metrics::{Event, MetricsRow, Observer, TrainSummary, rl_step_row},
         reasonmaxxer::{self, ReasonMaxxerData},
         rollout,
         score::{self, ScoreContext},
         state::{
-            ADAPTERS_FILE, ADAPTERS_OPTIMIZER_FILE, OPTIMIZER_FILE, OptimizerState, TrainState, latest_checkpoint,
-            read_state, remove_stale_temporaries, resumable, save_checkpoint,
+            ADAPTERS_FILE, ADAPTERS_OPTIMIZER_FILE, OPTIMIZER_FILE, OptimizerState, PREFIXES_FILE,
+            PREFIXES_OPTIMIZER_FILE, TrainState, latest_checkpoint, read_state, remove_stale_temporaries, resumable,
+            save_checkpoint,
         },
         ugttt::{self, Adapters},
         update::{StatsMean, UpdateStats, Updater},
@@ -76,6 +78,10 @@ pub struct Trainer {
     heal: Option<HealData>,
     /// UG-TTT's head adapters and their optimizer (`rl.ugttt`); kept in checkpoints.
     adapters: Option<(Adapters, ModuleOptimizer)>,
+    /// IMAX's soft-prefix optimizer (`rl.imax`; the prefixes ride on the policy); kept in checkpoints.
+    prefix_optim: Option<ModuleOptimizer>,
+    /// ReasonMaxxer's `adaptive_betaneg` controller (`rl.reasonmaxxer.loss.adaptive_betaneg`); kept in checkpoints.
+    betaneg: Option<AdaptiveBetaNeg>,
     /// β of KL in the reward (adapted after each batch by verl's controller when `kl_ctrl.type = "adaptive"`).
     kl_coef: f64,
     /// HORA's per-prompt history and the last RL step recorded into it.
@@ -176,6 +182,13 @@ impl Trainer {
             reasonmaxxer: None,
             heal: None,
             adapters,
+            prefix_optim: config.rl.imax.map(|_| imax::prefix_adamw(config.rl.betas, config.rl.eps)),
+            betaneg: config
+                .rl
+                .reasonmaxxer
+                .as_ref()
+                .filter(|r| r.loss.adaptive_betaneg)
+                .map(|r| AdaptiveBetaNeg::new(&r.loss)),
             kl_coef: config.rl.kl_in_reward.map_or(0.0, |k| k.kl_ctrl.kl_coef),
             prompt_stats: match config.rl.hora.map(|h| h.source) {
                 Some(PosteriorSource::History { decay }) => Some((PromptStatsStore::new(decay)?, 0)),
@@ -270,12 +283,23 @@ impl Trainer {
             *detector = saved;
         }
         t.heal = state.heal;
-        if let Some((adapters, optim)) = t.adapters.take() {
-            let path = from.join(ADAPTERS_FILE);
-            let adapters = adapters
-                .try_load_file(&path)
-                .map_err(|e| TrainerError::Checkpoint { path, reason: format!("{e:?}") })?;
-            t.adapters = Some((adapters, optim.load_from(&from.join(ADAPTERS_OPTIMIZER_FILE))?));
+        if let (Some(controller), Some(saved)) = (t.betaneg.as_mut(), state.adaptive_betaneg) {
+            *controller = saved;
+        }
+        if let (Some(setup), Some(optim)) = (t.config.rl.imax, t.prefix_optim.take()) {
+            if from.join(PREFIXES_FILE).is_file() {
+                let width = t.policy().head_weight().dims()[1];
+                let fresh = (imax::empty_prefixes(&setup, width, &t.device), optim);
+                let (prefixes, optim) = load_module(&from, fresh, (PREFIXES_FILE, PREFIXES_OPTIMIZER_FILE))?;
+                let policy = t.policy.take().map(|p| p.with_prefixes(Some(prefixes))).transpose()?;
+                t.policy = policy;
+                t.prefix_optim = Some(optim);
+            } else {
+                t.prefix_optim = Some(optim);
+            }
+        }
+        if let Some(fresh) = t.adapters.take() {
+            t.adapters = Some(load_module(&from, fresh, (ADAPTERS_FILE, ADAPTERS_OPTIMIZER_FILE))?);
         }
         if (t.config.needs_reference() || t.config.rl.reasonmaxxer.is_some()) && state.step > 0 {
             t.reference = Some(checkpoint::load_policy(&checkpoints.join("reference"), &t.device)?.0.valid());
@@ -420,13 +444,19 @@ impl Trainer {
     }
 
     /// Builds what the RL phase draws from before its first step: HEAL's target and general sets (with the policy as
-    /// it stands). Nothing to do otherwise, or when they exist (a resumed run keeps its own).
+    /// it stands) and IMAX's soft prefixes. Nothing to do otherwise, or when they exist (a resumed run keeps its own).
     ///
     /// # Errors
     /// As [`HealData::build`].
     pub fn prepare_rl(&mut self) -> Result<()> {
         if let (Some(setup), None) = (&self.config.rl.heal, &self.heal) {
             self.heal = Some(HealData::build(self.policy(), &self.vocab, &self.task, &self.config, setup)?);
+        }
+        if let Some(setup) = &self.config.rl.imax
+            && self.policy().prefixes().is_none()
+        {
+            let prefixes = imax::init_prefixes(self.policy(), setup, self.config.run.seed);
+            self.policy = self.policy.take().map(|p| p.with_prefixes(Some(prefixes))).transpose()?;
         }
         Ok(())
     }
@@ -445,8 +475,13 @@ impl Trainer {
             self.reference = Some(self.policy().valid());
         }
         let snapshot = self.policy().valid();
+        // IMAX: the reference reads the current prefixes (the KL measures the backbone's drift on the same input).
+        let reference = match (&self.reference, snapshot.prefixes()) {
+            (Some(r), Some(p)) => Some(r.clone().with_prefixes(Some(p.clone()))?),
+            (r, _) => r.clone(),
+        };
         let ctx = ScoreContext {
-            reference: self.reference.as_ref(),
+            reference: reference.as_ref(),
             teacher: self.teacher.as_ref(),
             rock_detector: self.rock_detector.as_mut(),
             heal: self.config.rl.heal.as_ref().zip(self.heal.as_ref()),
@@ -487,22 +522,37 @@ impl Trainer {
         let (lr, epochs) = (self.config.rl_lr(batch.step), self.config.rl.ppo_epochs);
         let updater = Updater::new(&self.config, batch, &self.device, self.teacher.as_ref())?;
         let mut mean = StatsMean::new(lr);
+        let mut prefix_norms = Vec::new();
         for epoch in 0..epochs {
             for idx in updater.minibatches(epoch)? {
                 let Some(mb) = updater.prepare(self.policy(), idx)? else { continue };
                 let (grads, stats) = updater.gradients(self.policy(), mb)?;
-                let (grads, norm) = clipped(self.policy(), grads, self.config.rl.grad_clip, "RL gradient")?;
-                optimiser_step(&mut self.optim, &mut self.policy, lr, grads);
+                let (mut grads, norm) = clipped(self.policy(), grads, self.config.rl.grad_clip, "RL gradient")?;
+                let prefix_norm = prefix_step(
+                    self.config.rl.imax.as_ref(),
+                    self.prefix_optim.as_mut(),
+                    &mut self.policy,
+                    &mut grads,
+                )?;
+                if !self.config.rl.imax.is_some_and(|i| i.freeze_backbone) {
+                    optimiser_step(&mut self.optim, &mut self.policy, lr, grads);
+                }
                 if let Some(tensor) = model::first_non_finite_parameter(self.policy())? {
                     // The policy is beyond repair; the checkpoints written before this step stay the last good ones.
                     return Err(TrainerError::NonFiniteParameters { step: batch.step, tensor });
                 }
                 if epoch + 1 == epochs {
                     mean.add(stats, norm);
+                    if let Some(n) = prefix_norm {
+                        prefix_norms.push(n);
+                    }
                 }
             }
         }
         let mut stats = mean.finish();
+        if self.config.rl.imax.is_some() {
+            stats.prefix_grad_norm = prefix_norms.iter().sum::<f64>() / prefix_norms.len().max(1) as f64;
+        }
         if let (Some(u), Some((adapters, mut optim))) = (&self.config.rl.ugttt, self.adapters.take()) {
             let scores = batch.scored("update")?;
             let inputs = (scores.token_advantages.as_slice(), scores.train_mask.as_slice());
@@ -612,7 +662,11 @@ impl Trainer {
         };
         let step = self.rl_steps_done + 1;
         let rows = data.rows(step, setup.batch_size, self.config.run.seed);
-        let out = reasonmaxxer::step_loss(self.policy(), base, &data, &rows, setup, &self.device)?;
+        let mut setup = setup.clone();
+        if let Some(controller) = &self.betaneg {
+            setup.loss.beta_neg = controller.beta_neg;
+        }
+        let out = reasonmaxxer::step_loss(self.policy(), base, &data, &rows, &setup, &self.device)?;
         let loss = finite_scalar("ReasonMaxxer loss", &out.loss)?;
         let (dec, anchor, plus, minus) = out.parts;
         let mut row = MetricsRow::new("rl", step)
@@ -625,7 +679,11 @@ impl Trainer {
             .with("reasonmaxxer/tau", f64::from(data.tau.0))
             .with("reasonmaxxer/sequences", data.batch.len() as f64)
             .with("reasonmaxxer/problems_kept", data.problems.1 as f64)
-            .with("critic/score/mean", data.mean_reward);
+            .with("critic/score/mean", data.mean_reward)
+            .with("reasonmaxxer/beta_neg", f64::from(setup.loss.beta_neg));
+        if let Some(controller) = self.betaneg.as_mut() {
+            controller.update(plus);
+        }
         let grads = GradientsParams::from_grads(out.loss.backward(), self.policy());
         let (grads, norm) = clipped(self.policy(), grads, self.config.rl.grad_clip, "ReasonMaxxer gradient")?;
         let lr = self.config.rl_lr(step);
@@ -769,15 +827,14 @@ impl Trainer {
             balance_buffer: self.buffer.clone(),
             rock_detector: self.rock_detector.clone(),
             heal: self.heal.clone(),
+            adaptive_betaneg: self.betaneg,
         };
         let extra = |tmp: &Path| -> Result<()> {
+            if let (Some(prefixes), Some(optim)) = (self.policy().prefixes(), &self.prefix_optim) {
+                save_module(tmp, prefixes, optim, (PREFIXES_FILE, PREFIXES_OPTIMIZER_FILE))?;
+            }
             if let Some((adapters, optim)) = &self.adapters {
-                let path = tmp.join(ADAPTERS_FILE);
-                adapters
-                    .clone()
-                    .save_file(&path)
-                    .map_err(|e| TrainerError::Checkpoint { path, reason: format!("{e:?}") })?;
-                optim.save_to(&tmp.join(ADAPTERS_OPTIMIZER_FILE))?;
+                save_module(tmp, adapters, optim, (ADAPTERS_FILE, ADAPTERS_OPTIMIZER_FILE))?;
             }
             Ok(())
         };
@@ -919,6 +976,56 @@ fn optimiser_step(optim: &mut ModuleOptimizer, slot: &mut Option<Policy>, lr: f6
     if let Some(policy) = slot.take() {
         *slot = Some(optim.step(lr, policy, grads));
     }
+}
+
+/// IMAX: takes the soft prefixes' gradient out of `grads` and applies it with their own AdamW at `prefix_lr`; returns
+/// its norm (`None` when IMAX is off or the policy carries no prefixes).
+fn prefix_step(
+    setup: Option<&ImaxConfig>,
+    optim: Option<&mut ModuleOptimizer>,
+    slot: &mut Option<Policy>,
+    grads: &mut GradientsParams,
+) -> Result<Option<f64>> {
+    let (Some(setup), Some(optim)) = (setup, optim) else {
+        return Ok(None);
+    };
+    let Some(prefixes) = slot.as_mut().and_then(Policy::take_prefixes) else {
+        return Ok(None);
+    };
+    let id = prefixes.table.id;
+    let (prefixes, norm) = match grads.remove::<2>(id) {
+        Some(g) => {
+            let norm = f64::from(crate::host_f32(g.clone().powi_scalar(2).sum())?[0]).sqrt();
+            let mut own = GradientsParams::new();
+            own.register(id, g);
+            (optim.step(setup.prefix_lr, prefixes, own), Some(norm))
+        }
+        None => (prefixes, None),
+    };
+    if let Some(policy) = slot.take() {
+        *slot = Some(policy.with_prefixes(Some(prefixes))?);
+    }
+    Ok(norm)
+}
+
+/// Writes a module kept beside the policy (UG-TTT's adapters, IMAX's prefixes) and its optimizer into the checkpoint
+/// being written in `tmp`, as `files`.
+fn save_module<M: Module>(tmp: &Path, module: &M, optim: &ModuleOptimizer, files: (&str, &str)) -> Result<()> {
+    let path = tmp.join(files.0);
+    module.clone().save_file(&path).map_err(|e| TrainerError::Checkpoint { path, reason: format!("{e:?}") })?;
+    optim.save_to(&tmp.join(files.1))
+}
+
+/// Loads what [`save_module`] wrote in the checkpoint `from` into a fresh module of the same shape and its optimizer.
+fn load_module<M: Module>(
+    from: &Path,
+    (module, optim): (M, ModuleOptimizer),
+    files: (&str, &str),
+) -> Result<(M, ModuleOptimizer)> {
+    let path = from.join(files.0);
+    let module =
+        module.try_load_file(&path).map_err(|e| TrainerError::Checkpoint { path, reason: format!("{e:?}") })?;
+    Ok((module, optim.load_from(&from.join(files.1))?))
 }
 
 /// The newest checkpoint of a folder and its state.

@@ -157,7 +157,9 @@ pub fn adapter_loss(
     let members = adapters.members.len();
     let (hidden, head) = hidden_and_head(policy, batch.ids(), w)?;
     let (hidden, head) = (constant_on(hidden, device)?, constant_on(head, device)?);
-    let targets: Vec<i64> = batch.ids().iter().flat_map(|r| r[1..=w].iter().map(|&t| i64::from(t))).collect();
+    // Soft-prefix ids (IMAX) are never predicted: their prompt positions (outside the loss) read the last real token.
+    let last = head.dims()[0] as i64 - 1;
+    let targets: Vec<i64> = batch.ids().iter().flat_map(|r| r[1..=w].iter().map(|&t| i64::from(t).min(last))).collect();
     let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [n * w, 1]), device);
     let tokens = mask.iter().filter(|&&m| m).count().max(1) as f32;
     let coef: Vec<f32> =

@@ -69,6 +69,9 @@ pub struct UpdateStats {
     pub repair_loss: f64,
     /// `ugttt/nuclear_norm`: `‖[vec ΔW_m]‖_*` of UG-TTT's adapters before their update (NaN when off).
     pub adapter_nuclear_norm: f64,
+    /// `imax/prefix_grad_norm`: the soft prefixes' gradient norm after clipping, mean over the last epoch's
+    /// mini-batches (NaN when off).
+    pub prefix_grad_norm: f64,
 }
 
 impl UpdateStats {
@@ -91,6 +94,7 @@ impl UpdateStats {
             distill_loss: nan,
             repair_loss: nan,
             adapter_nuclear_norm: nan,
+            prefix_grad_norm: nan,
         }
     }
 }
@@ -159,6 +163,7 @@ impl StatsMean {
                 distill_loss: f64::NAN,
                 repair_loss: f64::NAN,
                 adapter_nuclear_norm: f64::NAN,
+                prefix_grad_norm: f64::NAN,
             },
         }
     }
