@@ -322,6 +322,13 @@ fn bench(args: &[String]) -> Result<(), String> {
 
 /// The tables of [`bench`] from this run's criterion estimates under `target`.
 fn bench_summary(target: &Path) {
+    entropy_kernel_summary(target);
+    throughput_summary(target);
+    ratio_tables(target);
+}
+
+/// The host entropy kernel against its memory floors.
+fn entropy_kernel_summary(target: &Path) {
     println!(
         "\nentropy kernel, [512, 151936] (criterion mean of this run; GB/s counts the bytes read, and written for"
     );
@@ -350,6 +357,10 @@ fn bench_summary(target: &Path) {
             println!("| {input} | {name} | {:.1} | {gbs:.2} | {:.3} |", ns / 1e6, floor / ns);
         }
     }
+}
+
+/// The tiny policy's sampling and training tokens/s against their baselines.
+fn throughput_summary(target: &Path) {
     println!("\ntiny policy throughput (criterion mean of this run):");
     println!("| group | path | ms | tokens/s | ratio to baseline |");
     println!("|---|---|---|---|---|");
@@ -375,6 +386,10 @@ fn bench_summary(target: &Path) {
             }
         }
     }
+}
+
+/// The other groups, each path's time as a ratio to its group's baseline.
+fn ratio_tables(target: &Path) {
     let tables: [(&str, &str, &[&str]); 7] = [
         (
             "entropy_tensor_path_512x151936",

@@ -15,9 +15,9 @@
 //!
 //! `r_info ≤ log K` (equality when only the trajectory's own prefix explains it) and `K = 1 ⇒ r_info = 0`.
 //! Defaults (RECONSTRUCTION, none are published): `K = 4` prefixes of `L_p = 4` embeddings, λ = 0.1, one prefix per
-//! prompt, zero-initialised prefixes trained by their own AdamW at `prefix_lr = 1e-3` alongside the backbone. The relayed description
-//! says the backbone is frozen while the prefixes train: `freeze_backbone = true` is that reading (the default trains
-//! both, so that the policy evaluated without a prefix also learns).
+//! prompt, zero-initialised prefixes trained by their own AdamW at `prefix_lr = 1e-3` alongside the backbone. The
+//! relayed description says the backbone is frozen while the prefixes train: `freeze_backbone = true` is that reading
+//! (the default trains both, so that the policy evaluated without a prefix also learns).
 
 use forkrl_core::{Error, Result};
 use serde::{Deserialize, Serialize};

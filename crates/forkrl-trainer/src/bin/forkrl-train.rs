@@ -367,8 +367,7 @@ fn experiment(args: &ExperimentArgs, command: String) -> Result<(), String> {
     let mut overwrite = args.overwrite;
     let mut config = if distillation {
         // The teacher is trained first, into the experiment's folder: refuse an occupied folder before that.
-        let occupied = fs::read_dir(&out).is_ok_and(|mut entries| entries.next().is_some());
-        if occupied && !overwrite {
+        if experiment::occupied(&out) && !overwrite {
             return Err(format!("{}: an experiment is there already; pass --overwrite to replace it", out.display()));
         }
         let teacher_config = experiment::distillation_teacher(args.quick);

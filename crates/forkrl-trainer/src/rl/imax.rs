@@ -42,10 +42,10 @@ use crate::{
 /// The soft-prefix table for `policy` (`K·L_p` rows) as `config.prefix_init` asks (zeros, or each row a copy of a
 /// token embedding drawn from `seed`), on the policy's device as a trainable parameter.
 pub fn init_prefixes(policy: &Policy, config: &ImaxConfig, seed: u64) -> SoftPrefixes {
-    let rows = config.num_prefixes * config.prefix_len;
     if config.prefix_init == PrefixInit::Zeros {
         return empty_prefixes(config, policy.head_weight().dims()[1], &policy.device());
     }
+    let rows = config.num_prefixes * config.prefix_len;
     let vocab = policy.vocab_size() as u64;
     let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(seed, SeedStream::Control, &[0x494d_4158]));
     let ids: Vec<i64> = (0..rows).map(|_| rng.random_range(0..vocab) as i64).collect();
@@ -109,15 +109,29 @@ pub fn assign(problems: usize, config: &ImaxConfig, seed: u64) -> Vec<usize> {
 }
 
 /// `[N, K]`: the length-normalised log-likelihood `ℓ_j` of every row's response under each prefix `j` (the mean
-/// log-prob of its response tokens at temperature 1), from `policy` without a graph, `micro` rows per forward.
+/// log-prob of its response tokens at temperature 1), from `policy` without a graph, `micro` rows per forward; with
+/// the prefix each row was sampled with.
 ///
 /// # Errors
 /// Forward errors; [`TrainerError::Stage`] for a row without a prefix.
-pub fn log_likelihoods(policy: &Policy, batch: &RolloutBatch, ids: &PrefixIds, micro: usize) -> Result<Vec<f32>> {
+pub fn log_likelihoods(
+    policy: &Policy,
+    batch: &RolloutBatch,
+    ids: &PrefixIds,
+    micro: usize,
+) -> Result<(Vec<f32>, Vec<usize>)> {
     let (n, k, w) = (batch.len(), ids.count, batch.width());
-    if let Some(row) = batch.rollouts().iter().position(|r| ids.prefix_of(&r.prompt).is_none()) {
-        return Err(TrainerError::Stage { stage: "score", reason: format!("IMAX: row {row} has no soft prefix") });
-    }
+    let assigned: Vec<usize> = batch
+        .rollouts()
+        .iter()
+        .enumerate()
+        .map(|(row, r)| {
+            ids.prefix_of(&r.prompt).ok_or_else(|| TrainerError::Stage {
+                stage: "score",
+                reason: format!("IMAX: row {row} has no soft prefix"),
+            })
+        })
+        .collect::<Result<_>>()?;
     let mut out = vec![0.0f32; n * k];
     for j in 0..k {
         let seqs: Vec<Vec<u32>> = batch.ids().iter().map(|s| ids.swapped(s, j)).collect();
@@ -128,7 +142,7 @@ pub fn log_likelihoods(policy: &Policy, batch: &RolloutBatch, ids: &PrefixIds, m
             out[row * k + j] = (sum / count.max(1) as f64) as f32;
         }
     }
-    Ok(out)
+    Ok((out, assigned))
 }
 
 /// `r_info` of every row (from [`log_likelihoods`]) and the rows' prefixes; adds `λ r_info` (gated when configured)
@@ -143,9 +157,7 @@ pub fn info_rewards(
     micro: usize,
     shaped: &mut [f32],
 ) -> Result<Vec<f32>> {
-    let ids = PrefixIds::new(policy, config);
-    let loglik = log_likelihoods(policy, batch, &ids, micro)?;
-    let assigned: Vec<usize> = batch.rollouts().iter().filter_map(|r| ids.prefix_of(&r.prompt)).collect();
+    let (loglik, assigned) = log_likelihoods(policy, batch, &PrefixIds::new(policy, config), micro)?;
     let info = infomax_rewards(&loglik, config.num_prefixes, &assigned)?;
     let total = imax_rewards(&batch.rewards, &info, config)?;
     for ((s, t), r) in shaped.iter_mut().zip(&total).zip(&batch.rewards) {

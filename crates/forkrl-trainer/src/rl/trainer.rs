@@ -286,17 +286,16 @@ impl Trainer {
         if let (Some(controller), Some(saved)) = (t.betaneg.as_mut(), state.adaptive_betaneg) {
             *controller = saved;
         }
-        if let (Some(setup), Some(optim)) = (t.config.rl.imax, t.prefix_optim.take()) {
+        // IMAX's prefixes exist from the first RL step on (a checkpoint written before it has none).
+        if let (Some(setup), Some(mut optim)) = (t.config.rl.imax, t.prefix_optim.take()) {
             if from.join(PREFIXES_FILE).is_file() {
                 let width = t.policy().head_weight().dims()[1];
                 let fresh = (imax::empty_prefixes(&setup, width, &t.device), optim);
-                let (prefixes, optim) = load_module(&from, fresh, (PREFIXES_FILE, PREFIXES_OPTIMIZER_FILE))?;
-                let policy = t.policy.take().map(|p| p.with_prefixes(Some(prefixes))).transpose()?;
-                t.policy = policy;
-                t.prefix_optim = Some(optim);
-            } else {
-                t.prefix_optim = Some(optim);
+                let prefixes;
+                (prefixes, optim) = load_module(&from, fresh, (PREFIXES_FILE, PREFIXES_OPTIMIZER_FILE))?;
+                t.policy = t.policy.take().map(|p| p.with_prefixes(Some(prefixes))).transpose()?;
             }
+            t.prefix_optim = Some(optim);
         }
         if let Some(fresh) = t.adapters.take() {
             t.adapters = Some(load_module(&from, fresh, (ADAPTERS_FILE, ADAPTERS_OPTIMIZER_FILE))?);
@@ -476,12 +475,12 @@ impl Trainer {
         }
         let snapshot = self.policy().valid();
         // IMAX: the reference reads the current prefixes (the KL measures the backbone's drift on the same input).
-        let reference = match (&self.reference, snapshot.prefixes()) {
+        let with_prefixes = match (&self.reference, snapshot.prefixes()) {
             (Some(r), Some(p)) => Some(r.clone().with_prefixes(Some(p.clone()))?),
-            (r, _) => r.clone(),
+            _ => None,
         };
         let ctx = ScoreContext {
-            reference: reference.as_ref(),
+            reference: with_prefixes.as_ref().or(self.reference.as_ref()),
             teacher: self.teacher.as_ref(),
             rock_detector: self.rock_detector.as_mut(),
             heal: self.config.rl.heal.as_ref().zip(self.heal.as_ref()),
