@@ -369,13 +369,18 @@ fn throughput_summary(target: &Path) {
             "policy_tiny_sampling_64x128",
             64.0 * 128.0,
             "recompute_prefix",
-            &["recompute_prefix", "kv_cache_composed_attention", "kv_cache"],
+            &["recompute_prefix", "kv_cache_composed_ops", "kv_cache"],
         ),
         (
             "policy_tiny_train_64x136",
             64.0 * 135.0,
             "forward_backward",
-            &["forward_backward", "forward_backward_fused_head_composed_attention", "forward_backward_fused_head"],
+            &[
+                "forward_backward",
+                "forward_backward_fused_head_composed_ops",
+                "forward_backward_fused_head_composed_norm_mlp",
+                "forward_backward_fused_head",
+            ],
         ),
     ];
     for (group, tokens, base, names) in throughput {

@@ -158,10 +158,25 @@ impl<B: Backend + AttentionBackend, C: CheckpointStrategy> AttentionBackend for 
 /// Process-wide switch of [`causal_attention`] between the fused operation (default) and [`composed_attention`].
 static FUSED: AtomicBool = AtomicBool::new(true);
 
-/// Turns the fused operation off (or back on) for the whole process: for benchmarks that compare both paths in one
-/// run and for checking a result against the composed path. Returns the previous setting.
+/// Process-wide switch of [`crate::rms_norm::rms_norm`] and [`crate::swiglu::swiglu`] alone.
+static FUSED_NORM_MLP: AtomicBool = AtomicBool::new(true);
+
+/// Turns the fused model operations (this attention, [`crate::rms_norm`], [`crate::swiglu`]) off (or back on) for the
+/// whole process: for benchmarks that compare both paths in one run and for checking a result against the composed
+/// path. Returns the previous setting.
 pub fn set_fused(enabled: bool) -> bool {
     FUSED.swap(enabled, Ordering::SeqCst)
+}
+
+/// Turns only the fused RMSNorm and SwiGLU operations off (or back on), leaving attention to [`set_fused`]: for the
+/// benchmark that measures what they add. Returns the previous setting.
+pub fn set_fused_norm_mlp(enabled: bool) -> bool {
+    FUSED_NORM_MLP.swap(enabled, Ordering::SeqCst)
+}
+
+/// Whether the fused RMSNorm and SwiGLU operations are on ([`set_fused`], [`set_fused_norm_mlp`]).
+pub(crate) fn fused_norm_mlp() -> bool {
+    FUSED.load(Ordering::Relaxed) && FUSED_NORM_MLP.load(Ordering::Relaxed)
 }
 
 /// Attention `[B, H_q, S, D]` of queries `[B, H_q, S, D]` over keys and values `[B, H_kv, T_k, D]` under a `[B, 1, S,
@@ -560,6 +575,33 @@ fn exp_shifted(s: &mut [f32], shift: f32) -> f32 {
     sum.iter().fold(total, |a, b| a + b)
 }
 
+/// Query rows of one head whose `dk` / `dv` updates share a pass over the keys in the backward pass (each key row of
+/// `dk`, `dv` is then read and written once per block instead of once per query row).
+const ROW_BLOCK: usize = 4;
+
+/// `y[j] += Σ_k coef[k] · x[k·stride + j]` for `j < y.len()`, the terms added one row after the other (the order
+/// of one [`axpy`] per row, so the same bits), each `y[j]` read and written once.
+#[inline(always)]
+fn accumulate_rows(y: &mut [f32], coef: &[f32], x: &[f32], stride: usize) {
+    let n = y.len();
+    if let [c0, c1, c2, c3] = *coef {
+        let (x0, x1, x2, x3) =
+            (&x[..n], &x[stride..stride + n], &x[2 * stride..2 * stride + n], &x[3 * stride..3 * stride + n]);
+        for j in 0..n {
+            let mut t = y[j];
+            t += c0 * x0[j];
+            t += c1 * x1[j];
+            t += c2 * x2[j];
+            t += c3 * x3[j];
+            y[j] = t;
+        }
+        return;
+    }
+    for (k, &c) in coef.iter().enumerate() {
+        axpy(y, c, &x[k * stride..k * stride + n]);
+    }
+}
+
 /// Scratch buffers of one `(batch, key/value head)` pair.
 struct Scratch {
     kt: Vec<f32>,
@@ -578,8 +620,8 @@ impl Scratch {
             vt: vec![0.0; big],
             dkt: vec![0.0; big],
             dvt: vec![0.0; big],
-            s: vec![0.0; tk],
-            dp: vec![0.0; if backward { tk } else { 0 }],
+            s: vec![0.0; if backward { ROW_BLOCK * tk } else { tk }],
+            dp: vec![0.0; if backward { ROW_BLOCK * tk } else { 0 }],
         }
     }
 }
@@ -644,24 +686,42 @@ fn backward_pair(
     transpose_head(&x.v, b, g, &mut w.vt);
     for r in 0..rep {
         let h = g * rep + r;
-        for i in 0..s {
-            let (qi, mask) = (x.q.row(b, h, i), x.mask.row(b, 0, i));
-            let (doi, oi) = (gr.grad.row(b, h, i), gr.out.row(b, h, i));
-            let n = key_end(mask);
-            let (p, dp) = (&mut w.s[..n], &mut w.dp[..n]);
-            scores(qi, &w.kt, tk, mask, sqrt_d, p);
-            exp_shifted(p, gr.lse[(b * hq + h) * s + i]);
-            let delta = dot(doi, oi);
-            mat_t_vec(doi, &w.vt, tk, dp);
-            for (dpj, &pj) in dp.iter_mut().zip(p.iter()) {
-                *dpj = pj * (*dpj - delta); // ds
+        for i0 in (0..s).step_by(ROW_BLOCK) {
+            let rows = ROW_BLOCK.min(s - i0);
+            let mut ns = [0usize; ROW_BLOCK];
+            let (mut cv, mut ck) = ([0.0f32; ROW_BLOCK], [0.0f32; ROW_BLOCK]);
+            for (k, n) in ns.iter_mut().enumerate().take(rows) {
+                let i = i0 + k;
+                let (qi, mask) = (x.q.row(b, h, i), x.mask.row(b, 0, i));
+                let (doi, oi) = (gr.grad.row(b, h, i), gr.out.row(b, h, i));
+                *n = key_end(mask);
+                let (p, dp) = (&mut w.s[k * tk..k * tk + *n], &mut w.dp[k * tk..k * tk + *n]);
+                scores(qi, &w.kt, tk, mask, sqrt_d, p);
+                exp_shifted(p, gr.lse[(b * hq + h) * s + i]);
+                let delta = dot(doi, oi);
+                mat_t_vec(doi, &w.vt, tk, dp);
+                for (dpj, &pj) in dp.iter_mut().zip(p.iter()) {
+                    *dpj = pj * (*dpj - delta); // ds
+                }
+                let dqi = &mut dq[(r * s + i) * d..(r * s + i + 1) * d];
+                for (dd, dqd) in dqi.iter_mut().enumerate() {
+                    *dqd = dot(dp, &w.kt[dd * tk..dd * tk + *n]) / sqrt_d;
+                }
             }
-            let dqi = &mut dq[(r * s + i) * d..(r * s + i + 1) * d];
+            // The block's rows share one pass over the keys: rows shorter than the longest add exact zeros.
+            let n_max = ns[..rows].iter().copied().max().unwrap_or(0);
+            for (k, &n) in ns.iter().enumerate().take(rows) {
+                w.s[k * tk + n..k * tk + n_max].fill(0.0);
+                w.dp[k * tk + n..k * tk + n_max].fill(0.0);
+            }
             for dd in 0..d {
-                let row = dd * tk..dd * tk + n;
-                axpy(&mut w.dvt[row.clone()], doi[dd], p);
-                axpy(&mut w.dkt[row.clone()], qi[dd], dp);
-                dqi[dd] = dot(dp, &w.kt[row]) / sqrt_d;
+                for k in 0..rows {
+                    cv[k] = gr.grad.row(b, h, i0 + k)[dd];
+                    ck[k] = x.q.row(b, h, i0 + k)[dd];
+                }
+                let row = dd * tk..dd * tk + n_max;
+                accumulate_rows(&mut w.dvt[row.clone()], &cv[..rows], &w.s, tk);
+                accumulate_rows(&mut w.dkt[row], &ck[..rows], &w.dp, tk);
             }
         }
     }
@@ -810,6 +870,22 @@ mod tests {
         let grads = (out.clone() * w).sum().backward();
         let g = |t: &Tensor<4>| values(t.grad(&grads).expect("a gradient"));
         (values(out), [g(&q0), g(&k0), g(&v0)])
+    }
+
+    #[test]
+    fn blocked_row_accumulation_gives_the_bits_of_one_axpy_per_row() {
+        let (tk, n) = (13, 11);
+        let x: Vec<f32> = (0..ROW_BLOCK * tk).map(|i| ((i * 37 % 29) as f32 - 14.0) / 7.0).collect();
+        let coef = [0.3f32, -1.7, 2.9, -0.11];
+        for rows in 1..=ROW_BLOCK {
+            let mut blocked: Vec<f32> = (0..n).map(|j| j as f32 / 3.0).collect();
+            let mut one_by_one = blocked.clone();
+            accumulate_rows(&mut blocked, &coef[..rows], &x, tk);
+            for (k, &c) in coef[..rows].iter().enumerate() {
+                axpy(&mut one_by_one, c, &x[k * tk..k * tk + n]);
+            }
+            assert_eq!(blocked, one_by_one, "{rows} rows");
+        }
     }
 
     #[test]

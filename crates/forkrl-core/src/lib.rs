@@ -20,9 +20,15 @@ pub mod backend;
 pub mod batch;
 pub mod error;
 pub mod numeric;
+#[cfg(feature = "burn")]
+mod parallel;
 pub mod report;
 pub mod response_rows;
+#[cfg(feature = "burn")]
+pub mod rms_norm;
 pub mod seed;
+#[cfg(feature = "burn")]
+pub mod swiglu;
 
 #[cfg(feature = "burn")]
 pub use backend::Backend;

@@ -6,8 +6,9 @@
 //! - a training forward + backward (token log-probs → mean → backward) over 64 sequences of 136 tokens, through full
 //!   logits (`forward_backward`) and through the fused LM head the trainer uses (`forward_backward_fused_head`).
 //!
-//! The `*_composed_attention` variants run the same work with attention composed from burn operations
-//! (`forkrl_core::attention::set_fused(false)`), the path before the fused attention operation, in the same run.
+//! The `*_composed_ops` variants run the same work with attention, RMSNorm and the SwiGLU gate composed from burn
+//! operations (`forkrl_core::attention::set_fused(false)`), and `*_composed_norm_mlp` with only RMSNorm and SwiGLU
+//! composed (`set_fused_norm_mlp(false)`, the path before those two fused operations), in the same run.
 //!
 //! `cargo xtask bench` runs it with the dev profile and prints tokens/s.
 
@@ -46,7 +47,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(generate(&policy, &prompts, op, &sampler).expect("generates").num_tokens()))
     });
     forkrl_core::attention::set_fused(false);
-    group.bench_function("kv_cache_composed_attention", |b| {
+    group.bench_function("kv_cache_composed_ops", |b| {
         b.iter(|| black_box(generate(&policy, &prompts, op, &sampler).expect("generates").num_tokens()))
     });
     forkrl_core::attention::set_fused(true);
@@ -89,9 +90,18 @@ fn bench(c: &mut Criterion) {
             black_box(logprob.mean().neg().backward())
         })
     });
-    // The same step with attention composed from burn operations (the path before the fused attention operation).
+    // The same step with RMSNorm and SwiGLU composed (the path before their fused operations), then with attention
+    // composed too (the path before any fused model operation).
+    forkrl_core::attention::set_fused_norm_mlp(false);
+    group.bench_function("forward_backward_fused_head_composed_norm_mlp", |b| {
+        b.iter(|| {
+            let (_, logprob) = token_stats(&train_policy, &seqs, t - 1, 1.0).expect("fused head");
+            black_box(logprob.mean().neg().backward())
+        })
+    });
+    forkrl_core::attention::set_fused_norm_mlp(true);
     forkrl_core::attention::set_fused(false);
-    group.bench_function("forward_backward_fused_head_composed_attention", |b| {
+    group.bench_function("forward_backward_fused_head_composed_ops", |b| {
         b.iter(|| {
             let (_, logprob) = token_stats(&train_policy, &seqs, t - 1, 1.0).expect("fused head");
             black_box(logprob.mean().neg().backward())

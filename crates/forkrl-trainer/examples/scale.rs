@@ -13,8 +13,9 @@
 //!                     micro-batches of 4 rows, AdamW)
 //! ```
 //!
-//! `FORKRL_SCALE_PROMPTS`, `FORKRL_SCALE_RESPONSE` and `FORKRL_SCALE_CHECKPOINTING=1` change the `grpo` phase's prompts,
-//! response length and `model.gradient_checkpointing` (for quicker or comparative runs).
+//! `FORKRL_SCALE_PROMPTS`, `FORKRL_SCALE_RESPONSE`, `FORKRL_SCALE_CHECKPOINTING=1` and `FORKRL_SCALE_DTYPE=bf16` change
+//! the `grpo` phase's prompts, response length, `model.gradient_checkpointing` and `model.dtype` (for quicker or
+//! comparative runs).
 //!
 //! Each prints one JSON line (`phase`, `seconds`, `peak_rss_mib`, and the phase's throughput). `cargo xtask bench
 //! --scale` runs the four phases and the PyTorch peer (`benches/peers/scale_peer.py`) and prints the ratios; it never
@@ -130,12 +131,16 @@ fn sample(dir: &Path, device: &Device) -> Res<()> {
 }
 
 fn grpo(dir: &Path, device: &Device) -> Res<()> {
-    // Overrides for smaller runs: FORKRL_SCALE_PROMPTS, FORKRL_SCALE_RESPONSE, FORKRL_SCALE_CHECKPOINTING=1.
+    // Overrides for smaller or comparative runs: FORKRL_SCALE_PROMPTS, FORKRL_SCALE_RESPONSE,
+    // FORKRL_SCALE_CHECKPOINTING=1, FORKRL_SCALE_DTYPE=bf16.
     let var =
         |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(default);
     let (prompts, response) = (var("FORKRL_SCALE_PROMPTS", PROMPTS), var("FORKRL_SCALE_RESPONSE", RESPONSE).max(1));
     let mut config = TrainConfig::default();
     config.model.gradient_checkpointing = var("FORKRL_SCALE_CHECKPOINTING", 0) == 1;
+    if std::env::var("FORKRL_SCALE_DTYPE").is_ok_and(|d| d == "bf16") {
+        config.model.dtype = forkrl_trainer::model::policy::ComputeDtype::Bf16;
+    }
     config.model.hf_dir = Some(dir.to_path_buf());
     config.model.max_len = Some(MAX_LEN);
     config.sft.steps = 0;

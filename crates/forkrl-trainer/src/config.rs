@@ -60,6 +60,11 @@ pub struct ModelConfig {
     /// strategy on the policy's autodiff device, which keeps compute-bound results (matmuls, the fused head) and
     /// recomputes memory-bound ones. Same gradients, less activation memory, more time.
     pub gradient_checkpointing: bool,
+    /// Compute precision (verl's `actor.fsdp_config.mixed_precision.param_dtype`, TRL's `bf16`): `f32`, or `bf16`
+    /// (mixed precision: the blocks' matmuls in bf16, f32 master weights, gradients and AdamW state;
+    /// [`ComputeDtype`](crate::model::policy::ComputeDtype)). The rollout, reference and evaluation forwards use it
+    /// too. A bf16 checkpoint loads exactly into the f32 master weights either way.
+    pub dtype: crate::model::policy::ComputeDtype,
 }
 
 impl Default for ModelConfig {
@@ -72,6 +77,7 @@ impl Default for ModelConfig {
             n_heads: 4,
             d_ff: 192,
             gradient_checkpointing: false,
+            dtype: crate::model::policy::ComputeDtype::F32,
         }
     }
 }

@@ -477,6 +477,7 @@ pub fn analyze(config: &ExperimentConfig, seed: u64, device: &Device) -> Result<
         let dir = seed_dir.join(folder_name(&arm.name)).join("checkpoints");
         let Some(last) = crate::rl::state::latest_checkpoint(&dir)? else { continue };
         let (policy, _) = crate::model::checkpoint::load_policy(&last, device)?;
+        let policy = policy.with_dtype(c.model.dtype);
         let trained = entropies(&policy, &batch, temperature)?;
         overlap.push((arm.name.clone(), top_entropy_overlap(&base, &trained, &mask, 0.2)?));
         change.push((arm.name.clone(), entropy_change_by_base_percentile(&base, &trained, &mask, 5)?));

@@ -410,6 +410,45 @@ fn gradient_checkpointing_gives_the_same_update() {
 }
 
 #[test]
+fn bf16_mixed_precision_tracks_the_f32_update_keeps_f32_masters_and_sft_learns() {
+    // The same update in bf16 (blocks' matmuls in bf16) and in f32, from the same policy on the same scored batch:
+    // the parameters stay f32, the bf16 step differs (its matmuls do run in bf16) but points the same way.
+    let mut plain = trainer("[rl]\nppo_epochs = 1\n");
+    let mut bf16 = trainer("[model]\ndtype = \"bf16\"\n[rl]\nppo_epochs = 1\n");
+    assert_eq!(bf16.policy().dtype(), forkrl_trainer::model::policy::ComputeDtype::Bf16);
+    let before = params(plain.policy());
+    assert_eq!(before, params(bf16.policy()), "same seed, same initial policy");
+    let mut batch = fixed_batch(&plain);
+    plain.score(&mut batch).expect("scores");
+    let (a, b) = (plain.update(&batch).expect("update"), bf16.update(&batch).expect("update"));
+    assert!((a.pg_loss - b.pg_loss).abs() < 0.02 * (1.0 + a.pg_loss.abs()), "{a:?} vs {b:?}");
+    struct Dtypes(Vec<burn::tensor::DType>);
+    impl ModuleVisitor for Dtypes {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0.push(param.val().dtype());
+        }
+    }
+    let mut dtypes = Dtypes(Vec::new());
+    bf16.policy().visit(&mut dtypes);
+    assert!(dtypes.0.iter().all(|d| *d == burn::tensor::DType::F32), "master weights stay f32: {:?}", dtypes.0);
+    let delta = |p: &[f32]| p.iter().zip(&before).map(|(x, y)| f64::from(x - y)).collect::<Vec<_>>();
+    let (da, db) = (delta(&params(plain.policy())), delta(&params(bf16.policy())));
+    let dot = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(p, q)| p * q).sum::<f64>();
+    let cosine = dot(&da, &db) / (dot(&da, &da) * dot(&db, &db)).sqrt();
+    assert!(cosine > 0.95, "bf16 and f32 updates point apart: cosine {cosine}");
+    assert!(da.iter().zip(&db).any(|(x, y)| x != y), "bf16 gave the f32 update bit for bit");
+
+    // Training in bf16: SFT's loss goes down.
+    let mut config: TrainConfig = toml::from_str("[model]\ndtype = \"bf16\"\n").expect("valid option");
+    config.sft.batch_size = 16;
+    config.eval.size = 4;
+    let mut sft = Trainer::new(config.check().expect("valid"), &Backend::Cpu.device().expect("cpu")).expect("builds");
+    let first = sft.sft_step().expect("sft step");
+    let last = (0..29).map(|_| sft.sft_step().expect("sft step")).last().expect("steps");
+    assert!(last < 0.7 * first, "bf16 SFT loss {first} → {last}");
+}
+
+#[test]
 fn overlong_shaping_moves_the_reward_and_filtering_drops_truncated_rows() {
     // L_max 9, L_cache 4: lengths ≤ 5 are free, 6 costs 0.25, 8 costs 0.75 (responses count their EOS).
     let mut t = trainer("[rl.overlong]\nmax_response_length = 9\nbuffer_length = 4\n");

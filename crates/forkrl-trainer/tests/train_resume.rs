@@ -258,9 +258,10 @@ fn cpu_backend_countdown_runs_and_sft_teaches_the_format() {
 #[test]
 fn cpu_backend_stateful_options_resume_bit_identically() {
     // The state beyond the weights and the optimizer: HORA's prompt history, the buffered balance's rows (two steps
-    // buffered, so the checkpoint of step 2 holds rows), and the adaptive KL controller's β.
+    // buffered, so the checkpoint of step 2 holds rows), and the adaptive KL controller's β. In bf16 mixed precision,
+    // which the policy and the reference loaded from the checkpoint must keep.
     let device = Backend::Cpu.device().expect("cpu");
-    let text = "[rl]\nbalance = \"buffered\"\n[rl.balance_buffer]\nmax_buffer_steps = 2\n\
+    let text = "[model]\ndtype = \"bf16\"\n[rl]\nbalance = \"buffered\"\n[rl.balance_buffer]\nmax_buffer_steps = 2\n\
                 [rl.hora]\nsource = { kind = \"history\", decay = 0.9 }\n\
                 [rl.kl_in_reward]\nkl_ctrl = { type = \"adaptive\", kl_coef = 0.05, target_kl = 0.01, horizon = 64 }\n";
     let mut config: TrainConfig = toml::from_str(text).expect("valid");
@@ -280,6 +281,7 @@ fn cpu_backend_stateful_options_resume_bit_identically() {
     assert!(held.0 + held.1 > 0, "rows are buffered at the checkpoint: {held:?}");
     assert!(state.prompt_stats.as_ref().is_some_and(|s| !s.is_empty()) && state.kl_coef.is_some());
     let mut resumed = Trainer::resume_with(checked, &b, &device).expect("resumes");
+    assert_eq!(resumed.policy().dtype(), forkrl_trainer::model::policy::ComputeDtype::Bf16);
     resumed.run(&mut metrics_b, None).expect("b, resumed");
     let (pa, pb) = (
         params(&latest_checkpoint(&a).expect("latest").expect("final")),

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use burn::{
     module::{Module, ModuleVisitor, Param},
-    tensor::{Device, Int, Tensor, TensorData},
+    tensor::{DType, Device, Int, Tensor, TensorData},
 };
 use forkrl_entropy::fused_head::{DEFAULT_CHUNK_BYTES, chunk_rows_for, head_entropy_and_logprobs};
 
@@ -23,7 +23,7 @@ use crate::{
     Result, TrainerError,
     config::ModelConfig,
     model::{
-        policy::{Policy, PolicyConfig},
+        policy::{ComputeDtype, Policy, PolicyConfig},
         tokenizer::{CharTokenizer, EOS, HfTokenizer, PAD, TextTokenizer},
     },
 };
@@ -117,8 +117,22 @@ pub fn build_seeded(config: &ModelConfig, device: &Device, seed: u64) -> Result<
 /// Hugging Face directory.
 ///
 /// # Errors
-/// The loader's errors; a tokenizer with more ids than the embedding has rows; a checkpoint without an EOS id.
+/// The loader's errors; a tokenizer with more ids than the embedding has rows; a checkpoint without an EOS id;
+/// `model.dtype = bf16` on a device without bf16 arithmetic.
 pub fn build(config: &ModelConfig, device: &Device) -> Result<Model> {
+    if config.dtype == ComputeDtype::Bf16 && !device.supports_dtype(DType::BF16) {
+        return Err(TrainerError::invalid(
+            "model.dtype",
+            "bf16",
+            format!("the device {device:?} has no bf16 arithmetic; use model.dtype = \"f32\" there"),
+        ));
+    }
+    let mut model = build_f32(config, device)?;
+    model.policy = model.policy.with_dtype(config.dtype);
+    Ok(model)
+}
+
+fn build_f32(config: &ModelConfig, device: &Device) -> Result<Model> {
     match &config.hf_dir {
         Some(dir) => {
             let model = hf::load(dir, Some(config.max_len.unwrap_or(4096)), device)?;

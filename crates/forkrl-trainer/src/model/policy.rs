@@ -9,7 +9,9 @@
 //! - Llama: `attention_bias` puts a bias on q/k/v/o (`qkv_bias` + `o_bias`), `mlp_bias` on the MLP.
 //!
 //! Grouped-query attention: `n_kv_heads` divides `n_heads`; query head `h` reads key/value head `h / (n_heads /
-//! n_kv_heads)`. Scores are scaled by `head_dim^-1/2`. RoPE is the "rotate half" convention with `rope_theta`: for
+//! n_kv_heads)`. Scores are scaled by `head_dim^-1/2`. On the CPU backend (f32) attention, RMSNorm and the SwiGLU gate
+//! each run as one fused operation with its own backward pass ([`forkrl_core::attention`], [`forkrl_core::rms_norm`],
+//! [`forkrl_core::swiglu`]); elsewhere they are composed from burn operations. RoPE is the "rotate half" convention with `rope_theta`: for
 //! position `p` and `i < head_dim/2`, `θ_i = rope_theta^(−2i/head_dim)`, `x' = x·cos(pθ) + rotate_half(x)·sin(pθ)`.
 //!
 //! Padding: [`Policy::forward`] is for right-padded batches (positions `0..T`, causal mask; padding after a row's
@@ -27,11 +29,11 @@ use burn::{
     config::Config,
     module::{Module, Param},
     nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig},
-    tensor::{Bool, Device, Distribution, Int, Tensor, TensorData, activation},
+    tensor::{Bool, DType, Device, Distribution, Int, Tensor, TensorData, module::linear},
 };
 
 use crate::TrainerError;
-use forkrl_core::attention;
+use forkrl_core::{attention, rms_norm::rms_norm, swiglu::swiglu};
 
 /// Shape and architecture switches of the policy. The defaults are the built-in tiny model.
 #[derive(Config, Debug, PartialEq)]
@@ -270,6 +272,29 @@ pub struct Policy {
     sin: Tensor<2>,
     /// IMAX's soft-prefix table (not part of `policy.bpk` or an export; the trainer saves it beside them).
     pub(crate) prefixes: Option<SoftPrefixes>,
+    /// Mixed precision ([`ComputeDtype::Bf16`]): the matmuls of the blocks run in bf16.
+    bf16: bool,
+}
+
+/// The precision the policy computes in (`model.dtype`). The parameters (master weights), their gradients and the
+/// optimiser state are f32 in both cases.
+///
+/// `bf16` is mixed precision as `torch.autocast(dtype=torch.bfloat16)` does it (TRL's `bf16=True`): each linear layer
+/// of the blocks casts its input and its f32 weight (and bias) to bf16 and returns its product in bf16, so the saved
+/// activations of the projections and of the MLP (`silu(gate)·up`, the widest) are bf16, and the weight gradients
+/// flow back through the cast into the f32 parameters. What autocast keeps in f32 stays f32: the embedding, the
+/// residual stream, RMSNorm (input upcast, as `transformers` does), RoPE, attention (softmax in f32; the CPU backend's
+/// fused attention is f32-only) and the LM head with its entropy / log-prob statistics (verl upcasts the logits to
+/// f32 before them; here they are computed in f32 from the f32 head weight). On a backend without native bf16 matmul
+/// (burn-flex converts bf16 operands to f32 inside the matmul) this saves activation memory and costs time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDtype {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// bf16 matmuls in the blocks, the rest in f32.
+    Bf16,
 }
 
 /// A table of trainable input embeddings `[rows, D]` addressed by the virtual ids `V + row` ([`Policy::with_prefixes`]):
@@ -498,6 +523,7 @@ impl PolicyConfig {
             cos: Tensor::from_data(TensorData::new(cos, [self.max_len, half]), device),
             sin: Tensor::from_data(TensorData::new(sin, [self.max_len, half]), device),
             prefixes: None,
+            bf16: false,
         }
     }
 }
@@ -521,6 +547,26 @@ struct Shared<'a> {
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
+    /// [`ComputeDtype::Bf16`].
+    bf16: bool,
+}
+
+impl Shared<'_> {
+    /// A linear layer in the compute dtype: in bf16, input, weight and bias cast to bf16 (the weight gradient flows
+    /// back through the cast into the f32 parameter) and the product left in bf16.
+    fn linear<const D: usize>(&self, l: &Linear, x: Tensor<D>) -> Tensor<D> {
+        if !self.bf16 {
+            return l.forward(x);
+        }
+        let bf16 = |t: Tensor<D>| if t.dtype() == DType::BF16 { t } else { t.cast(DType::BF16) };
+        let weight = l.weight.val().cast(DType::BF16);
+        linear(bf16(x), weight, l.bias.as_ref().map(|b| b.val().cast(DType::BF16)))
+    }
+
+    /// `x` in f32 (a no-op unless mixed precision left it in bf16).
+    fn f32<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        if x.dtype() == DType::F32 { x } else { x.cast(DType::F32) }
+    }
 }
 
 /// Writes the new keys/values `[B, H_kv, S, D_h]` at positions `len..len + S` of a block's cache buffers (growing
@@ -552,6 +598,11 @@ fn append_kv(
     out
 }
 
+/// RMSNorm `n` of `x` (fused on the CPU backend, composed elsewhere: [`rms_norm`]).
+fn norm<const D: usize>(n: &RmsNorm, x: Tensor<D>) -> Tensor<D> {
+    rms_norm(x, n.gamma.val(), n.epsilon)
+}
+
 impl Block {
     /// One block over new tokens `x: [B, S, D]`; `past` is this block's cache slot and the number of positions already
     /// in it: the new keys/values are written there and attention covers every cached position.
@@ -568,11 +619,11 @@ impl Block {
     ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (hq, hkv, dh) = (sh.n_heads, sh.n_kv_heads, sh.head_dim);
-        let h = self.attn_norm.forward(x.clone());
+        let h = norm(&self.attn_norm, x.clone());
         let heads = |l: &Linear, n: usize, norm: &Option<RmsNorm>| {
-            let t = l.forward(h.clone()).reshape([b, s, n, dh]);
+            let t = sh.f32(sh.linear(l, h.clone())).reshape([b, s, n, dh]);
             let t = match norm {
-                Some(norm) => norm.forward(t),
+                Some(n) => self::norm(n, t),
                 None => t,
             };
             t.swap_dims(1, 2) // [B, n, S, Dh]
@@ -585,9 +636,10 @@ impl Block {
         }
         // Query head h = g·rep + r reads key/value head g (fused on the CPU backend, composed elsewhere).
         let attn = attention::causal_attention(q, k, v, &sh.ctx.mask).swap_dims(1, 2).reshape([b, s, hq * dh]);
-        let x = x + self.o.forward(attn);
-        let m = self.mlp_norm.forward(x.clone());
-        x.clone() + self.down.forward(activation::silu(self.gate.forward(m.clone())) * self.up.forward(m))
+        let x = x + sh.f32(sh.linear(&self.o, attn));
+        let m = norm(&self.mlp_norm, x.clone());
+        let mlp = sh.linear(&self.down, swiglu(sh.linear(&self.gate, m.clone()), sh.linear(&self.up, m)));
+        x + sh.f32(mlp)
     }
 }
 
@@ -610,6 +662,18 @@ impl Policy {
         }
         self.prefixes = prefixes;
         Ok(self)
+    }
+
+    /// This policy computing in `dtype` ([`ComputeDtype`]); the parameters stay f32.
+    #[must_use]
+    pub fn with_dtype(mut self, dtype: ComputeDtype) -> Self {
+        self.bf16 = dtype == ComputeDtype::Bf16;
+        self
+    }
+
+    /// The precision the policy computes in.
+    pub fn dtype(&self) -> ComputeDtype {
+        if self.bf16 { ComputeDtype::Bf16 } else { ComputeDtype::F32 }
     }
 
     /// Number of input ids: the vocabulary plus the soft-prefix rows (virtual ids `V..`).
@@ -716,6 +780,7 @@ impl Policy {
             n_heads: self.n_heads,
             n_kv_heads: self.n_kv_heads,
             head_dim: self.head_dim,
+            bf16: self.bf16,
         };
         let d = self.embed.dims()[1];
         let mut x = self.embed_ids(tokens.reshape([b * s])).reshape([b, s, d]);
@@ -723,7 +788,7 @@ impl Policy {
             let past = cache.as_deref_mut().map(|c| (&mut c.layers[i], c.len));
             x = block.forward(x, &sh, past);
         }
-        self.norm.forward(x)
+        norm(&self.norm, x)
     }
 
     /// Last-layer hidden states `[B, T, D]` (after the final norm) of right-padded token ids, as SHEAR reads them.

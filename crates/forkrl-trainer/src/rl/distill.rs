@@ -77,13 +77,13 @@ pub fn load_teacher(
     let dir = &setup.teacher;
     let (policy, vocab) = if dir.join(checkpoint::CONFIG_FILE).is_file() {
         let (p, c) = checkpoint::load_policy(dir, device)?;
-        (p, c.vocab_size)
+        (p.with_dtype(config.model.dtype), c.vocab_size)
     } else {
         let m = model::hf::load(dir, config.model.max_len.or(Some(4096)), device)?;
         if let Some(student) = &config.model.hf_dir {
             same_tokenizer(student, dir)?;
         }
-        (m.policy, m.config.policy.vocab_size)
+        (m.policy.with_dtype(config.model.dtype), m.config.policy.vocab_size)
     };
     if vocab != student_vocab {
         return Err(TrainerError::invalid(

@@ -301,7 +301,8 @@ impl Trainer {
             t.adapters = Some(load_module(&from, fresh, (ADAPTERS_FILE, ADAPTERS_OPTIMIZER_FILE))?);
         }
         if (t.config.needs_reference() || t.config.rl.reasonmaxxer.is_some()) && state.step > 0 {
-            t.reference = Some(checkpoint::load_policy(&checkpoints.join("reference"), &t.device)?.0.valid());
+            let (reference, _) = checkpoint::load_policy(&checkpoints.join("reference"), &t.device)?;
+            t.reference = Some(reference.with_dtype(t.config.model.dtype).valid());
         }
         t.sft_steps_done = t.config.sft.steps;
         t.sft_finished = true;
@@ -764,7 +765,7 @@ impl Trainer {
                 reason: "the checkpoint's policy shape differs from the configuration's".into(),
             });
         }
-        self.policy = Some(loaded);
+        self.policy = Some(loaded.with_dtype(self.config.model.dtype));
         Ok(self)
     }
 
