@@ -741,6 +741,7 @@ mod flex_host {
     use burn::tensor::{DType, FloatDType, TensorData};
 
     use super::{AttentionGrad, AttentionViews, View4, attention_backward_host, attention_forward_host};
+    use crate::flex_host::nan;
 
     /// `t` as f32 with a contiguous last axis and non-negative strides (a copy otherwise).
     fn readable(t: &FlexTensor, dtype: DType) -> FlexTensor {
@@ -759,11 +760,6 @@ mod flex_host {
         let dims = t.shape().dims::<4>();
         let stride = |i: usize| usize::try_from(s[i]).ok();
         View4::strided(t.storage::<T>(), t.layout().start_offset(), [stride(0)?, stride(1)?, stride(2)?], dims)
-    }
-
-    fn nan(shape: &[usize]) -> FlexTensor {
-        let n = shape.iter().product();
-        FlexTensor::from_data(TensorData::new(vec![f32::NAN; n], shape.to_vec()))
     }
 
     pub(super) fn forward(

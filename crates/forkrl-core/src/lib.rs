@@ -19,6 +19,8 @@ pub mod attention;
 pub mod backend;
 pub mod batch;
 pub mod error;
+#[cfg(feature = "burn")]
+mod flex_host;
 pub mod numeric;
 #[cfg(feature = "burn")]
 mod parallel;

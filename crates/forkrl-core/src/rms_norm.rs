@@ -254,22 +254,13 @@ fn mean_square(x: &[f32]) -> f32 {
 
 /// Flex tensors as host slices (a copy only for a strided or non-f32 input).
 mod flex_host {
+    use burn::backend::TensorMetadata;
     use burn::backend::flex::FlexTensor;
-    use burn::backend::ops::FloatTensorOps;
-    use burn::backend::{Flex, TensorMetadata};
-    use burn::tensor::{DType, FloatDType, TensorData};
+    use burn::tensor::TensorData;
+
+    use crate::flex_host::{contiguous_f32, nan};
 
     use super::{rms_norm_backward_host, rms_norm_forward_host};
-
-    fn contiguous_f32(t: &FlexTensor) -> FlexTensor {
-        let t = if t.dtype() == DType::F32 { t.clone() } else { Flex::float_cast(t.clone(), FloatDType::F32) };
-        t.to_contiguous()
-    }
-
-    fn nan(shape: &[usize]) -> FlexTensor {
-        let n = shape.iter().product();
-        FlexTensor::from_data(TensorData::new(vec![f32::NAN; n], shape.to_vec()))
-    }
 
     pub(super) fn forward(x: &FlexTensor, gamma: &FlexTensor, eps: f32) -> (FlexTensor, FlexTensor) {
         let [n, d] = x.shape().dims::<2>();

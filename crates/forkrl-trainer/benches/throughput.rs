@@ -84,29 +84,19 @@ fn bench(c: &mut Criterion) {
         })
     });
     let seqs: Vec<Vec<u32>> = (0..ROWS).map(|r| (0..t).map(|i| 2 + ((r * t + i) * 5 % 14) as u32).collect()).collect();
-    group.bench_function("forward_backward_fused_head", |b| {
-        b.iter(|| {
-            let (_, logprob) = token_stats(&train_policy, &seqs, t - 1, 1.0).expect("fused head");
-            black_box(logprob.mean().neg().backward())
-        })
-    });
+    // One training step through the fused head (the trainer's path), under whichever fused operations are on.
+    let fused_head_step = || {
+        let (_, logprob) = token_stats(&train_policy, &seqs, t - 1, 1.0).expect("fused head");
+        black_box(logprob.mean().neg().backward())
+    };
+    group.bench_function("forward_backward_fused_head", |b| b.iter(fused_head_step));
     // The same step with RMSNorm and SwiGLU composed (the path before their fused operations), then with attention
     // composed too (the path before any fused model operation).
     forkrl_core::attention::set_fused_norm_mlp(false);
-    group.bench_function("forward_backward_fused_head_composed_norm_mlp", |b| {
-        b.iter(|| {
-            let (_, logprob) = token_stats(&train_policy, &seqs, t - 1, 1.0).expect("fused head");
-            black_box(logprob.mean().neg().backward())
-        })
-    });
+    group.bench_function("forward_backward_fused_head_composed_norm_mlp", |b| b.iter(fused_head_step));
     forkrl_core::attention::set_fused_norm_mlp(true);
     forkrl_core::attention::set_fused(false);
-    group.bench_function("forward_backward_fused_head_composed_ops", |b| {
-        b.iter(|| {
-            let (_, logprob) = token_stats(&train_policy, &seqs, t - 1, 1.0).expect("fused head");
-            black_box(logprob.mean().neg().backward())
-        })
-    });
+    group.bench_function("forward_backward_fused_head_composed_ops", |b| b.iter(fused_head_step));
     forkrl_core::attention::set_fused(true);
     group.finish();
 }

@@ -105,21 +105,26 @@ fn rope_scalings_parse_with_the_transformers_defaults() {
     }
 }
 
+/// The committed reference of fixture `name`: its input ids as `[B, T]` tokens on `device` and transformers' f32 logits.
+fn reference_logits(name: &str, device: &Device) -> (Tensor<2, Int>, Vec<f32>) {
+    let bytes = std::fs::read(fixture(name).join("reference.safetensors")).expect("reference");
+    let st = SafeTensors::deserialize(&bytes).expect("safetensors");
+    let input = st.tensor("input_ids").expect("input_ids");
+    let input_ids: Vec<i64> =
+        input.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+    let logits = st.tensor("logits").expect("logits");
+    let want: Vec<f32> =
+        logits.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+    let [b, t] = [input.shape()[0], input.shape()[1]];
+    (Tensor::<2, Int>::from_data(TensorData::new(input_ids, [b, t]), device), want)
+}
+
 #[test]
 fn full_sequence_logits_match_transformers() {
     let device = device();
     for name in MODELS {
         let model = hf::load(&fixture(name), None, &device).expect("loads");
-        let bytes = std::fs::read(fixture(name).join("reference.safetensors")).expect("reference");
-        let st = SafeTensors::deserialize(&bytes).expect("safetensors");
-        let input = st.tensor("input_ids").expect("input_ids");
-        let input_ids: Vec<i64> =
-            input.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
-        let logits = st.tensor("logits").expect("logits");
-        let want: Vec<f32> =
-            logits.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
-        let [b, t] = [input.shape()[0], input.shape()[1]];
-        let tokens = Tensor::<2, Int>::from_data(TensorData::new(input_ids, [b, t]), &device);
+        let (tokens, want) = reference_logits(name, &device);
         let got: Vec<f32> =
             model.policy.forward(tokens).expect("forward").into_data().try_to_vec::<f32>().expect("f32");
         assert_eq!(got.len(), want.len(), "{name}");
@@ -148,20 +153,7 @@ fn bf16_mixed_precision_logits_stay_within_tolerance_of_transformers() {
     }
     for name in MODELS {
         let model = hf::load(&fixture(name), None, &device).expect("loads");
-        let bytes = std::fs::read(fixture(name).join("reference.safetensors")).expect("reference");
-        let st = SafeTensors::deserialize(&bytes).expect("safetensors");
-        let input = st.tensor("input_ids").expect("input_ids");
-        let input_ids: Vec<i64> =
-            input.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
-        let want: Vec<f32> = st
-            .tensor("logits")
-            .expect("logits")
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-            .collect();
-        let [b, t] = [input.shape()[0], input.shape()[1]];
-        let tokens = Tensor::<2, Int>::from_data(TensorData::new(input_ids, [b, t]), &device);
+        let (tokens, want) = reference_logits(name, &device);
         let f32_logits: Vec<f32> =
             model.policy.forward(tokens.clone()).expect("forward").into_data().try_to_vec::<f32>().expect("f32");
         let policy = model.policy.with_dtype(ComputeDtype::Bf16);
