@@ -16,7 +16,10 @@
 //! ```
 //!
 //! A row with every key masked gives NaN, as the composed `softmax` does. The work is split over `(batch, key/value
-//! head)` pairs, so each thread owns its `dk`, `dv` block and the result does not depend on the thread count. The inner
+//! head)` pairs, so each thread owns its `dk`, `dv` block and the result does not depend on the thread count. Query
+//! rows are taken eight at a time (`QUERY_BLOCK`): their scores, outputs, `dp` and `dq` are register tiles of eight
+//! rows × eight keys or columns, so each key and value row is loaded once per block rather than once per row, and
+//! every entry is still summed in a fixed order (over `d` for the scores, over the keys for the outputs). The inner
 //! loops run on eight explicit lanes without fused multiply-adds, compiled for AVX2 when the CPU has it and for the
 //! baseline otherwise: both give the same bits.
 //!
@@ -520,42 +523,6 @@ fn key_end(mask: &[u8]) -> usize {
     mask.iter().rposition(|&m| m == 0).map_or(0, |j| j + 1)
 }
 
-/// `out[j] = Σ_d a[d] · mt[d, j]` for `j < out.len()` (`mt` is `[D, T_k]` row-major): eight keys at a time in
-/// registers, each summed over `d` in order.
-#[inline(always)]
-fn mat_t_vec(a: &[f32], mt: &[f32], tk: usize, out: &mut [f32]) {
-    let n = out.len();
-    let mut chunks = out.chunks_exact_mut(LANES);
-    let mut j0 = 0;
-    for c in &mut chunks {
-        let mut acc = [0.0f32; LANES];
-        for (dd, &ad) in a.iter().enumerate() {
-            let row = &mt[dd * tk + j0..dd * tk + j0 + LANES];
-            for l in 0..LANES {
-                acc[l] += ad * row[l];
-            }
-        }
-        c.copy_from_slice(&acc);
-        j0 += LANES;
-    }
-    for (j, o) in (j0..n).zip(chunks.into_remainder()) {
-        let mut acc = 0.0f32;
-        for (dd, &ad) in a.iter().enumerate() {
-            acc += ad * mt[dd * tk + j];
-        }
-        *o = acc;
-    }
-}
-
-/// `s[j] = (q · k_j) / √D` for `j < s.len()` from the transposed keys `kt` `[D, T_k]`, then `−∞` where masked.
-#[inline(always)]
-fn scores(q: &[f32], kt: &[f32], tk: usize, mask: &[u8], sqrt_d: f32, s: &mut [f32]) {
-    mat_t_vec(q, kt, tk, s);
-    for (sj, &m) in s.iter_mut().zip(mask) {
-        *sj = if m != 0 { f32::NEG_INFINITY } else { *sj / sqrt_d };
-    }
-}
-
 /// `e^{x − shift}` in place, 0 for `−∞` (and below `e^{−88}`), with the branch-free polynomial; returns the sum.
 #[inline(always)]
 fn exp_shifted(s: &mut [f32], shift: f32) -> f32 {
@@ -575,24 +542,31 @@ fn exp_shifted(s: &mut [f32], shift: f32) -> f32 {
     sum.iter().fold(total, |a, b| a + b)
 }
 
-/// Query rows of one head whose `dk` / `dv` updates share a pass over the keys in the backward pass (each key row of
-/// `dk`, `dv` is then read and written once per block instead of once per query row).
-const ROW_BLOCK: usize = 4;
-
 /// `y[j] += Σ_k coef[k] · x[k·stride + j]` for `j < y.len()`, the terms added one row after the other (the order
-/// of one [`axpy`] per row, so the same bits), each `y[j]` read and written once.
+/// of one [`axpy`] per row, so the same bits), each `y[j]` read and written once for a full block of
+/// [`QUERY_BLOCK`] rows.
 #[inline(always)]
 fn accumulate_rows(y: &mut [f32], coef: &[f32], x: &[f32], stride: usize) {
     let n = y.len();
-    if let [c0, c1, c2, c3] = *coef {
-        let (x0, x1, x2, x3) =
-            (&x[..n], &x[stride..stride + n], &x[2 * stride..2 * stride + n], &x[3 * stride..3 * stride + n]);
-        for j in 0..n {
+    if let Ok(c) = <[f32; QUERY_BLOCK]>::try_from(coef) {
+        let xs: [&[f32]; QUERY_BLOCK] = std::array::from_fn(|k| &x[k * stride..k * stride + n]);
+        let mut j0 = 0;
+        while j0 + LANES <= n {
+            let mut t = lanes(y, j0);
+            for k in 0..QUERY_BLOCK {
+                let xk = lanes(xs[k], j0);
+                for l in 0..LANES {
+                    t[l] += c[k] * xk[l];
+                }
+            }
+            y[j0..j0 + LANES].copy_from_slice(&t);
+            j0 += LANES;
+        }
+        for j in j0..n {
             let mut t = y[j];
-            t += c0 * x0[j];
-            t += c1 * x1[j];
-            t += c2 * x2[j];
-            t += c3 * x3[j];
+            for k in 0..QUERY_BLOCK {
+                t += c[k] * xs[k][j];
+            }
             y[j] = t;
         }
         return;
@@ -620,49 +594,205 @@ impl Scratch {
             vt: vec![0.0; big],
             dkt: vec![0.0; big],
             dvt: vec![0.0; big],
-            s: vec![0.0; if backward { ROW_BLOCK * tk } else { tk }],
-            dp: vec![0.0; if backward { ROW_BLOCK * tk } else { 0 }],
+            // `d = 0`: the in-place (decoding) path, one score row.
+            s: vec![0.0; if d == 0 { tk } else { QUERY_BLOCK * tk }],
+            dp: vec![0.0; if backward { QUERY_BLOCK * tk } else { 0 }],
         }
     }
 }
 
+/// Query rows per block of the forward pass (transposed-key path): their scores and outputs are computed together,
+/// so each key and value row is loaded once per block instead of once per row (register tiling over rows).
+const QUERY_BLOCK: usize = 8;
+
+/// Eight consecutive values of `x` from `at` (one bounds check; the compiler keeps the array in a vector register).
+#[inline(always)]
+fn lanes(x: &[f32], at: usize) -> [f32; LANES] {
+    let mut v = [0.0f32; LANES];
+    v.copy_from_slice(&x[at..at + LANES]);
+    v
+}
+
+/// A register tile: eight rows of a block × eight lanes.
+type Tile = [[f32; LANES]; QUERY_BLOCK];
+
+/// `acc[k][l] += col[k] · row[l]` (an outer product added to the tile; a multiply, then an add).
+#[inline(always)]
+fn add_outer(acc: &mut Tile, col: [f32; QUERY_BLOCK], row: [f32; LANES]) {
+    for k in 0..QUERY_BLOCK {
+        for l in 0..LANES {
+            acc[k][l] += col[k] * row[l];
+        }
+    }
+}
+
+/// The tile's rows into `out[k·stride + at..][..LANES]`.
+#[inline(always)]
+fn store_tile(acc: &Tile, out: &mut [f32], stride: usize, at: usize) {
+    for (k, acc) in acc.iter().enumerate() {
+        out[k * stride + at..k * stride + at + LANES].copy_from_slice(acc);
+    }
+}
+
+/// `s[k·tk + j] = Σ_d qt[d·QUERY_BLOCK + k] · kt[d·tk + j]` for `k < QUERY_BLOCK`, `j < n` (`qt` is the block's
+/// queries `[D, QUERY_BLOCK]`, `kt` the keys `[D, T_k]`): each entry summed over `d` in order (the same bits
+/// whatever the block), eight keys of all the block's rows in registers per pass over `d`.
+#[inline(always)]
+fn block_scores(qt: &[f32], d: usize, kt: &[f32], tk: usize, n: usize, s: &mut [f32]) {
+    let mut j0 = 0;
+    while j0 + LANES <= n {
+        let mut acc: Tile = [[0.0; LANES]; QUERY_BLOCK];
+        for dd in 0..d {
+            add_outer(&mut acc, lanes(qt, dd * QUERY_BLOCK), lanes(kt, dd * tk + j0));
+        }
+        store_tile(&acc, s, tk, j0);
+        j0 += LANES;
+    }
+    for j in j0..n {
+        let mut acc = [0.0f32; QUERY_BLOCK];
+        for dd in 0..d {
+            let qd = lanes(qt, dd * QUERY_BLOCK);
+            for k in 0..QUERY_BLOCK {
+                acc[k] += qd[k] * kt[dd * tk + j];
+            }
+        }
+        for (k, a) in acc.iter().enumerate() {
+            s[k * tk + j] = *a;
+        }
+    }
+}
+
+/// `o[k·D + d] = Σ_{j<n} pt[j·QUERY_BLOCK + k] · v_j[d]` for `k < QUERY_BLOCK` (`pt` the block's weights `[T_k,
+/// QUERY_BLOCK]`, `v_j` the rows `(b, g, j)` of `v`), summed over `j` in order: eight columns of all the block's rows
+/// in registers per pass over the values.
+#[inline(always)]
+fn block_values(pt: &[f32], n: usize, v: &View4<'_, f32>, (b, g): (usize, usize), o: &mut [f32]) {
+    let d = v.dims[3];
+    let mut d0 = 0;
+    while d0 + LANES <= d {
+        let mut acc: Tile = [[0.0; LANES]; QUERY_BLOCK];
+        for j in 0..n {
+            add_outer(&mut acc, lanes(pt, j * QUERY_BLOCK), lanes(v.row(b, g, j), d0));
+        }
+        store_tile(&acc, o, d, d0);
+        d0 += LANES;
+    }
+    for dd in d0..d {
+        let mut acc = [0.0f32; QUERY_BLOCK];
+        for j in 0..n {
+            let (vj, cj) = (v.row(b, g, j)[dd], lanes(pt, j * QUERY_BLOCK));
+            for k in 0..QUERY_BLOCK {
+                acc[k] += cj[k] * vj;
+            }
+        }
+        for (k, a) in acc.iter().enumerate() {
+            o[k * d + dd] = *a;
+        }
+    }
+}
+
+/// The largest of `s` (`−∞` when empty; NaNs ignored, as `f32::max` does), eight lanes at a time (the maximum does
+/// not depend on the order).
+#[inline(always)]
+fn max_of(s: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut chunks = s.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            m[l] = m[l].max(c[l]);
+        }
+    }
+    chunks.remainder().iter().chain(m.iter()).fold(f32::NEG_INFINITY, |a, &v| a.max(v))
+}
+
+/// Softmax of one score row in place over its first `n` keys (`e^{s − m} / Σ`), zeros from `n` to `n_max`; returns
+/// the row's log-sum-exp (NaN when `n = 0`, as softmax over `−∞` is).
+#[inline(always)]
+fn softmax_row(row: &mut [f32], n: usize, n_max: usize) -> f32 {
+    let live = &mut row[..n];
+    let m = max_of(live);
+    let sum = exp_shifted(live, m);
+    for p in live.iter_mut() {
+        *p /= sum;
+    }
+    row[n..n_max].fill(0.0);
+    if n == 0 { f32::NAN } else { m + sum.ln() }
+}
+
 /// The forward pass of one pair: its query heads into `out` `[rep, S, D]` and `lse` `[rep, S]`.
 #[inline(always)]
-fn forward_pair(x: &AttentionViews<'_>, Pair { b, g, rep }: Pair, out: &mut [f32], lse: &mut [f32]) {
+fn forward_pair(x: &AttentionViews<'_>, pair: Pair, out: &mut [f32], lse: &mut [f32]) {
+    let Pair { b, g, rep } = pair;
+    let [_, _, s, d] = x.q.dims;
+    let tk = x.k.dims[2];
+    // Few query rows per key/value head (decoding): the keys are read in place, one dot product per key; more rows
+    // amortise a transposed copy of the keys, which the score loop then reads along the keys.
+    if rep * s < ROWS_FOR_TRANSPOSE {
+        return forward_rows_in_place(x, pair, out, lse);
+    }
+    let sqrt_d = (d as f32).sqrt();
+    let mut w = Scratch::new(tk, d, false);
+    transpose_head(&x.k, b, g, &mut w.kt);
+    let (mut qt, mut ob) = (vec![0.0f32; QUERY_BLOCK * d], vec![0.0f32; QUERY_BLOCK * d]);
+    let mut pt = vec![0.0f32; QUERY_BLOCK * tk];
+    for r in 0..rep {
+        let h = g * rep + r;
+        for i0 in (0..s).step_by(QUERY_BLOCK) {
+            let rows = QUERY_BLOCK.min(s - i0);
+            let mut ns = [0usize; QUERY_BLOCK];
+            qt.fill(0.0);
+            for (k, n) in ns.iter_mut().enumerate().take(rows) {
+                for (dd, &qv) in x.q.row(b, h, i0 + k).iter().enumerate() {
+                    qt[dd * QUERY_BLOCK + k] = qv;
+                }
+                *n = key_end(x.mask.row(b, 0, i0 + k));
+            }
+            let n_max = ns.iter().copied().max().unwrap_or(0);
+            block_scores(&qt, d, &w.kt, tk, n_max, &mut w.s);
+            for (k, &n) in ns.iter().enumerate() {
+                let row = &mut w.s[k * tk..k * tk + n_max];
+                if k < rows {
+                    let mask = x.mask.row(b, 0, i0 + k);
+                    for (sj, &m) in row[..n].iter_mut().zip(mask) {
+                        *sj = if m != 0 { f32::NEG_INFINITY } else { *sj / sqrt_d };
+                    }
+                    lse[r * s + i0 + k] = softmax_row(row, n, n_max);
+                } else {
+                    row.fill(0.0);
+                }
+                for (j, &p) in row.iter().enumerate() {
+                    pt[j * QUERY_BLOCK + k] = p;
+                }
+            }
+            block_values(&pt, n_max, &x.v, (b, g), &mut ob);
+            for (k, &n) in ns.iter().enumerate().take(rows) {
+                let o = &mut out[(r * s + i0 + k) * d..(r * s + i0 + k + 1) * d];
+                // A row with no key gives NaN, as softmax over −∞ does.
+                if n == 0 { o.fill(f32::NAN) } else { o.copy_from_slice(&ob[k * d..(k + 1) * d]) }
+            }
+        }
+    }
+}
+
+/// The forward pass of one pair with few query rows (decoding): keys and values read in place.
+#[inline(always)]
+fn forward_rows_in_place(x: &AttentionViews<'_>, Pair { b, g, rep }: Pair, out: &mut [f32], lse: &mut [f32]) {
     let [_, _, s, d] = x.q.dims;
     let tk = x.k.dims[2];
     let sqrt_d = (d as f32).sqrt();
-    // Few query rows per key/value head (decoding): the keys are read in place, one dot product per key; more rows
-    // amortise a transposed copy of the keys, which the score loop then reads along the keys.
-    let transposed = rep * s >= ROWS_FOR_TRANSPOSE;
-    let mut w = Scratch::new(tk, if transposed { d } else { 0 }, false);
-    if transposed {
-        transpose_head(&x.k, b, g, &mut w.kt);
-    }
+    let mut w = Scratch::new(tk, 0, false);
     for r in 0..rep {
         let h = g * rep + r;
         for i in 0..s {
             let (qi, mask) = (x.q.row(b, h, i), x.mask.row(b, 0, i));
             let n = key_end(mask);
             let row = &mut w.s[..n];
-            if transposed {
-                scores(qi, &w.kt, tk, mask, sqrt_d, row);
-            } else {
-                for (j, sj) in row.iter_mut().enumerate() {
-                    *sj = if mask[j] != 0 { f32::NEG_INFINITY } else { dot(qi, x.k.row(b, g, j)) / sqrt_d };
-                }
+            for (j, sj) in row.iter_mut().enumerate() {
+                *sj = if mask[j] != 0 { f32::NEG_INFINITY } else { dot(qi, x.k.row(b, g, j)) / sqrt_d };
             }
-            let m = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-            let sum = exp_shifted(row, m);
+            lse[r * s + i] = softmax_row(row, n, n);
             let o = &mut out[(r * s + i) * d..(r * s + i + 1) * d];
-            o.fill(0.0);
-            for (j, &p) in row.iter().enumerate() {
-                if p != 0.0 {
-                    axpy(o, p / sum, x.v.row(b, g, j));
-                }
-            }
-            // A row with no key gives NaN, as softmax over −∞ does.
-            lse[r * s + i] = if n == 0 { f32::NAN } else { m + sum.ln() };
+            weighted_rows(row, &x.v, (b, g), o);
             if n == 0 {
                 o.fill(f32::NAN);
             }
@@ -670,7 +800,35 @@ fn forward_pair(x: &AttentionViews<'_>, Pair { b, g, rep }: Pair, out: &mut [f32
     }
 }
 
-/// The backward pass of one pair: `dq` of its query heads, `dk` and `dv` of its key/value head.
+/// `o = Σ_j p[j] · v_j` over `j < p.len()` (`v_j` the rows `(b, g, j)` of `v`), summed over `j` in order with
+/// eight columns in registers (zero weights add exact zeros).
+#[inline(always)]
+fn weighted_rows(p: &[f32], v: &View4<'_, f32>, (b, g): (usize, usize), o: &mut [f32]) {
+    let d = o.len();
+    let mut d0 = 0;
+    while d0 + LANES <= d {
+        let mut acc = [0.0f32; LANES];
+        for (j, &pj) in p.iter().enumerate() {
+            let vj = lanes(v.row(b, g, j), d0);
+            for l in 0..LANES {
+                acc[l] += pj * vj[l];
+            }
+        }
+        o[d0..d0 + LANES].copy_from_slice(&acc);
+        d0 += LANES;
+    }
+    for (dd, od) in o.iter_mut().enumerate().skip(d0) {
+        let mut acc = 0.0f32;
+        for (j, &pj) in p.iter().enumerate() {
+            acc += pj * v.row(b, g, j)[dd];
+        }
+        *od = acc;
+    }
+}
+
+/// The backward pass of one pair: `dq` of its query heads, `dk` and `dv` of its key/value head. Query rows are taken
+/// [`QUERY_BLOCK`] at a time: their scores and `dp` are computed together, their `dq` in one pass over the keys, and
+/// their `dk` / `dv` terms added in one pass over the transposed accumulators.
 #[inline(always)]
 fn backward_pair(
     x: &AttentionViews<'_>,
@@ -684,40 +842,60 @@ fn backward_pair(
     let mut w = Scratch::new(tk, d, true);
     transpose_head(&x.k, b, g, &mut w.kt);
     transpose_head(&x.v, b, g, &mut w.vt);
+    let (mut qt, mut dot_) = (vec![0.0f32; QUERY_BLOCK * d], vec![0.0f32; QUERY_BLOCK * d]);
+    let (mut dst, mut dqb) = (vec![0.0f32; QUERY_BLOCK * tk], vec![0.0f32; QUERY_BLOCK * d]);
     for r in 0..rep {
         let h = g * rep + r;
-        for i0 in (0..s).step_by(ROW_BLOCK) {
-            let rows = ROW_BLOCK.min(s - i0);
-            let mut ns = [0usize; ROW_BLOCK];
-            let (mut cv, mut ck) = ([0.0f32; ROW_BLOCK], [0.0f32; ROW_BLOCK]);
+        for i0 in (0..s).step_by(QUERY_BLOCK) {
+            let rows = QUERY_BLOCK.min(s - i0);
+            let mut ns = [0usize; QUERY_BLOCK];
+            let mut delta = [0.0f32; QUERY_BLOCK];
+            qt.fill(0.0);
+            dot_.fill(0.0);
             for (k, n) in ns.iter_mut().enumerate().take(rows) {
-                let i = i0 + k;
-                let (qi, mask) = (x.q.row(b, h, i), x.mask.row(b, 0, i));
-                let (doi, oi) = (gr.grad.row(b, h, i), gr.out.row(b, h, i));
-                *n = key_end(mask);
-                let (p, dp) = (&mut w.s[k * tk..k * tk + *n], &mut w.dp[k * tk..k * tk + *n]);
-                scores(qi, &w.kt, tk, mask, sqrt_d, p);
-                exp_shifted(p, gr.lse[(b * hq + h) * s + i]);
-                let delta = dot(doi, oi);
-                mat_t_vec(doi, &w.vt, tk, dp);
-                for (dpj, &pj) in dp.iter_mut().zip(p.iter()) {
-                    *dpj = pj * (*dpj - delta); // ds
+                let (qi, doi) = (x.q.row(b, h, i0 + k), gr.grad.row(b, h, i0 + k));
+                for dd in 0..d {
+                    qt[dd * QUERY_BLOCK + k] = qi[dd];
+                    dot_[dd * QUERY_BLOCK + k] = doi[dd];
                 }
-                let dqi = &mut dq[(r * s + i) * d..(r * s + i + 1) * d];
-                for (dd, dqd) in dqi.iter_mut().enumerate() {
-                    *dqd = dot(dp, &w.kt[dd * tk..dd * tk + *n]) / sqrt_d;
+                *n = key_end(x.mask.row(b, 0, i0 + k));
+                delta[k] = dot(doi, gr.out.row(b, h, i0 + k));
+            }
+            let n_max = ns.iter().copied().max().unwrap_or(0);
+            block_scores(&qt, d, &w.kt, tk, n_max, &mut w.s);
+            block_scores(&dot_, d, &w.vt, tk, n_max, &mut w.dp);
+            for (k, &n) in ns.iter().enumerate() {
+                let (p, dp) = (&mut w.s[k * tk..k * tk + n_max], &mut w.dp[k * tk..k * tk + n_max]);
+                if k < rows {
+                    let mask = x.mask.row(b, 0, i0 + k);
+                    for (sj, &m) in p[..n].iter_mut().zip(mask) {
+                        *sj = if m != 0 { f32::NEG_INFINITY } else { *sj / sqrt_d };
+                    }
+                    exp_shifted(&mut p[..n], gr.lse[(b * hq + h) * s + i0 + k]);
+                    for (dpj, &pj) in dp[..n].iter_mut().zip(p.iter()) {
+                        *dpj = pj * (*dpj - delta[k]); // ds
+                    }
+                }
+                // Rows shorter than the block's longest (and rows past the end) add exact zeros.
+                let from = if k < rows { n } else { 0 };
+                p[from..].fill(0.0);
+                dp[from..].fill(0.0);
+                for (j, &ds) in dp.iter().enumerate() {
+                    dst[j * QUERY_BLOCK + k] = ds;
                 }
             }
-            // The block's rows share one pass over the keys: rows shorter than the longest add exact zeros.
-            let n_max = ns[..rows].iter().copied().max().unwrap_or(0);
-            for (k, &n) in ns.iter().enumerate().take(rows) {
-                w.s[k * tk + n..k * tk + n_max].fill(0.0);
-                w.dp[k * tk + n..k * tk + n_max].fill(0.0);
+            block_values(&dst, n_max, &x.k, (b, g), &mut dqb);
+            for k in 0..rows {
+                let dqi = &mut dq[(r * s + i0 + k) * d..(r * s + i0 + k + 1) * d];
+                for (o, &v) in dqi.iter_mut().zip(&dqb[k * d..(k + 1) * d]) {
+                    *o = v / sqrt_d;
+                }
             }
+            let (mut cv, mut ck) = ([0.0f32; QUERY_BLOCK], [0.0f32; QUERY_BLOCK]);
             for dd in 0..d {
                 for k in 0..rows {
-                    cv[k] = gr.grad.row(b, h, i0 + k)[dd];
-                    ck[k] = x.q.row(b, h, i0 + k)[dd];
+                    cv[k] = dot_[dd * QUERY_BLOCK + k];
+                    ck[k] = qt[dd * QUERY_BLOCK + k];
                 }
                 let row = dd * tk..dd * tk + n_max;
                 accumulate_rows(&mut w.dvt[row.clone()], &cv[..rows], &w.s, tk);
@@ -817,7 +995,7 @@ mod flex_host {
 
 #[cfg(test)]
 mod tests {
-    use burn::tensor::{Device, Distribution, TensorData};
+    use burn::tensor::{Device, TensorData};
 
     use super::*;
 
@@ -855,11 +1033,23 @@ mod tests {
         let [b, hq, hkv, s, past, d] = shape;
         let tk = past + s;
         let device = Device::flex().autodiff();
-        device.seed(11);
-        let q0 = Tensor::<4>::random([b, s, hq, d], Distribution::Normal(0.0, 1.0), &device).require_grad();
-        let k0 = Tensor::<4>::random([b, hkv, tk + 3, d], Distribution::Normal(0.0, 1.0), &device).require_grad();
-        let v0 = Tensor::<4>::random([b, hkv, tk + 3, d], Distribution::Normal(0.0, 1.0), &device).require_grad();
-        let w = Tensor::<4>::random([b, hq, s, d], Distribution::Normal(0.0, 1.0), &device);
+        // Inputs from a host generator, not the device's RNG: tests running in parallel draw from that one, so the
+        // fused and the composed run would not see the same inputs.
+        let mut state = 11u64;
+        let mut random = |dims: [usize; 4]| {
+            let n = dims.iter().product::<usize>();
+            let data: Vec<f32> = (0..n)
+                .map(|_| {
+                    state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                    (state >> 40) as f32 / (1u64 << 23) as f32 * 2.0 - 1.0
+                })
+                .collect();
+            Tensor::<4>::from_data(TensorData::new(data, dims), &device)
+        };
+        let q0 = random([b, s, hq, d]).require_grad();
+        let k0 = random([b, hkv, tk + 3, d]).require_grad();
+        let v0 = random([b, hkv, tk + 3, d]).require_grad();
+        let w = random([b, hq, s, d]);
         let m = mask(pads, s, past, &device);
         let (q, k, v) = (q0.clone().swap_dims(1, 2), k0.clone().narrow(2, 0, tk), v0.clone().narrow(2, 0, tk));
         let out = if fused { causal_attention(q, k, v, &m) } else { composed_attention(q, k, v, &m) };
@@ -868,12 +1058,54 @@ mod tests {
         (values(out), [g(&q0), g(&k0), g(&v0)])
     }
 
+    /// Values in [−2, 2) from a fixed sequence.
+    fn fixed_values(n: usize, salt: usize) -> Vec<f32> {
+        (0..n).map(|i| (((i * 37 + salt * 11) % 29) as f32 - 14.0) / 7.0).collect()
+    }
+
+    #[test]
+    fn register_tiled_scores_and_values_give_the_bits_of_row_by_row_sums() {
+        // Head widths with and without a tail past the eight lanes; key counts below, at and past a chunk of eight.
+        for (d, tk, n) in [(16, 13, 13), (5, 20, 17), (12, 8, 8), (8, 9, 3)] {
+            let (qt, kt) = (fixed_values(d * QUERY_BLOCK, 1), fixed_values(d * tk, 2));
+            let mut s = vec![0.0f32; QUERY_BLOCK * tk];
+            block_scores(&qt, d, &kt, tk, n, &mut s);
+            for k in 0..QUERY_BLOCK {
+                for j in 0..n {
+                    let mut want = 0.0f32;
+                    for dd in 0..d {
+                        want += qt[dd * QUERY_BLOCK + k] * kt[dd * tk + j];
+                    }
+                    assert_eq!(s[k * tk + j].to_bits(), want.to_bits(), "scores d {d} k {k} j {j}");
+                }
+            }
+            let (pt, v) = (fixed_values(tk * QUERY_BLOCK, 3), fixed_values(tk * d, 4));
+            let view = View4::contiguous(&v, [1, 1, tk, d]).expect("a view");
+            let mut o = vec![0.0f32; QUERY_BLOCK * d];
+            block_values(&pt, n, &view, (0, 0), &mut o);
+            let mut row = vec![0.0f32; d];
+            for k in 0..QUERY_BLOCK {
+                // The decoding path's one-row sum is the same sum.
+                let p: Vec<f32> = (0..n).map(|j| pt[j * QUERY_BLOCK + k]).collect();
+                weighted_rows(&p, &view, (0, 0), &mut row);
+                for dd in 0..d {
+                    let mut want = 0.0f32;
+                    for j in 0..n {
+                        want += pt[j * QUERY_BLOCK + k] * v[j * d + dd];
+                    }
+                    assert_eq!(o[k * d + dd].to_bits(), want.to_bits(), "values d {d} k {k} dim {dd}");
+                    assert_eq!(row[dd].to_bits(), want.to_bits(), "one row d {d} k {k} dim {dd}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn blocked_row_accumulation_gives_the_bits_of_one_axpy_per_row() {
         let (tk, n) = (13, 11);
-        let x: Vec<f32> = (0..ROW_BLOCK * tk).map(|i| ((i * 37 % 29) as f32 - 14.0) / 7.0).collect();
-        let coef = [0.3f32, -1.7, 2.9, -0.11];
-        for rows in 1..=ROW_BLOCK {
+        let x: Vec<f32> = (0..QUERY_BLOCK * tk).map(|i| ((i * 37 % 29) as f32 - 14.0) / 7.0).collect();
+        let coef = [0.3f32, -1.7, 2.9, -0.11, 1.3, -0.7, 0.05, 4.1];
+        for rows in 1..=QUERY_BLOCK {
             let mut blocked: Vec<f32> = (0..n).map(|j| j as f32 / 3.0).collect();
             let mut one_by_one = blocked.clone();
             accumulate_rows(&mut blocked, &coef[..rows], &x, tk);
