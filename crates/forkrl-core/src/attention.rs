@@ -594,8 +594,7 @@ impl Scratch {
             vt: vec![0.0; big],
             dkt: vec![0.0; big],
             dvt: vec![0.0; big],
-            // `d = 0`: the in-place (decoding) path, one score row.
-            s: vec![0.0; if d == 0 { tk } else { QUERY_BLOCK * tk }],
+            s: vec![0.0; QUERY_BLOCK * tk],
             dp: vec![0.0; if backward { QUERY_BLOCK * tk } else { 0 }],
         }
     }
@@ -719,6 +718,39 @@ fn softmax_row(row: &mut [f32], n: usize, n_max: usize) -> f32 {
     if n == 0 { f32::NAN } else { m + sum.ln() }
 }
 
+/// Rows `first..first + rows` of head `(b, h)` of `x` transposed into `out` `[D, QUERY_BLOCK]`, zeros past `rows`.
+#[inline(always)]
+fn gather_block(x: &View4<'_, f32>, (b, h): (usize, usize), first: usize, rows: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    for k in 0..rows {
+        for (dd, &v) in x.row(b, h, first + k).iter().enumerate() {
+            out[dd * QUERY_BLOCK + k] = v;
+        }
+    }
+}
+
+/// [`key_end`] of mask rows `first..first + rows` of batch row `b` (0 past `rows`).
+#[inline(always)]
+fn block_key_ends(mask: &View4<'_, u8>, b: usize, first: usize, rows: usize) -> [usize; QUERY_BLOCK] {
+    std::array::from_fn(|k| if k < rows { key_end(mask.row(b, 0, first + k)) } else { 0 })
+}
+
+/// Scores `s_j / √D` in place, `−∞` where the mask is set.
+#[inline(always)]
+fn mask_and_scale(row: &mut [f32], mask: &[u8], sqrt_d: f32) {
+    for (sj, &m) in row.iter_mut().zip(mask) {
+        *sj = if m != 0 { f32::NEG_INFINITY } else { *sj / sqrt_d };
+    }
+}
+
+/// Row `k` of a block into column `k` of `pt` `[T_k, QUERY_BLOCK]`.
+#[inline(always)]
+fn scatter_column(row: &[f32], k: usize, pt: &mut [f32]) {
+    for (j, &v) in row.iter().enumerate() {
+        pt[j * QUERY_BLOCK + k] = v;
+    }
+}
+
 /// The forward pass of one pair: its query heads into `out` `[rep, S, D]` and `lse` `[rep, S]`.
 #[inline(always)]
 fn forward_pair(x: &AttentionViews<'_>, pair: Pair, out: &mut [f32], lse: &mut [f32]) {
@@ -739,30 +771,19 @@ fn forward_pair(x: &AttentionViews<'_>, pair: Pair, out: &mut [f32], lse: &mut [
         let h = g * rep + r;
         for i0 in (0..s).step_by(QUERY_BLOCK) {
             let rows = QUERY_BLOCK.min(s - i0);
-            let mut ns = [0usize; QUERY_BLOCK];
-            qt.fill(0.0);
-            for (k, n) in ns.iter_mut().enumerate().take(rows) {
-                for (dd, &qv) in x.q.row(b, h, i0 + k).iter().enumerate() {
-                    qt[dd * QUERY_BLOCK + k] = qv;
-                }
-                *n = key_end(x.mask.row(b, 0, i0 + k));
-            }
+            gather_block(&x.q, (b, h), i0, rows, &mut qt);
+            let ns = block_key_ends(&x.mask, b, i0, rows);
             let n_max = ns.iter().copied().max().unwrap_or(0);
             block_scores(&qt, d, &w.kt, tk, n_max, &mut w.s);
             for (k, &n) in ns.iter().enumerate() {
                 let row = &mut w.s[k * tk..k * tk + n_max];
                 if k < rows {
-                    let mask = x.mask.row(b, 0, i0 + k);
-                    for (sj, &m) in row[..n].iter_mut().zip(mask) {
-                        *sj = if m != 0 { f32::NEG_INFINITY } else { *sj / sqrt_d };
-                    }
+                    mask_and_scale(&mut row[..n], x.mask.row(b, 0, i0 + k), sqrt_d);
                     lse[r * s + i0 + k] = softmax_row(row, n, n_max);
                 } else {
                     row.fill(0.0);
                 }
-                for (j, &p) in row.iter().enumerate() {
-                    pt[j * QUERY_BLOCK + k] = p;
-                }
+                scatter_column(row, k, &mut pt);
             }
             block_values(&pt, n_max, &x.v, (b, g), &mut ob);
             for (k, &n) in ns.iter().enumerate().take(rows) {
@@ -780,16 +801,17 @@ fn forward_rows_in_place(x: &AttentionViews<'_>, Pair { b, g, rep }: Pair, out: 
     let [_, _, s, d] = x.q.dims;
     let tk = x.k.dims[2];
     let sqrt_d = (d as f32).sqrt();
-    let mut w = Scratch::new(tk, 0, false);
+    let mut scores = vec![0.0f32; tk];
     for r in 0..rep {
         let h = g * rep + r;
         for i in 0..s {
             let (qi, mask) = (x.q.row(b, h, i), x.mask.row(b, 0, i));
             let n = key_end(mask);
-            let row = &mut w.s[..n];
+            let row = &mut scores[..n];
             for (j, sj) in row.iter_mut().enumerate() {
-                *sj = if mask[j] != 0 { f32::NEG_INFINITY } else { dot(qi, x.k.row(b, g, j)) / sqrt_d };
+                *sj = dot(qi, x.k.row(b, g, j));
             }
+            mask_and_scale(row, mask, sqrt_d);
             lse[r * s + i] = softmax_row(row, n, n);
             let o = &mut out[(r * s + i) * d..(r * s + i + 1) * d];
             weighted_rows(row, &x.v, (b, g), o);
@@ -842,47 +864,35 @@ fn backward_pair(
     let mut w = Scratch::new(tk, d, true);
     transpose_head(&x.k, b, g, &mut w.kt);
     transpose_head(&x.v, b, g, &mut w.vt);
-    let (mut qt, mut dot_) = (vec![0.0f32; QUERY_BLOCK * d], vec![0.0f32; QUERY_BLOCK * d]);
+    // The block's queries and output gradients transposed `[D, QUERY_BLOCK]`, its `ds` `[T_k, QUERY_BLOCK]`.
+    let (mut qt, mut grad_t) = (vec![0.0f32; QUERY_BLOCK * d], vec![0.0f32; QUERY_BLOCK * d]);
     let (mut dst, mut dqb) = (vec![0.0f32; QUERY_BLOCK * tk], vec![0.0f32; QUERY_BLOCK * d]);
     for r in 0..rep {
         let h = g * rep + r;
         for i0 in (0..s).step_by(QUERY_BLOCK) {
             let rows = QUERY_BLOCK.min(s - i0);
-            let mut ns = [0usize; QUERY_BLOCK];
-            let mut delta = [0.0f32; QUERY_BLOCK];
-            qt.fill(0.0);
-            dot_.fill(0.0);
-            for (k, n) in ns.iter_mut().enumerate().take(rows) {
-                let (qi, doi) = (x.q.row(b, h, i0 + k), gr.grad.row(b, h, i0 + k));
-                for dd in 0..d {
-                    qt[dd * QUERY_BLOCK + k] = qi[dd];
-                    dot_[dd * QUERY_BLOCK + k] = doi[dd];
-                }
-                *n = key_end(x.mask.row(b, 0, i0 + k));
-                delta[k] = dot(doi, gr.out.row(b, h, i0 + k));
-            }
+            gather_block(&x.q, (b, h), i0, rows, &mut qt);
+            gather_block(&gr.grad, (b, h), i0, rows, &mut grad_t);
+            let ns = block_key_ends(&x.mask, b, i0, rows);
             let n_max = ns.iter().copied().max().unwrap_or(0);
             block_scores(&qt, d, &w.kt, tk, n_max, &mut w.s);
-            block_scores(&dot_, d, &w.vt, tk, n_max, &mut w.dp);
+            block_scores(&grad_t, d, &w.vt, tk, n_max, &mut w.dp);
             for (k, &n) in ns.iter().enumerate() {
                 let (p, dp) = (&mut w.s[k * tk..k * tk + n_max], &mut w.dp[k * tk..k * tk + n_max]);
                 if k < rows {
-                    let mask = x.mask.row(b, 0, i0 + k);
-                    for (sj, &m) in p[..n].iter_mut().zip(mask) {
-                        *sj = if m != 0 { f32::NEG_INFINITY } else { *sj / sqrt_d };
-                    }
-                    exp_shifted(&mut p[..n], gr.lse[(b * hq + h) * s + i0 + k]);
+                    let i = i0 + k;
+                    mask_and_scale(&mut p[..n], x.mask.row(b, 0, i), sqrt_d);
+                    exp_shifted(&mut p[..n], gr.lse[(b * hq + h) * s + i]);
+                    let delta = dot(gr.grad.row(b, h, i), gr.out.row(b, h, i));
                     for (dpj, &pj) in dp[..n].iter_mut().zip(p.iter()) {
-                        *dpj = pj * (*dpj - delta[k]); // ds
+                        *dpj = pj * (*dpj - delta); // ds
                     }
                 }
                 // Rows shorter than the block's longest (and rows past the end) add exact zeros.
                 let from = if k < rows { n } else { 0 };
                 p[from..].fill(0.0);
                 dp[from..].fill(0.0);
-                for (j, &ds) in dp.iter().enumerate() {
-                    dst[j * QUERY_BLOCK + k] = ds;
-                }
+                scatter_column(dp, k, &mut dst);
             }
             block_values(&dst, n_max, &x.k, (b, g), &mut dqb);
             for k in 0..rows {
@@ -891,12 +901,8 @@ fn backward_pair(
                     *o = v / sqrt_d;
                 }
             }
-            let (mut cv, mut ck) = ([0.0f32; QUERY_BLOCK], [0.0f32; QUERY_BLOCK]);
             for dd in 0..d {
-                for k in 0..rows {
-                    cv[k] = dot_[dd * QUERY_BLOCK + k];
-                    ck[k] = qt[dd * QUERY_BLOCK + k];
-                }
+                let (cv, ck) = (lanes(&grad_t, dd * QUERY_BLOCK), lanes(&qt, dd * QUERY_BLOCK));
                 let row = dd * tk..dd * tk + n_max;
                 accumulate_rows(&mut w.dvt[row.clone()], &cv[..rows], &w.s, tk);
                 accumulate_rows(&mut w.dkt[row], &ck[..rows], &w.dp, tk);
