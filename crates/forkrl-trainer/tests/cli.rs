@@ -200,12 +200,15 @@ fn cpu_backend_a_run_killed_at_random_points_and_resumed_ends_as_a_straight_run(
         v
     };
     let bin = env!("CARGO_BIN_EXE_forkrl-train");
+    let started = std::time::Instant::now();
     let straight = Command::new(bin).args(args("straight", &[])).output().expect("runs");
     assert!(straight.status.success(), "{}", String::from_utf8_lossy(&straight.stderr));
-    // The crashed run: SIGKILL after a pseudo-random delay (within, then past, the run's length), then resume — or
+    // Kill points are spread over the straight run's own length, so the test does not depend on how fast it runs.
+    let length_ms = (started.elapsed().as_millis() as u64).max(50);
+    // The crashed run: SIGKILL after a pseudo-random delay (within the first half of the straight run's length), then resume — or
     // start over when no checkpoint was written yet — until a run finishes.
     let run = out.join("crashed");
-    let mut delay_ms: u64 = 150;
+    let mut delay_ms: u64 = length_ms / 5;
     let mut kills = 0;
     for attempt in 0..40 {
         let extra: &[&str] = if run.join("checkpoints/latest").exists() { &["--resume"] } else { &["--overwrite"] };
@@ -225,7 +228,7 @@ fn cpu_backend_a_run_killed_at_random_points_and_resumed_ends_as_a_straight_run(
             break;
         }
         assert!(kills > 0, "failed without a kill: {}", String::from_utf8_lossy(&status.stderr));
-        delay_ms = 100 + (delay_ms * 7919 + 13) % 900; // spread the kill points
+        delay_ms = length_ms / 20 + (delay_ms * 7919 + 13) % (length_ms / 2); // spread the kill points
     }
     assert!(kills >= 3, "the test killed only {kills} times");
     let (a, b) = (policy_bits(&run), policy_bits(&out.join("straight")));
