@@ -205,8 +205,8 @@ fn cpu_backend_a_run_killed_at_random_points_and_resumed_ends_as_a_straight_run(
     assert!(straight.status.success(), "{}", String::from_utf8_lossy(&straight.stderr));
     // Kill points are spread over the straight run's own length, so the test does not depend on how fast it runs.
     let length_ms = (started.elapsed().as_millis() as u64).max(50);
-    // The crashed run: SIGKILL after a pseudo-random delay (within the first half of the straight run's length), then resume — or
-    // start over when no checkpoint was written yet — until a run finishes.
+    // The crashed run: SIGKILL after a pseudo-random delay (within the first half of the straight run's length),
+    // then resume — or start over when no checkpoint was written yet — until a run finishes.
     let run = out.join("crashed");
     let mut delay_ms: u64 = length_ms / 5;
     let mut kills = 0;
