@@ -183,7 +183,7 @@ fn test(backend: BackendArg, no_lints: bool) -> Result<(), String> {
     for b in wanted {
         let outcome = match b {
             BackendArg::Cpu => {
-                run(&cargo, &["test", "--workspace"], &[("FORKRL_BACKEND", "cpu")])?;
+                run(&cargo, &["test", "--workspace"], &[("FORKRL_BACKEND", "cpu"), MMAP_THRESHOLD, TRIM_THRESHOLD])?;
                 examples(&cargo)?;
                 Outcome::Ran
             }
@@ -192,7 +192,7 @@ fn test(backend: BackendArg, no_lints: bool) -> Result<(), String> {
                     // Tests named `cpu_backend_*` build a CPU device whatever FORKRL_BACKEND says: the CPU pass ran
                     // them, so this pass reports them as filtered out instead of passing them a second time.
                     let args = ["test", "--workspace", "--", "--skip", CPU_ONLY_PREFIX];
-                    run(&cargo, &args, &[("FORKRL_BACKEND", "wgpu")])?;
+                    run(&cargo, &args, &[("FORKRL_BACKEND", "wgpu"), MMAP_THRESHOLD, TRIM_THRESHOLD])?;
                     Outcome::Ran
                 }
                 Err(why) if backend == BackendArg::All => {
@@ -220,6 +220,13 @@ fn test(backend: BackendArg, no_lints: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// glibc's allocator settings of `forkrl_core::allocator::retain_freed_memory` (which the `forkrl-train` binary
+/// calls), given to the test processes through the environment: the tests drive the trainer in-process, and freed
+/// tensors then stay with the allocator instead of costing fresh zeroed pages at every step. Ignored by other C
+/// libraries; results do not depend on it.
+const MMAP_THRESHOLD: (&str, &str) = ("MALLOC_MMAP_THRESHOLD_", "33554432");
+const TRIM_THRESHOLD: (&str, &str) = ("MALLOC_TRIM_THRESHOLD_", "1073741824");
+
 /// Prefix of the tests that always run on the CPU backend (the loop's logic, not backend numerics).
 const CPU_ONLY_PREFIX: &str = "cpu_backend_";
 
@@ -242,7 +249,7 @@ fn cuda(cargo: &str, lenient: bool) -> Result<Outcome, String> {
     let gpu = Command::new("nvidia-smi").arg("-L").output().map(|o| o.status.success()).unwrap_or(false);
     if gpu {
         let args = ["test", "--workspace", "--features", "forkrl-trainer/cuda", "--", "--skip", CPU_ONLY_PREFIX];
-        run(cargo, &args, &[("FORKRL_BACKEND", "cuda")])?;
+        run(cargo, &args, &[("FORKRL_BACKEND", "cuda"), MMAP_THRESHOLD, TRIM_THRESHOLD])?;
         return Ok(Outcome::Ran);
     }
     if !lenient {

@@ -9,10 +9,13 @@
 //! - [`Error`] / [`Result`]: one error enum with structured variants (shapes, positions, parameter names);
 //! - [`ResponseRows`]: response tokens anywhere in `[B, W]` rows ↔ the left-aligned [`BatchLayout`];
 //! - [`derive_seed`] / [`SeedStream`]: one derivation for every named random stream of a run;
+//! - [`allocator`]: glibc's allocator told to keep freed memory (for binaries: the trainer's many short-lived
+//!   tensors otherwise cost a page fault per touched page);
 //! - [`numeric`]: finiteness and range checks that name what is wrong;
 //! - `Backend` (cargo feature `burn`, on by default): the burn backends (`cpu` = flex, `wgpu`, `cuda`) and their
 //!   runtime selection.
 
+pub mod allocator;
 #[cfg(feature = "burn")]
 pub mod attention;
 #[cfg(feature = "burn")]

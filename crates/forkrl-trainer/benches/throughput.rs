@@ -10,6 +10,9 @@
 //! operations (`forkrl_core::attention::set_fused(false)`), and `*_composed_norm_mlp` with only RMSNorm and SwiGLU
 //! composed (`set_fused_norm_mlp(false)`, the path before those two fused operations), in the same run.
 //!
+//! `forward_backward_fused_head_glibc_default_allocator` runs first, before the rest turns on
+//! `forkrl_core::allocator::retain_freed_memory` (as `forkrl-train` does): the same step under glibc's defaults.
+//!
 //! `cargo xtask bench` runs it with the dev profile and prints tokens/s.
 
 use std::hint::black_box;
@@ -30,7 +33,35 @@ const ROWS: usize = 64;
 const PROMPT: usize = 8;
 const NEW: usize = 128;
 
+/// The training step through the fused head under glibc's default allocator settings, measured before
+/// [`bench`] turns on what the `forkrl-train` binary turns on (`forkrl_core::allocator::retain_freed_memory`): the
+/// same-run baseline of that setting.
+fn allocator_baseline(c: &mut Criterion) {
+    let device = Backend::from_env().and_then(Backend::device).expect("backend").autodiff();
+    device.seed(1);
+    let config = PolicyConfig::new(CharTokenizer.vocab_size()).with_max_len(PROMPT + NEW);
+    let train_policy = config.init(&device).expect("policy");
+    let t = PROMPT + NEW;
+    let seqs = train_sequences(t);
+    let mut group = c.benchmark_group("policy_tiny_train_64x136");
+    group.sample_size(10).throughput(Throughput::Elements((ROWS * (t - 1)) as u64));
+    group.bench_function("forward_backward_fused_head_glibc_default_allocator", |b| {
+        b.iter(|| {
+            let (_, logprob) = token_stats(&train_policy, &seqs, t - 1, 1.0).expect("fused head");
+            black_box(logprob.mean().neg().backward())
+        })
+    });
+    group.finish();
+}
+
+/// The training batch: `ROWS` sequences of `t` tokens.
+fn train_sequences(t: usize) -> Vec<Vec<u32>> {
+    (0..ROWS).map(|r| (0..t).map(|i| 2 + ((r * t + i) * 5 % 14) as u32).collect()).collect()
+}
+
 fn bench(c: &mut Criterion) {
+    // As the `forkrl-train` binary does (forkrl_core::allocator).
+    let _ = forkrl_core::allocator::retain_freed_memory();
     let device = Backend::from_env().and_then(Backend::device).expect("backend");
     device.seed(1);
     let config = PolicyConfig::new(CharTokenizer.vocab_size()).with_max_len(PROMPT + NEW);
@@ -83,7 +114,7 @@ fn bench(c: &mut Criterion) {
             black_box(grads)
         })
     });
-    let seqs: Vec<Vec<u32>> = (0..ROWS).map(|r| (0..t).map(|i| 2 + ((r * t + i) * 5 % 14) as u32).collect()).collect();
+    let seqs = train_sequences(t);
     // One training step through the fused head (the trainer's path), under whichever fused operations are on.
     let fused_head_step = || {
         let (_, logprob) = token_stats(&train_policy, &seqs, t - 1, 1.0).expect("fused head");
@@ -101,5 +132,5 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+criterion_group!(benches, allocator_baseline, bench);
 criterion_main!(benches);

@@ -12,6 +12,8 @@ use forkrl_core::Backend;
 use forkrl_trainer::{TrainConfig, Trainer};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // What the `forkrl-train` binary does first: glibc keeps freed tensors for the next step (a no-op elsewhere).
+    let _ = forkrl_core::allocator::retain_freed_memory();
     let mut config = TrainConfig::default();
     config.sft.steps = 100;
     config.rl.steps = 3;
