@@ -4,7 +4,7 @@
 //! the rows changes nothing.
 #![cfg(feature = "burn")]
 
-use burn::tensor::{Bool, Device, Tensor, TensorData};
+use burn::tensor::{Bool, Device, FloatDType, Tensor, TensorData};
 use forkrl_advantage::{
     AggMode, CispoConfig, ClipCovConfig, GlobalDenominators, GmpoConfig, GspoConfig, HolderConfig, HolderVariant,
     KlCovConfig, LossContext, PSchedule, PolicyInputs, PolicyLoss, PpoClipConfig, aggregate_host, cispo, clip_cov,
@@ -224,6 +224,72 @@ fn every_loss_matches_its_host_reference_in_value_and_finite_differences() {
             }
         }
     }
+}
+
+/// f16 and bf16 inputs on the CPU backend (the composed path: the fused PPO operation takes f32 only) give the f32
+/// result within their rounding, and a gradient (the loss metrics once mixed an f16 log-ratio with f32 indicators,
+/// which burn-flex rejects with a panic).
+#[test]
+fn cpu_backend_every_loss_and_mode_takes_half_precision_inputs() {
+    let device = Device::flex().autodiff();
+    let modes = [
+        AggMode::TokenMean,
+        AggMode::TokenSum,
+        AggMode::SeqMeanTokenSum,
+        AggMode::SeqMeanTokenMean,
+        AggMode::SeqMeanTokenSumNorm,
+    ];
+    for (k, loss) in all_losses().iter().enumerate() {
+        let c = case(k as u64 + 31);
+        for mode in modes {
+            let run = |dtype: Option<FloatDType>| {
+                let cast = |t: Tensor<2>| dtype.map_or(t.clone(), |d| t.cast(d));
+                let x = cast(tensor(&c.lp, &device)).require_grad();
+                let i = PolicyInputs {
+                    log_prob: x.clone(),
+                    old_log_prob: cast(tensor(&c.old, &device)),
+                    advantages: cast(tensor(&c.adv, &device)),
+                    mask: mask_tensor(&c.mask, &device),
+                };
+                let out = loss.compute(&i, mode, &denominators(&c), &LossContext::new(0, 3)).expect("valid inputs");
+                let value: f32 = out.loss.clone().cast(FloatDType::F32).into_scalar();
+                let grad = x.grad(&out.loss.backward()).expect("a gradient").cast(FloatDType::F32);
+                (value, grad.into_data().try_into_vec_as::<f32>().expect("f32"))
+            };
+            let (reference, _) = run(None);
+            for dtype in [FloatDType::F16, FloatDType::BF16] {
+                let (value, grad) = run(Some(dtype));
+                let tolerance = 3e-2 * reference.abs().max(1.0);
+                assert!(
+                    (value - reference).abs() <= tolerance,
+                    "{} {} {dtype:?}: {value} vs f32 {reference}",
+                    loss.name(),
+                    mode.name()
+                );
+                assert!(grad.iter().all(|g| g.is_finite()), "{} {} {dtype:?}: {grad:?}", loss.name(), mode.name());
+            }
+        }
+    }
+    // The actor objective with an f16 policy, an f32 reference policy and a bf16 entropy: mixed dtypes, one f32 loss.
+    use forkrl_advantage::{ActorLossConfig, KlLossConfig, actor_loss};
+    let c = case(5);
+    let cfg = ActorLossConfig {
+        entropy_coeff: 0.1,
+        kl_loss: Some(KlLossConfig { kl_loss_type: "low_var_kl".parse().expect("known"), kl_loss_coef: 0.2 }),
+        ..ActorLossConfig::default()
+    };
+    let reference = tensor(&c.lp.iter().map(|l| l - 0.25).collect::<Vec<_>>(), &device);
+    let entropy = tensor(&[0.5; B * T], &device);
+    let run = |i: &PolicyInputs, entropy: Tensor<2>| -> f32 {
+        let out =
+            actor_loss(&cfg, i, Some(entropy), Some(reference.clone()), &denominators(&c), &LossContext::new(0, 0));
+        out.expect("valid inputs").loss.into_scalar()
+    };
+    let full = run(&inputs(&c, &device, tensor(&c.lp, &device)), entropy.clone());
+    let mut half = inputs(&c, &device, tensor(&c.lp, &device).cast(FloatDType::F16));
+    half.old_log_prob = half.old_log_prob.cast(FloatDType::F16);
+    let mixed = run(&half, entropy.cast(FloatDType::BF16));
+    assert!((mixed - full).abs() <= 3e-2 * full.abs().max(1.0), "actor loss with f16 / bf16 inputs {mixed} vs {full}");
 }
 
 #[test]
