@@ -1,17 +1,16 @@
 //! `forkrl-train` as a careless user runs it: a finished run is never deleted or overwritten by a second start, a bad
 //! `--set` or a refused `--resume`; every refusal names what to do and happens before any file is touched.
 
+mod common;
+
 use std::{
     fs,
     path::{Path, PathBuf},
     process::Command,
 };
 
-fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("forkrl-cli-{tag}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("mkdir");
-    dir
+fn scratch(tag: &str) -> common::Scratch {
+    common::Scratch::new(&format!("cli-{tag}"))
 }
 
 /// A finished-looking run `<out>/done/`.

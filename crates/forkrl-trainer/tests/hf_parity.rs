@@ -3,6 +3,8 @@
 //! in f16 with q/k norms and an explicit head_dim, Llama with one kv head), their full-sequence logits, greedy
 //! continuations of a left-padded batch, and tokenizer cases. Also the loader's typed errors on broken directories.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -219,10 +221,8 @@ fn tokenizer_matches_transformers() {
 }
 
 /// A scratch copy of a fixture directory, to break.
-fn scratch(name: &str, tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("forkrl-hf-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("mkdir");
+fn scratch(name: &str, tag: &str) -> common::Scratch {
+    let dir = common::Scratch::new(&format!("hf-{tag}"));
     for entry in std::fs::read_dir(fixture(name)).expect("read_dir") {
         let entry = entry.expect("entry");
         std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
@@ -388,7 +388,8 @@ fn an_exported_hugging_face_checkpoint_loads_back_with_the_same_logits_dtype_and
     let device = device();
     for name in ["qwen2-tied", "qwen3", "llama", "llama3-rope", "qwen2-yarn"] {
         let model = hf::load(&fixture(name), Some(16), &device).expect("loads");
-        let out = scratch(name, "export").join("out");
+        let out_scratch = scratch(name, "export");
+        let out = out_scratch.join("out");
         export(&model.policy, &model.config.policy, ExportSource::HfDir(&fixture(name)), &out).expect("exports");
         let back = hf::load(&out, Some(16), &device).expect("the export loads");
         assert_eq!(back.config.architecture, model.config.architecture, "{name}");

@@ -16,11 +16,8 @@ use forkrl_trainer::{
     tasks::{Gold, Problem},
 };
 
-fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("forkrl-literature-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
+fn scratch(tag: &str) -> common::Scratch {
+    common::Scratch::new(&format!("literature-{tag}"))
 }
 
 fn config(toml: &str) -> TrainConfig {
@@ -37,12 +34,14 @@ fn trainer(toml: &str) -> Trainer {
     Trainer::new(config(toml).check().expect("valid"), &Backend::Cpu.device().expect("cpu")).expect("builds")
 }
 
-/// A teacher: the tiny policy of another seed, saved as a forkrl checkpoint.
-fn teacher_dir(tag: &str, seed: u64) -> PathBuf {
+/// A teacher: the tiny policy of another seed, saved as a forkrl checkpoint in `<scratch>/teacher` (the scratch
+/// folder lives as long as the returned guard).
+fn teacher_dir(tag: &str, seed: u64) -> (common::Scratch, PathBuf) {
     let t = trainer(&format!("[run]\nseed = {seed}\n"));
-    let dir = scratch(tag).join("teacher");
+    let scratch = scratch(tag);
+    let dir = scratch.join("teacher");
     checkpoint::save_policy(t.policy(), t.policy_config(), &dir).expect("saves");
-    dir
+    (scratch, dir)
 }
 
 /// Two prompts × four responses, rewards `[1, 0, 0, 1 | 0, 0, 0, 0]`, with the problems (and worked solutions) attached.
@@ -83,7 +82,7 @@ fn mean_reverse_kl(t: &mut Trainer, batch: &RolloutBatch) -> f64 {
 
 #[test]
 fn sampled_token_distillation_trains_on_minus_k1_and_full_vocabulary_lowers_the_reverse_kl() {
-    let teacher = teacher_dir("opd", 11);
+    let (_scratch, teacher) = teacher_dir("opd", 11);
     let base = format!("[rl]\nlr = 3e-3\n[rl.distillation]\nteacher = {:?}\n", teacher.display().to_string());
 
     // Sampled token: A_t = −(log π_old − log q) on every response token, the forking mask off (all tokens).
@@ -116,7 +115,8 @@ fn sampled_token_distillation_trains_on_minus_k1_and_full_vocabulary_lowers_the_
 
     // The teacher is the student: no KL, no signal.
     let t = trainer("");
-    let same = scratch("opd-self").join("teacher");
+    let same_scratch = scratch("opd-self");
+    let same = same_scratch.join("teacher");
     checkpoint::save_policy(t.policy(), t.policy_config(), &same).expect("saves");
     let mut c = config(&format!("[rl.distillation]\nteacher = {:?}\n", same.display().to_string()));
     c.run.seed = t.config().run.seed;
@@ -126,7 +126,7 @@ fn sampled_token_distillation_trains_on_minus_k1_and_full_vocabulary_lowers_the_
 
 #[test]
 fn the_rock_bypass_silences_the_predicted_or_the_next_position_and_online_detection_ranks_kl_mass() {
-    let teacher = teacher_dir("rock", 12);
+    let (_scratch, teacher) = teacher_dir("rock", 12);
     let sep = 2 + "0123456789+-=|*/(),>:".find('|').expect("in the alphabet") as u32;
     let setup = |extra: &str| {
         format!(

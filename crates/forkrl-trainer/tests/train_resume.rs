@@ -6,7 +6,9 @@
 //! filters them out of the other passes by their `cpu_backend_` prefix, so those report them as filtered out, not as
 //! passed again.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use burn::{
     module::{Module, ModuleVisitor, Param},
@@ -21,11 +23,8 @@ use forkrl_trainer::{
     train,
 };
 
-fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("forkrl-resume-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    dir
+fn scratch(tag: &str) -> common::Scratch {
+    common::Scratch::new(&format!("resume-{tag}"))
 }
 
 fn small() -> TrainConfig {
@@ -328,7 +327,8 @@ fn cpu_backend_literature_options_resume_bit_identically() {
     // The state of issue 18's methods: HEAL's problem sets, the online rock detector's window, UG-TTT's adapters and
     // their optimizer (SORT and distillation's teacher are stateless); then ReasonMaxxer's base and offline set; then
     // IMAX's prefixes.
-    let teacher_dir = scratch("literature-teacher").join("teacher");
+    let teacher_scratch = scratch("literature-teacher");
+    let teacher_dir = teacher_scratch.join("teacher");
     let device = Backend::Cpu.device().expect("cpu");
     let mut teacher_config = small();
     teacher_config.run.seed = 5;

@@ -184,5 +184,6 @@ mod tests {
         assert!(matches!(load_policy(&dir, &device), Err(TrainerError::Checkpoint { .. })));
         std::fs::remove_file(dir.join(CONFIG_FILE)).expect("rm");
         assert!(matches!(load_policy(&dir, &device), Err(TrainerError::Io { .. })));
+        let _ = std::fs::remove_dir_all(dir.parent().expect("parent"));
     }
 }

@@ -167,5 +167,6 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(read(&dir.join("missing.jsonl")), Err(TrainerError::Io { .. })));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

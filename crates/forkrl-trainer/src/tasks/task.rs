@@ -278,5 +278,6 @@ mod tests {
         assert_eq!(p.reward(&format!("so the answer is \\boxed{{{answer}}}")), 1.0);
         assert_eq!(p.reward("\\boxed{-1}"), 0.0);
         assert_eq!(p.reward(p.solution.as_deref().expect("solution")), 1.0, "the GSM8K solution verifies");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
