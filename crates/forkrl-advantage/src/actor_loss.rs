@@ -11,7 +11,7 @@
 //! every RLVR recipe of the methods reference. The entropy passed in must come from the same temperature-scaled
 //! logits as the log-probs (methods README decision 1); pass it with gradient only when `entropy_coeff ≠ 0`.
 
-use burn::tensor::{DType, FloatDType, Tensor};
+use burn::tensor::{FloatDType, Tensor};
 use forkrl_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -134,11 +134,10 @@ pub fn actor_loss(
                 return Err(Error::invalid_parameter("kl_loss_coef", kl.kl_loss_coef, "must be finite"));
             }
             let pad = reg_mask.clone().bool_not();
-            // In f32, as the policy loss (`PolicyInputs`' f16 / bf16 log-probs are cast there too).
-            let f32 = |t: Tensor<2>| if t.dtype() == DType::F32 { t } else { t.cast(FloatDType::F32) };
+            // In f32, as the policy loss (`PolicyInputs`' f16 / bf16 log-probs are cast there too; a no-op for f32).
             let per_token = kl_penalty(
-                f32(inputs.log_prob.clone()).mask_fill(pad.clone(), 0.0),
-                f32(reference).mask_fill(pad, 0.0),
+                inputs.log_prob.clone().cast(FloatDType::F32).mask_fill(pad.clone(), 0.0),
+                reference.cast(FloatDType::F32).mask_fill(pad, 0.0),
                 kl.kl_loss_type,
             );
             let agg = aggregate(per_token, reg_mask, mode, reg_denominators)?;

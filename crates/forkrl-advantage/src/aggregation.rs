@@ -209,7 +209,7 @@ pub fn aggregate_host_with_counts(
 #[cfg(feature = "burn")]
 mod tensor {
     use super::{AggMode, GlobalDenominators};
-    use burn::tensor::{Bool, DType, FloatDType, Tensor};
+    use burn::tensor::{Bool, FloatDType, Tensor};
     use forkrl_core::{Error, Result};
 
     /// Tensor aggregation of a `[B, T]` per-token loss under a `[B, T]` boolean loss mask; returns a `[1]` tensor,
@@ -246,8 +246,9 @@ mod tensor {
         }
         let (token_factor, seq_factor) = d.factors(mode)?;
         // Sums in f32 whatever the loss's dtype (an f16 / bf16 sum over a batch loses the small terms; burn does not
-        // promote mixed dtypes against the f32 counts either); the gradient flows back through the cast.
-        let loss = if loss.dtype() == DType::F32 { loss } else { loss.cast(FloatDType::F32) };
+        // promote mixed dtypes against the f32 counts either); the gradient flows back through the cast, a no-op for
+        // f32.
+        let loss = loss.cast(FloatDType::F32);
         let masked = loss.mask_fill(mask.clone().bool_not(), 0.0);
         Ok(match mode {
             AggMode::TokenMean | AggMode::TokenSum => masked.sum().mul_scalar(token_factor),
@@ -277,8 +278,7 @@ mod tensor {
             });
         }
         let (_, seq_factor) = d.factors(AggMode::SeqMeanTokenSum)?;
-        let loss = if loss.dtype() == DType::F32 { loss } else { loss.cast(FloatDType::F32) };
-        Ok(loss.mask_fill(nonempty.clone().bool_not(), 0.0).sum().mul_scalar(seq_factor))
+        Ok(loss.cast(FloatDType::F32).mask_fill(nonempty.clone().bool_not(), 0.0).sum().mul_scalar(seq_factor))
     }
 
     impl GlobalDenominators {

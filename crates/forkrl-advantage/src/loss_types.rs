@@ -5,7 +5,7 @@
 //! Sign convention: every loss is a **loss to minimise** (verl's convention). Stop-gradients follow
 //! `../shared/methods/policy-losses.md` §10: `log π_old`, advantages and every selection mask are constants.
 
-use burn::tensor::{Bool, DType, FloatDType, Tensor};
+use burn::tensor::{Bool, FloatDType, Tensor};
 use forkrl_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -52,11 +52,11 @@ impl PolicyInputs {
     /// mixed dtypes); the gradient reaches an f16 / bf16 `log π` through the cast.
     pub(crate) fn sanitized(&self) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
         let pad = self.mask.clone().bool_not();
-        let f32 = |t: Tensor<2>| if t.dtype() == DType::F32 { t } else { t.cast(FloatDType::F32) };
+        let f32 = FloatDType::F32; // `cast` is a no-op for f32 tensors
         (
-            f32(self.log_prob.clone()).mask_fill(pad.clone(), 0.0),
-            f32(self.old_log_prob.clone().detach()).mask_fill(pad.clone(), 0.0),
-            f32(self.advantages.clone().detach()).mask_fill(pad, 0.0),
+            self.log_prob.clone().cast(f32).mask_fill(pad.clone(), 0.0),
+            self.old_log_prob.clone().detach().cast(f32).mask_fill(pad.clone(), 0.0),
+            self.advantages.clone().detach().cast(f32).mask_fill(pad, 0.0),
         )
     }
 
@@ -108,10 +108,7 @@ pub(crate) fn metrics(
     let m = mask.clone().float();
     let n = m.clone().sum().clamp_min(1.0);
     let mean = |x: Tensor<2>| (x * m.clone()).sum() / n.clone();
-    // The indicators are f32 (`Bool::float`); the log-ratio is brought to f32 too (it may be f16 / bf16), as burn
-    // does not promote mixed float dtypes.
-    let log_ratio = log_ratio.clone().detach().cast(FloatDType::F32);
-    let stacked = Tensor::cat(vec![mean(clip.float()), mean(lower.float()), mean(log_ratio.neg())], 0);
+    let stacked = Tensor::cat(vec![mean(clip.float()), mean(lower.float()), mean(log_ratio.clone().detach().neg())], 0);
     match host_vec::<1>("policy metrics", stacked.detach())?.as_slice() {
         [a, b, c] => Ok(PolicyMetrics { pg_clipfrac: *a as f64, pg_clipfrac_lower: *b as f64, ppo_kl: *c as f64 }),
         other => {

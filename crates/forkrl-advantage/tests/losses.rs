@@ -243,7 +243,10 @@ fn cpu_backend_every_loss_and_mode_takes_half_precision_inputs() {
         let c = case(k as u64 + 31);
         for mode in modes {
             let run = |dtype: Option<FloatDType>| {
-                let cast = |t: Tensor<2>| dtype.map_or(t.clone(), |d| t.cast(d));
+                let cast = |t: Tensor<2>| match dtype {
+                    Some(d) => t.cast(d),
+                    None => t,
+                };
                 let x = cast(tensor(&c.lp, &device)).require_grad();
                 let i = PolicyInputs {
                     log_prob: x.clone(),

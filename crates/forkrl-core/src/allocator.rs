@@ -8,10 +8,10 @@
 //! [`retain_freed_memory`] sets the mmap threshold to glibc's maximum (32 MiB, so larger buffers still come and go
 //! with `mmap`) and the trim threshold to 1 GiB, so that freed blocks are reused.
 //!
-//! Measured on the tiny policy's training step (`policy_tiny_train_64x136/forward_backward_fused_head` in
-//! `cargo xtask bench`, 2-core machine, docs/benchmarks.md): 225–260 ms → 131 ms; PyTorch's step in the peer
-//! script (`benches/peers/tiny_peer.py`) is unchanged by the same settings (110.6 → 111.9 ms), as its own caching
-//! allocator already keeps memory.
+//! Measured on the tiny policy's training step in one `cargo xtask bench` run (2-core machine, docs/benchmarks.md):
+//! `policy_tiny_train_64x136/forward_backward_fused_head_glibc_default_allocator` 199.7 ms, then with this setting
+//! `forward_backward_fused_head` 125.0 ms. PyTorch's step in the peer script (`benches/peers/tiny_peer.py`, run with
+//! and without the environment variables below) is unchanged by the same settings (110.6 and 111.9 ms).
 //!
 //! This changes process-wide state, so the library never calls it: the `forkrl-train` binary and the benchmarks do,
 //! and a program that drives `forkrl_trainer::Trainer` itself may (the `MALLOC_MMAP_THRESHOLD_` and
@@ -27,8 +27,8 @@ pub const MMAP_THRESHOLD: usize = 32 << 20;
 pub const TRIM_THRESHOLD: usize = 1 << 30;
 
 /// Sets glibc's mmap threshold to [`MMAP_THRESHOLD`] and its trim threshold to [`TRIM_THRESHOLD`] (see the module
-/// documentation). Returns whether both settings were taken: `false` where the C library is not glibc or refused
-/// them (nothing is changed then, and nothing else depends on it).
+/// documentation). Returns whether both settings were taken: `false` where the C library is not glibc (nothing is
+/// changed) or where glibc refused one of them (the other may be set); nothing else depends on the result.
 #[must_use = "false means the allocator kept its defaults"]
 pub fn retain_freed_memory() -> bool {
     imp::retain_freed_memory()

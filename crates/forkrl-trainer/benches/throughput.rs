@@ -23,7 +23,7 @@ use forkrl_core::Backend;
 use forkrl_entropy::tensor::entropy_and_logprobs;
 use forkrl_rollout::Decoding;
 use forkrl_trainer::model::{
-    policy::PolicyConfig,
+    policy::{Policy, PolicyConfig},
     sampler::{SamplerConfig, generate},
     token_stats,
     tokenizer::CharTokenizer,
@@ -37,26 +37,29 @@ const NEW: usize = 128;
 /// [`bench`] turns on what the `forkrl-train` binary turns on (`forkrl_core::allocator::retain_freed_memory`): the
 /// same-run baseline of that setting.
 fn allocator_baseline(c: &mut Criterion) {
-    let device = Backend::from_env().and_then(Backend::device).expect("backend").autodiff();
-    device.seed(1);
-    let config = PolicyConfig::new(CharTokenizer.vocab_size()).with_max_len(PROMPT + NEW);
-    let train_policy = config.init(&device).expect("policy");
-    let t = PROMPT + NEW;
-    let seqs = train_sequences(t);
+    let (train_policy, seqs) = train_setup();
     let mut group = c.benchmark_group("policy_tiny_train_64x136");
-    group.sample_size(10).throughput(Throughput::Elements((ROWS * (t - 1)) as u64));
+    group.sample_size(10).throughput(Throughput::Elements((ROWS * (PROMPT + NEW - 1)) as u64));
     group.bench_function("forward_backward_fused_head_glibc_default_allocator", |b| {
-        b.iter(|| {
-            let (_, logprob) = token_stats(&train_policy, &seqs, t - 1, 1.0).expect("fused head");
-            black_box(logprob.mean().neg().backward())
-        })
+        b.iter(|| fused_head_step(&train_policy, &seqs))
     });
     group.finish();
 }
 
-/// The training batch: `ROWS` sequences of `t` tokens.
-fn train_sequences(t: usize) -> Vec<Vec<u32>> {
-    (0..ROWS).map(|r| (0..t).map(|i| 2 + ((r * t + i) * 5 % 14) as u32).collect()).collect()
+/// The policy to train (autodiff device, seed 1) and its batch: `ROWS` sequences of `PROMPT + NEW` tokens.
+fn train_setup() -> (Policy, Vec<Vec<u32>>) {
+    let device = Backend::from_env().and_then(Backend::device).expect("backend").autodiff();
+    device.seed(1);
+    let config = PolicyConfig::new(CharTokenizer.vocab_size()).with_max_len(PROMPT + NEW);
+    let t = PROMPT + NEW;
+    let seqs = (0..ROWS).map(|r| (0..t).map(|i| 2 + ((r * t + i) * 5 % 14) as u32).collect()).collect();
+    (config.init(&device).expect("policy"), seqs)
+}
+
+/// One training step through the fused head (the trainer's path), under whichever fused operations are on.
+fn fused_head_step(policy: &Policy, seqs: &[Vec<u32>]) {
+    let (_, logprob) = token_stats(policy, seqs, seqs[0].len() - 1, 1.0).expect("fused head");
+    black_box(logprob.mean().neg().backward());
 }
 
 fn bench(c: &mut Criterion) {
@@ -98,12 +101,10 @@ fn bench(c: &mut Criterion) {
     });
     group.finish();
 
-    let ad = device.clone().autodiff();
-    ad.seed(1);
-    let train_policy = config.init(&ad).expect("policy");
+    let (train_policy, seqs) = train_setup();
     let t = PROMPT + NEW;
     let ids: Vec<i64> = (0..ROWS * t).map(|i| 2 + (i * 5 % 14) as i64).collect();
-    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [ROWS, t]), &ad);
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [ROWS, t]), &train_policy.device());
     let mut group = c.benchmark_group("policy_tiny_train_64x136");
     group.sample_size(10).throughput(Throughput::Elements((ROWS * (t - 1)) as u64));
     group.bench_function("forward_backward", |b| {
@@ -114,12 +115,7 @@ fn bench(c: &mut Criterion) {
             black_box(grads)
         })
     });
-    let seqs = train_sequences(t);
-    // One training step through the fused head (the trainer's path), under whichever fused operations are on.
-    let fused_head_step = || {
-        let (_, logprob) = token_stats(&train_policy, &seqs, t - 1, 1.0).expect("fused head");
-        black_box(logprob.mean().neg().backward())
-    };
+    let fused_head_step = || fused_head_step(&train_policy, &seqs);
     group.bench_function("forward_backward_fused_head", |b| b.iter(fused_head_step));
     // The same step with RMSNorm and SwiGLU composed (the path before their fused operations), then with attention
     // composed too (the path before any fused model operation).

@@ -474,7 +474,7 @@ fn run() -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    // Freed tensors stay with the allocator for the next step instead of costing fresh zeroed pages (a 1.8x faster
+    // Freed tensors stay with the allocator for the next step instead of costing fresh zeroed pages (a 1.6x faster
     // training step on the tiny policy, forkrl_core::allocator). Where it is not glibc nothing changes.
     let _ = forkrl_core::allocator::retain_freed_memory();
     match run() {
