@@ -13,6 +13,8 @@
 //! `forward_backward_fused_head_glibc_default_allocator` runs first, before the rest turns on
 //! `forkrl_core::allocator::retain_freed_memory` (as `forkrl-train` does): the same step under glibc's defaults.
 //!
+//! `attention_host_64x4x135x16/{forward,backward}`: the attention host kernels alone on one layer of that step.
+//!
 //! `cargo xtask bench` runs it with the dev profile and prints tokens/s.
 
 use std::hint::black_box;
@@ -128,5 +130,50 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, allocator_baseline, bench);
+/// The attention host kernels alone on one layer of the training step's shape (64 rows × 4 heads × 135 tokens × 16,
+/// causal): what the kernel crates' build settings (`Cargo.toml`'s dev profile) change.
+fn attention_kernels(c: &mut Criterion) {
+    use forkrl_core::attention::{
+        AttentionGrad, AttentionViews, View4, attention_backward_host, attention_forward_host,
+    };
+    let (b, h, s, d) = (ROWS, 4, PROMPT + NEW - 1, 16);
+    let n = b * h * s * d;
+    // A fixed LCG in [−1, 1): the same inputs in every run.
+    let mut state = 12_345u64;
+    let mut values = |count: usize| -> Vec<f32> {
+        (0..count)
+            .map(|_| {
+                state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    };
+    let (q, k, v, grad) = (values(n), values(n), values(n), values(n));
+    let mask: Vec<u8> = (0..b * s * s).map(|i| u8::from(i % s > (i / s) % s)).collect();
+    let shape = [b, h, s, d];
+    let x = AttentionViews {
+        q: View4::contiguous(&q, shape).expect("shape"),
+        k: View4::contiguous(&k, shape).expect("shape"),
+        v: View4::contiguous(&v, shape).expect("shape"),
+        mask: View4::contiguous(&mask, [b, 1, s, s]).expect("shape"),
+    };
+    let (mut out, mut lse) = (vec![0.0f32; n], vec![0.0f32; b * h * s]);
+    attention_forward_host(&x, &mut out, &mut lse).expect("forward");
+    let mut group = c.benchmark_group("attention_host_64x4x135x16");
+    group.sample_size(20);
+    group.bench_function("forward", |bench| {
+        bench.iter(|| attention_forward_host(&x, black_box(&mut out), &mut lse).expect("forward"))
+    });
+    let g = AttentionGrad {
+        grad: View4::contiguous(&grad, shape).expect("shape"),
+        out: View4::contiguous(&out, shape).expect("shape"),
+        lse: &lse,
+    };
+    group.bench_function("backward", |bench| {
+        bench.iter(|| black_box(attention_backward_host(&x, &g).expect("backward")))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, allocator_baseline, bench, attention_kernels);
 criterion_main!(benches);
